@@ -1,0 +1,21 @@
+//! Allocator set-up for libtorch's large tensors.
+//!
+//! glibc serves big allocations with mmap and returns freed memory to the OS at once, so every
+//! batch pays page faults for its activations again. Measured on 2 cores: batched
+//! EfficientNet-Lite0 ran at 41 images/s with glibc's defaults and 84 with the mmap and trim
+//! thresholds raised. Done from the process so it never depends on the environment.
+
+/// Keeps large freed blocks in the heap instead of unmapping them. Returns whether glibc
+/// accepted both settings. Call once at start, before models load.
+pub fn tune_allocator() -> bool {
+    // SAFETY: mallopt only changes allocator parameters; it is called before threads that
+    // allocate heavily (the model lanes) start.
+    #[allow(unsafe_code)]
+    unsafe {
+        // glibc rejects mmap thresholds above HEAP_MAX/2 (32 MiB on 64-bit); fall back to the cap.
+        let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1
+            || libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1;
+        let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1;
+        mmap && trim
+    }
+}

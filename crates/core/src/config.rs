@@ -1,0 +1,292 @@
+//! Typed, layered configuration: built-in defaults → optional TOML file → `MARQUEE__` env.
+//!
+//! Every service's settings type implements [`Validate`]; [`load`] merges the layers and reports
+//! every problem at once so an operator fixes a config in one round instead of one per restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Exit status for bad configuration (`EX_CONFIG` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A settings type that can check itself after loading.
+pub trait Validate {
+    /// Pushes one human-readable message per problem onto `errors`.
+    fn validate(&self, errors: &mut Vec<String>);
+}
+
+/// Everything wrong with a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// Loads `T` from its defaults, then `file` (if any), then environment variables named
+/// `MARQUEE__SECTION__KEY` (for example `MARQUEE__SERVER__GRPC_ADDR=0.0.0.0:8001`).
+pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigErrors>
+where
+    T: Default + Serialize + DeserializeOwned + Validate,
+{
+    load_from(file, std::env::vars())
+}
+
+/// As [`load`], with the environment passed in (tests use this instead of mutating the process).
+pub fn load_from<T, I>(file: Option<&Path>, env: I) -> Result<T, ConfigErrors>
+where
+    T: Default + Serialize + DeserializeOwned + Validate,
+    I: IntoIterator<Item = (String, String)>,
+{
+    let defaults = config::Config::try_from(&T::default())
+        .map_err(|e| ConfigErrors(vec![format!("built-in defaults do not serialise: {e}")]))?;
+    let mut builder = config::Config::builder().add_source(defaults);
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigErrors(vec![format!(
+                "config file `{}` does not exist",
+                path.display()
+            )]));
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("MARQUEE__"))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("MARQUEE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("repository.models")
+            .source(Some(env)),
+    );
+    let settings: T = builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+    let mut errors = Vec::new();
+    settings.validate(&mut errors);
+    if errors.is_empty() {
+        Ok(settings)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The gRPC and admin listeners and the limits every request passes through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// gRPC listen address. Port 0 picks a free port (tests).
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listen address: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_addr: SocketAddr,
+    /// Largest accepted request message; larger ones get `RESOURCE_EXHAUSTED` before they are
+    /// buffered.
+    pub max_message_bytes: usize,
+    /// Requests in flight across all connections; past it new calls are shed at once with
+    /// `RESOURCE_EXHAUSTED` instead of queueing unboundedly.
+    pub max_concurrent_requests: usize,
+    /// Deadline applied when the client sends none, so no call can wait forever.
+    pub default_timeout_ms: u64,
+    /// Upper bound on any client-supplied deadline.
+    pub max_timeout_ms: u64,
+    /// After shutdown starts: how long readiness reports NOT_SERVING while still serving, so load
+    /// balancers stop routing here before the listener closes.
+    pub drain_delay_ms: u64,
+    /// After the listener closes: how long in-flight calls get to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "127.0.0.1:8001".parse().expect("literal address"),
+            admin_addr: "127.0.0.1:9001".parse().expect("literal address"),
+            // 16 MiB: a 4K photo as PNG fits; anything larger is not an image we should decode.
+            max_message_bytes: 16 << 20,
+            // Far above what 2 cores can compute at once; bounds memory under a connection flood.
+            max_concurrent_requests: 1024,
+            default_timeout_ms: 30_000,
+            max_timeout_ms: 300_000,
+            drain_delay_ms: 0,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+impl Validate for ServerSettings {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_message_bytes < 1024 {
+            errors.push(format!(
+                "`server.max_message_bytes` must be at least 1024, got {}",
+                self.max_message_bytes
+            ));
+        }
+        if self.max_concurrent_requests == 0 {
+            errors.push("`server.max_concurrent_requests` must be at least 1, got 0".into());
+        }
+        if self.default_timeout_ms == 0 || self.default_timeout_ms > self.max_timeout_ms {
+            errors.push(format!(
+                "`server.default_timeout_ms` must be in 1..=`server.max_timeout_ms` ({}), got {}",
+                self.max_timeout_ms, self.default_timeout_ms
+            ));
+        }
+        if self.grpc_addr.port() != 0 && self.grpc_addr == self.admin_addr {
+            errors.push(format!(
+                "`server.grpc_addr` and `server.admin_addr` must differ, both are {}",
+                self.grpc_addr
+            ));
+        }
+    }
+}
+
+/// Where models come from and how they are run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepositorySettings {
+    /// The model repository: `<path>/<model>/model.toml` and `<path>/<model>/<version>/model.pt`.
+    pub path: PathBuf,
+    /// Models to serve; empty serves every model in the repository.
+    pub models: Vec<String>,
+    /// How often to look for new versions and models (hot reload); 0 disables polling.
+    pub poll_interval_ms: u64,
+    /// Profile each model at batch sizes 1..=max during warm-up and cap batches at the size with
+    /// the best throughput, so batching never makes a model slower than running unbatched.
+    pub profile_batching: bool,
+    /// Overrides every model's `instance.lanes` (model copies, each on its own OS thread).
+    pub lanes: Option<usize>,
+    /// Overrides every model's `instance.threads` (libtorch intra-op threads per lane).
+    pub threads: Option<usize>,
+    /// Overrides every model's `instance.device` (`cpu`, `cuda`, `cuda:N`).
+    pub device: Option<String>,
+}
+
+impl Default for RepositorySettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("model-repository"),
+            models: Vec::new(),
+            poll_interval_ms: 2_000,
+            profile_batching: true,
+            lanes: None,
+            threads: None,
+            device: None,
+        }
+    }
+}
+
+impl Validate for RepositorySettings {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !self.path.is_dir() {
+            errors.push(format!(
+                "`repository.path` `{}` is not a directory (run `make models`)",
+                self.path.display()
+            ));
+        }
+        if self.lanes == Some(0) {
+            errors.push("`repository.lanes` must be at least 1, got 0".into());
+        }
+        if self.threads == Some(0) {
+            errors.push("`repository.threads` must be at least 1, got 0".into());
+        }
+        if let Some(d) = &self.device
+            && let Err(e) = crate::model::parse_device(d)
+        {
+            errors.push(format!("`repository.device`: {e}"));
+        }
+    }
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector:4317`; empty disables tracing export.
+    pub otlp_endpoint: String,
+    /// `text` for people, `json` for log pipelines.
+    pub log_format: String,
+    /// `tracing` filter directive, e.g. `info,marquee_core=debug`.
+    pub log_filter: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            log_format: "text".into(),
+            log_filter: "info".into(),
+        }
+    }
+}
+
+impl Validate for TelemetrySettings {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            errors.push(format!(
+                "`telemetry.log_format` must be `text` or `json`, got `{}`",
+                self.log_format
+            ));
+        }
+        if !self.otlp_endpoint.is_empty()
+            && !(self.otlp_endpoint.starts_with("http://")
+                || self.otlp_endpoint.starts_with("https://"))
+        {
+            errors.push(format!(
+                "`telemetry.otlp_endpoint` must start with http:// or https://, got `{}`",
+                self.otlp_endpoint
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct S {
+        server: ServerSettings,
+        telemetry: TelemetrySettings,
+    }
+    impl Validate for S {
+        fn validate(&self, e: &mut Vec<String>) {
+            self.server.validate(e);
+            self.telemetry.validate(e);
+        }
+    }
+
+    #[test]
+    fn env_overrides_defaults_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\ngrpc_addr = \"127.0.0.1:7000\"\nmax_message_bytes = 2048\n").unwrap();
+        let env = [("MARQUEE__SERVER__MAX_MESSAGE_BYTES".to_string(), "4096".to_string())];
+        let s: S = load_from(Some(&file), env).unwrap();
+        assert_eq!(s.server.grpc_addr.port(), 7000, "file beats default");
+        assert_eq!(s.server.max_message_bytes, 4096, "env beats file");
+        assert_eq!(s.server.default_timeout_ms, 30_000, "untouched default stays");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let env = [
+            ("MARQUEE__SERVER__MAX_CONCURRENT_REQUESTS".to_string(), "0".to_string()),
+            ("MARQUEE__TELEMETRY__LOG_FORMAT".to_string(), "xml".to_string()),
+        ];
+        let err = load_from::<S, _>(None, env).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.to_string().contains("`server.max_concurrent_requests`"));
+        assert!(err.to_string().contains("got `xml`"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let env = [("MARQUEE__SERVER__GRPC_ADR".to_string(), "x".to_string())];
+        let err = load_from::<S, _>(None, env).unwrap_err();
+        assert!(err.to_string().contains("grpc_adr"), "{err}");
+    }
+}

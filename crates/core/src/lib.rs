@@ -1,0 +1,21 @@
+//! The serving core every Marquee model service reuses: model repository with hot reload,
+//! tch runner lanes on dedicated threads, the dynamic batcher, typed layered config, telemetry,
+//! the error → `Status` mapping, the server layer stack and the bootstrap with graceful shutdown.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod alloc;
+pub mod batcher;
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod layers;
+pub mod metrics;
+pub mod model;
+pub mod oip;
+pub mod repository;
+pub mod runner;
+pub mod server;
+pub mod telemetry;
+
+pub use error::ServeError;

@@ -1,0 +1,301 @@
+//! The model repository: loads every model's newest version, warms it up, marks it READY, and
+//! hot-swaps in new versions (or new models) found while serving, without failing a request.
+//!
+//! Layout, like Triton's: `<repo>/<model>/model.toml` and `<repo>/<model>/<version>/model.pt`,
+//! where `<version>` is a positive integer and the largest one serves.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::batcher::{BatchQueue, Outputs, QueueConfig};
+use crate::config::RepositorySettings;
+use crate::error::ServeError;
+use crate::metrics::Metrics;
+use crate::model::{ModelSpec, parse_device};
+use crate::runner::{LaneConfig, WarmupReport, start_lanes};
+
+/// One loaded, warmed-up model version and its batch queue.
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub spec: ModelSpec,
+    pub labels: Option<Arc<Vec<String>>>,
+    pub warmup: WarmupReport,
+    pub lanes: usize,
+    queue: Arc<BatchQueue>,
+    metrics: Metrics,
+}
+
+impl LoadedModel {
+    /// Loads `dir/<version>/model.pt`, starts its lanes and warms them up. Blocking: call from
+    /// a blocking context.
+    pub fn load(
+        dir: &Path,
+        version: u64,
+        settings: &RepositorySettings,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
+        let spec = ModelSpec::load(dir)?;
+        let labels = spec.load_labels(dir)?.map(Arc::new);
+        if let (Some(labels), Some(i)) = (&labels, spec.output_index("logits")) {
+            let classes = spec.outputs[i].item_len();
+            if labels.len() != classes {
+                return Err(format!(
+                    "model `{}` has {} labels for {classes} classes",
+                    spec.name,
+                    labels.len()
+                ));
+            }
+        }
+        let device_name = settings.device.clone().unwrap_or_else(|| spec.instance.device.clone());
+        let device = parse_device(&device_name)?;
+        let lanes = settings.lanes.unwrap_or(spec.instance.lanes);
+        let queue = BatchQueue::new(
+            QueueConfig {
+                model: spec.name.clone(),
+                max_batch_size: spec.batching.max_batch_size,
+                max_queue_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
+                queue_capacity: spec.batching.queue_capacity,
+                lanes,
+                item_len: spec.inputs[0].item_len(),
+                output_lens: spec.outputs.iter().map(|o| o.item_len()).collect(),
+            },
+            metrics.clone(),
+        );
+        let warmup = start_lanes(
+            &LaneConfig {
+                model_path: dir.join(version.to_string()).join("model.pt"),
+                device,
+                lanes,
+                threads: settings.threads.unwrap_or(spec.instance.threads),
+                input_dims: spec.inputs[0].dims.clone(),
+                profile: settings.profile_batching && spec.batching.max_batch_size > 1,
+            },
+            &queue,
+        )?;
+        metrics.effective_batch.with_label_values(&[&spec.name]).set(queue.max_batch() as i64);
+        Ok(Self {
+            name: spec.name.clone(),
+            version,
+            spec,
+            labels,
+            warmup,
+            lanes,
+            queue,
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// Runs `rows` items (already validated to the input shape) through the batcher. Answers
+    /// `DEADLINE_EXCEEDED` at `deadline` even if the item is still queued; the lane then drops it.
+    pub async fn infer(&self, data: Vec<f32>, rows: usize, deadline: Instant) -> Result<Vec<Outputs>, ServeError> {
+        let rx = self.queue.submit(data, rows, deadline)?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ServeError::Internal(format!("model `{}` lane stopped", self.name))),
+            Err(_) => Err(ServeError::DeadlineExceeded(format!(
+                "deadline expired while model `{}` was busy; the request was not computed",
+                self.name
+            ))),
+        }
+    }
+
+    /// The batch cap in force after profiling.
+    pub fn max_batch(&self) -> usize {
+        self.queue.max_batch()
+    }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        // The last reference is gone (replaced by a newer version and no request holds it):
+        // let the lanes finish what is queued and exit.
+        self.queue.close();
+        self.metrics
+            .model_ready
+            .with_label_values(&[&self.name, &self.version.to_string()])
+            .set(0);
+    }
+}
+
+/// Every model this server serves, swapped atomically as versions change.
+pub struct Repository {
+    settings: RepositorySettings,
+    models: ArcSwap<HashMap<String, Arc<LoadedModel>>>,
+    metrics: Metrics,
+    health: HealthReporter,
+    draining: AtomicBool,
+}
+
+impl Repository {
+    /// Loads every model's newest version. Fails if any model cannot be served, so a broken
+    /// deployment never reports ready.
+    pub async fn open(settings: RepositorySettings, metrics: Metrics, health: HealthReporter) -> anyhow::Result<Arc<Self>> {
+        let repo = Arc::new(Self {
+            settings,
+            models: ArcSwap::from_pointee(HashMap::new()),
+            metrics,
+            health,
+            draining: AtomicBool::new(false),
+        });
+        let found = scan(&repo.settings.path, &repo.settings.models)?;
+        for wanted in &repo.settings.models {
+            if !found.iter().any(|(name, _, _)| name == wanted) {
+                anyhow::bail!(
+                    "model `{wanted}` from `repository.models` has no version under `{}`",
+                    repo.settings.path.display()
+                );
+            }
+        }
+        if found.is_empty() {
+            anyhow::bail!("no models found under `{}`", repo.settings.path.display());
+        }
+        for (name, dir, version) in found {
+            repo.health.set_service_status(&name, ServingStatus::NotServing).await;
+            repo.load_version(dir, version).await.map_err(anyhow::Error::msg)?;
+        }
+        Ok(repo)
+    }
+
+    async fn load_version(&self, dir: PathBuf, version: u64) -> Result<(), String> {
+        let settings = self.settings.clone();
+        let metrics = self.metrics.clone();
+        let model = tokio::task::spawn_blocking(move || LoadedModel::load(&dir, version, &settings, &metrics))
+            .await
+            .map_err(|e| format!("model loader panicked: {e}"))??;
+        let name = model.name.clone();
+        tracing::info!(
+            model = %name, version,
+            lanes = model.lanes,
+            max_batch = model.max_batch(),
+            warmup_ms = model.warmup.took.as_millis() as u64,
+            "model ready"
+        );
+        self.metrics.model_ready.with_label_values(&[&name, &version.to_string()]).set(1);
+        let mut map = HashMap::clone(&self.models.load());
+        map.insert(name.clone(), Arc::new(model));
+        self.models.store(Arc::new(map));
+        if !self.draining.load(Ordering::Relaxed) {
+            self.health.set_service_status(&name, ServingStatus::Serving).await;
+        }
+        Ok(())
+    }
+
+    /// The serving version of `name`.
+    pub fn get(&self, name: &str) -> Result<Arc<LoadedModel>, ServeError> {
+        self.models.load().get(name).cloned().ok_or_else(|| ServeError::ModelNotFound {
+            model: name.to_string(),
+            detail: String::new(),
+        })
+    }
+
+    /// The serving version of `name`, checked against a requested version (empty = newest).
+    pub fn get_version(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, ServeError> {
+        let model = self.get(name)?;
+        if !version.is_empty() && version != model.version.to_string() {
+            return Err(ServeError::ModelNotFound {
+                model: name.to_string(),
+                detail: format!(" at version `{version}` (serving version {})", model.version),
+            });
+        }
+        Ok(model)
+    }
+
+    /// Names of every served model, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.models.load().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Whether requests should still be sent here.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && !self.models.load().is_empty()
+    }
+
+    /// Reports every model NOT_SERVING (shutdown has begun).
+    pub async fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        for name in self.names() {
+            self.health.set_service_status(&name, ServingStatus::NotServing).await;
+        }
+    }
+
+    /// Polls the repository for new versions and models until `shutdown`.
+    pub fn spawn_watcher(self: &Arc<Self>, shutdown: CancellationToken) {
+        if self.settings.poll_interval_ms == 0 {
+            return;
+        }
+        let repo = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(repo.settings.poll_interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => repo.reload_changed().await,
+                }
+            }
+        });
+    }
+
+    /// Loads any version newer than the serving one (and any new model). A version that fails
+    /// to load is logged and skipped; the old one keeps serving.
+    pub async fn reload_changed(&self) {
+        let found = match scan(&self.settings.path, &self.settings.models) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "repository scan failed");
+                return;
+            }
+        };
+        for (name, dir, version) in found {
+            let current = self.models.load().get(&name).map(|m| m.version);
+            if current.is_some_and(|v| v >= version) {
+                continue;
+            }
+            tracing::info!(model = %name, version, previous = ?current, "loading new version");
+            if let Err(e) = self.load_version(dir, version).await {
+                tracing::error!(model = %name, version, error = %e, "new version failed to load; keeping the serving one");
+            }
+        }
+    }
+}
+
+/// `(name, dir, newest version)` of each model directory that has a `model.toml` and at least
+/// one complete version. A version directory counts once its `model.pt` exists, so writers
+/// should move a finished version directory into place.
+fn scan(root: &Path, only: &[String]) -> anyhow::Result<Vec<(String, PathBuf, u64)>> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| anyhow::anyhow!("cannot read repository `{}`: {e}", root.display()))?;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if !dir.join("model.toml").is_file() || (!only.is_empty() && !only.contains(&name)) {
+            continue;
+        }
+        let newest = std::fs::read_dir(&dir)?
+            .flatten()
+            .filter_map(|v| {
+                let version: u64 = v.file_name().to_str()?.parse().ok()?;
+                (version > 0 && v.path().join("model.pt").is_file()).then_some(version)
+            })
+            .max();
+        if let Some(version) = newest {
+            found.push((name, dir, version));
+        }
+    }
+    found.sort();
+    Ok(found)
+}

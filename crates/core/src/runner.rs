@@ -1,0 +1,186 @@
+//! Runs TorchScript models with tch on dedicated OS threads ("lanes"), never on the async
+//! runtime. Each lane owns its own copy of the module and its own intra-op thread setting.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use crate::batcher::{BatchQueue, Executor, run_lane};
+
+/// A TorchScript module on one device.
+pub struct TchExecutor {
+    module: CModule,
+    device: Device,
+    input_dims: Vec<i64>,
+}
+
+impl TchExecutor {
+    pub fn load(path: &Path, device: Device, input_dims: Vec<i64>) -> Result<Self, String> {
+        let mut module = CModule::load_on_device(path, device)
+            .map_err(|e| format!("cannot load `{}`: {e}", path.display()))?;
+        module.set_eval();
+        Ok(Self {
+            module,
+            device,
+            input_dims,
+        })
+    }
+}
+
+impl Executor for TchExecutor {
+    fn execute(&mut self, input: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, String> {
+        let mut shape = Vec::with_capacity(self.input_dims.len() + 1);
+        shape.push(rows as i64);
+        shape.extend_from_slice(&self.input_dims);
+        let x = Tensor::from_slice(input).view(shape.as_slice()).to_device(self.device);
+        let out = tch::no_grad(|| self.module.forward_is(&[IValue::Tensor(x)]))
+            .map_err(|e| e.to_string())?;
+        let tensors = match out {
+            IValue::Tensor(t) => vec![t],
+            IValue::Tuple(items) | IValue::GenericList(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(format!("model returned a non-tensor output: {other:?}")),
+                })
+                .collect::<Result<_, _>>()?,
+            other => return Err(format!("model returned {other:?}, expected tensors")),
+        };
+        tensors
+            .into_iter()
+            .map(|t| {
+                let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
+                Vec::<f32>::try_from(&t).map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}
+
+/// Lane settings for one model version.
+#[derive(Debug, Clone)]
+pub struct LaneConfig {
+    pub model_path: std::path::PathBuf,
+    pub device: Device,
+    pub lanes: usize,
+    pub threads: usize,
+    pub input_dims: Vec<i64>,
+    /// Profile batch sizes on the first lane during warm-up.
+    pub profile: bool,
+}
+
+/// What warm-up learned.
+#[derive(Debug, Clone)]
+pub struct WarmupReport {
+    /// Items per second at each profiled batch size.
+    pub throughput: Vec<(usize, f64)>,
+    /// Batch cap that gave the best throughput.
+    pub best_batch: usize,
+    pub took: Duration,
+}
+
+/// Starts the lanes of one model version: each loads the module, warms up, then serves `queue`
+/// until it is closed. Returns once every lane is warm (so READY means warm).
+pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupReport, String> {
+    let started = Instant::now();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    for lane in 0..cfg.lanes {
+        let cfg = cfg.clone();
+        let queue = queue.clone();
+        let ready_tx = ready_tx.clone();
+        let name = format!("lane-{}-{lane}", queue.config().model);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                // Per-thread: each lane gets its own intra-op pool size.
+                tch::set_num_threads(cfg.threads as i32);
+                let mut exec = match TchExecutor::load(&cfg.model_path, cfg.device, cfg.input_dims.clone()) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let report = warm_up(&mut exec, &queue, cfg.profile && lane == 0);
+                let failed = report.is_err();
+                let _ = ready_tx.send(report);
+                drop(ready_tx);
+                if !failed {
+                    run_lane(&queue, &mut exec);
+                }
+            })
+            .map_err(|e| format!("cannot spawn a lane thread: {e}"))?;
+    }
+    drop(ready_tx);
+    let mut best = None;
+    for _ in 0..cfg.lanes {
+        match ready_rx.recv() {
+            Ok(Ok(Some(report))) => best = Some(report),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                queue.close();
+                return Err(e);
+            }
+            Err(_) => {
+                queue.close();
+                return Err("a lane thread exited during warm-up".into());
+            }
+        }
+    }
+    let mut report = best.unwrap_or(WarmupReport {
+        throughput: Vec::new(),
+        best_batch: queue.config().max_batch_size,
+        took: Duration::ZERO,
+    });
+    report.took = started.elapsed();
+    queue.set_max_batch(report.best_batch);
+    Ok(report)
+}
+
+/// Runs the model until its timings settle; with `profile`, measures throughput at batch sizes
+/// 1, 2, 4, … up to the configured maximum and picks the best.
+fn warm_up(exec: &mut TchExecutor, queue: &BatchQueue, profile: bool) -> Result<Option<WarmupReport>, String> {
+    let cfg = queue.config();
+    let item = vec![0f32; cfg.item_len];
+    // The first calls pay for graph optimisation and allocation; never let a client pay them.
+    for _ in 0..3 {
+        exec.execute(&item, 1)?;
+    }
+    if !profile {
+        return Ok(None);
+    }
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
+        .take_while(|n| *n < cfg.max_batch_size)
+        .collect();
+    sizes.push(cfg.max_batch_size);
+    let mut throughput = Vec::new();
+    for &n in &sizes {
+        let input = vec![0f32; cfg.item_len * n];
+        exec.execute(&input, n)?;
+        // Enough repetitions for a stable figure without making warm-up slow for big models.
+        let budget = Duration::from_millis(150);
+        let t0 = Instant::now();
+        let mut runs = 0;
+        while runs < 3 || (t0.elapsed() < budget && runs < 50) {
+            exec.execute(&input, n)?;
+            runs += 1;
+        }
+        throughput.push((n, (n * runs) as f64 / t0.elapsed().as_secs_f64()));
+    }
+    // Smallest batch within 3% of the best: larger batches that do not raise throughput only add
+    // latency.
+    let top = throughput.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+    let best_batch = throughput
+        .iter()
+        .find(|(_, t)| *t >= top * 0.97)
+        .map(|(n, _)| *n)
+        .unwrap_or(1);
+    tracing::info!(model = %cfg.model, ?throughput, best_batch, "profiled batch sizes");
+    Ok(Some(WarmupReport {
+        throughput,
+        best_batch,
+        took: Duration::ZERO,
+    }))
+}
