@@ -1,1 +1,203 @@
+//! Harness for the end-to-end tests: real servers on `127.0.0.1:0` with the real model
+//! repository, real gRPC clients over loopback. No fixed ports, no sleeps: servers are used
+//! once they report ready.
 
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use marquee_core::metrics::Metrics;
+use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use marquee_proto::vision::image_service_client::ImageServiceClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// The model repository built by `make models` (the `model-repository` link at the root).
+pub fn model_repo() -> PathBuf {
+    std::env::var_os("MARQUEE_MODEL_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-repository"))
+}
+
+/// A committed test file under `tests/fixtures`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name),
+    )
+    .expect("fixture exists")
+}
+
+/// Settings for a test server: ephemeral ports, one intra-op thread per lane (tests run in
+/// parallel on 2 cores), no repository polling unless a test asks for it.
+pub fn settings(repo: &Path) -> marquee_vision::Settings {
+    let mut s = marquee_vision::Settings::default();
+    s.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    s.server.admin_addr = "127.0.0.1:0".parse().unwrap();
+    s.repository.path = repo.to_path_buf();
+    s.repository.threads = Some(1);
+    s.repository.poll_interval_ms = 0;
+    s
+}
+
+/// A running in-process server.
+#[derive(Clone)]
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("server accepts connections")
+    }
+
+    pub async fn vision(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn oip(&self) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::new(self.channel().await)
+    }
+
+    /// A metric's value summed over label sets whose labels include every `(name, value)`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics, name, labels)
+    }
+}
+
+/// Sums the samples of `name` (counter or gauge) matching `labels`.
+pub fn metric_value(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        // A sample is either a counter or a gauge; the other reads as 0.
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
+}
+
+/// Starts a server on the current runtime and returns once it is ready.
+pub async fn start(settings: marquee_vision::Settings) -> TestServer {
+    let shutdown = CancellationToken::new();
+    let running = marquee_vision::start(settings, shutdown.clone())
+        .await
+        .expect("server starts");
+    TestServer {
+        grpc_addr: running.grpc_addr,
+        admin_addr: running.admin_addr,
+        metrics: running.metrics,
+        shutdown,
+    }
+}
+
+/// One server per test binary, on its own runtime so it outlives each test's runtime.
+pub fn shared() -> &'static TestServer {
+    static SHARED: OnceLock<TestServer> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let server = start(settings(&model_repo())).await;
+                let done = server.shutdown.clone();
+                tx.send(server).unwrap();
+                done.cancelled().await;
+            });
+        });
+        rx.recv().expect("shared server starts")
+    })
+}
+
+/// Fashion-MNIST test images (28×28, u8) and labels from Debian's `dataset-fashion-mnist`.
+pub fn fashion_test_set(n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    let read = |name: &str| {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(
+            std::fs::File::open(dir.join(name)).expect("dataset-fashion-mnist is installed"),
+        )
+        .read_to_end(&mut out)
+        .unwrap();
+        out
+    };
+    let images = read("t10k-images-idx3-ubyte.gz");
+    let labels = read("t10k-labels-idx1-ubyte.gz");
+    let imgs = (0..n)
+        .map(|i| images[16 + i * 784..16 + (i + 1) * 784].to_vec())
+        .collect();
+    (imgs, labels[8..8 + n].to_vec())
+}
+
+/// Encodes a grayscale image as PNG.
+pub fn png_gray(pixels: &[u8], w: u32, h: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_raw(w, h, pixels.to_vec()).expect("pixel count matches");
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// Plain HTTP GET against the admin port: `(status, body)`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf[9..12].parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Copies one model directory (with all versions) into a fresh temporary repository.
+pub fn temp_repo(models: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for m in models {
+        copy_dir(&model_repo().join(m), &dir.path().join(m));
+    }
+    dir
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -19,7 +19,12 @@ struct AdminState {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
-pub fn spawn(listener: TcpListener, metrics: Metrics, repo: Arc<Repository>, shutdown: CancellationToken) {
+pub fn spawn(
+    listener: TcpListener,
+    metrics: Metrics,
+    repo: Arc<Repository>,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -44,7 +49,10 @@ async fn metrics_text(State(s): State<AdminState>) -> ([(&'static str, &'static 
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     if s.repo.is_ready() {
-        (StatusCode::OK, format!("ready: {}\n", s.repo.names().join(", ")))
+        (
+            StatusCode::OK,
+            format!("ready: {}\n", s.repo.names().join(", ")),
+        )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
     }

@@ -92,7 +92,8 @@ impl BatchQueue {
 
     /// Caps batches at `n` items (from warm-up profiling).
     pub fn set_max_batch(&self, n: usize) {
-        self.max_batch.store(n.clamp(1, self.cfg.max_batch_size), Ordering::Relaxed);
+        self.max_batch
+            .store(n.clamp(1, self.cfg.max_batch_size), Ordering::Relaxed);
     }
 
     pub fn max_batch(&self) -> usize {
@@ -113,7 +114,11 @@ impl BatchQueue {
         rows: usize,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Result<Vec<Outputs>, ServeError>>, ServeError> {
-        debug_assert_eq!(data.len(), rows * self.cfg.item_len, "validated before queueing");
+        debug_assert_eq!(
+            data.len(),
+            rows * self.cfg.item_len,
+            "validated before queueing"
+        );
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         if st.closed {
@@ -125,7 +130,10 @@ impl BatchQueue {
         if st.rows + rows > self.cfg.queue_capacity {
             let queued = st.rows;
             drop(st);
-            self.metrics.rejected.with_label_values(&[&self.cfg.model, "queue_full"]).inc();
+            self.metrics
+                .rejected
+                .with_label_values(&[&self.cfg.model, "queue_full"])
+                .inc();
             let per_item = Duration::from_nanos(self.ns_per_item.load(Ordering::Relaxed));
             let retry_after = (per_item * queued as u32 / self.cfg.lanes.max(1) as u32)
                 .clamp(Duration::from_millis(5), Duration::from_secs(5));
@@ -146,7 +154,10 @@ impl BatchQueue {
             reply: tx,
             span: tracing::Span::current(),
         });
-        self.metrics.queue_depth.with_label_values(&[&self.cfg.model]).set(st.rows as i64);
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&self.cfg.model])
+            .set(st.rows as i64);
         drop(st);
         self.cv.notify_one();
         Ok(rx)
@@ -191,7 +202,10 @@ impl BatchQueue {
             }
         }
         st.rows -= rows;
-        self.metrics.queue_depth.with_label_values(&[&self.cfg.model]).set(st.rows as i64);
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&self.cfg.model])
+            .set(st.rows as i64);
         if !st.items.is_empty() {
             // More work than this batch takes: hand it to another lane.
             self.cv.notify_one();
@@ -202,7 +216,8 @@ impl BatchQueue {
     fn record_compute(&self, rows: usize, took: Duration) {
         let per_item = took.as_nanos() as u64 / rows.max(1) as u64;
         let old = self.ns_per_item.load(Ordering::Relaxed);
-        self.ns_per_item.store((old * 7 + per_item) / 8, Ordering::Relaxed);
+        self.ns_per_item
+            .store((old * 7 + per_item) / 8, Ordering::Relaxed);
     }
 }
 
@@ -228,9 +243,13 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
         let mut live = Vec::with_capacity(batch.len());
         for item in batch {
             if item.reply.is_closed() {
-                m.rejected.with_label_values(&[&cfg.model, "cancelled"]).inc();
+                m.rejected
+                    .with_label_values(&[&cfg.model, "cancelled"])
+                    .inc();
             } else if item.deadline <= now {
-                m.rejected.with_label_values(&[&cfg.model, "deadline"]).inc();
+                m.rejected
+                    .with_label_values(&[&cfg.model, "deadline"])
+                    .inc();
                 let waited = now - item.enqueued;
                 let _ = item.reply.send(Err(ServeError::DeadlineExceeded(format!(
                     "deadline expired after {} ms in the `{}` queue; the request was not computed",
@@ -238,7 +257,9 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
                     cfg.model
                 ))));
             } else {
-                m.queue_wait.with_label_values(&model).observe((now - item.enqueued).as_secs_f64());
+                m.queue_wait
+                    .with_label_values(&model)
+                    .observe((now - item.enqueued).as_secs_f64());
                 live.push(item);
             }
         }
@@ -258,7 +279,9 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
         let started = Instant::now();
         let result = exec.execute(&input, rows);
         let took = started.elapsed();
-        m.compute.with_label_values(&model).observe(took.as_secs_f64());
+        m.compute
+            .with_label_values(&model)
+            .observe(took.as_secs_f64());
         m.batches.with_label_values(&model).inc();
         m.batch_items.with_label_values(&model).inc_by(rows as u64);
         m.batch_size.with_label_values(&model).observe(rows as f64);
@@ -271,7 +294,9 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
                         .map(|r| {
                             outs.iter()
                                 .zip(&cfg.output_lens)
-                                .map(|(o, len)| o[(offset + r) * len..(offset + r + 1) * len].to_vec())
+                                .map(|(o, len)| {
+                                    o[(offset + r) * len..(offset + r + 1) * len].to_vec()
+                                })
                                 .collect()
                         })
                         .collect();
@@ -291,7 +316,11 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
     }
 }
 
-fn check_outputs(cfg: &QueueConfig, outs: Vec<Vec<f32>>, rows: usize) -> Result<Vec<Vec<f32>>, String> {
+fn check_outputs(
+    cfg: &QueueConfig,
+    outs: Vec<Vec<f32>>,
+    rows: usize,
+) -> Result<Vec<Vec<f32>>, String> {
     if outs.len() != cfg.output_lens.len() {
         return Err(format!(
             "model returned {} outputs, model.toml declares {}",
@@ -355,12 +384,27 @@ mod tests {
             .collect();
         let (tx, sizes) = mpsc::channel();
         let lane_q = q.clone();
-        let lane = std::thread::spawn(move || run_lane(&lane_q, &mut Fake { sizes: tx, gate: None }));
+        let lane = std::thread::spawn(move || {
+            run_lane(
+                &lane_q,
+                &mut Fake {
+                    sizes: tx,
+                    gate: None,
+                },
+            )
+        });
         for (i, rx) in rxs.into_iter().enumerate() {
             let out = rx.await.unwrap().unwrap();
-            assert_eq!(out, vec![vec![vec![i as f32 * 2.0, (10.0 + i as f32) * 2.0]]]);
+            assert_eq!(
+                out,
+                vec![vec![vec![i as f32 * 2.0, (10.0 + i as f32) * 2.0]]]
+            );
         }
-        assert_eq!(sizes.recv().unwrap(), 5, "all five queued items ran as one batch");
+        assert_eq!(
+            sizes.recv().unwrap(),
+            5,
+            "all five queued items ran as one batch"
+        );
         q.close();
         lane.join().unwrap();
     }
@@ -373,10 +417,22 @@ mod tests {
         let rx_b = q.submit(vec![1.0; 4], 2, far()).unwrap();
         let (tx, sizes) = mpsc::channel();
         let lane_q = q.clone();
-        let lane = std::thread::spawn(move || run_lane(&lane_q, &mut Fake { sizes: tx, gate: None }));
+        let lane = std::thread::spawn(move || {
+            run_lane(
+                &lane_q,
+                &mut Fake {
+                    sizes: tx,
+                    gate: None,
+                },
+            )
+        });
         assert_eq!(rx_a.await.unwrap().unwrap().len(), 2);
         assert_eq!(rx_b.await.unwrap().unwrap()[1], vec![vec![2.0, 2.0]]);
-        assert_eq!((sizes.recv().unwrap(), sizes.recv().unwrap()), (2, 2), "2+2 > cap 3: two batches");
+        assert_eq!(
+            (sizes.recv().unwrap(), sizes.recv().unwrap()),
+            (2, 2),
+            "2+2 > cap 3: two batches"
+        );
         q.close();
         lane.join().unwrap();
     }
@@ -387,8 +443,14 @@ mod tests {
         let _a = q.submit(vec![0.0; 4], 2, far()).unwrap();
         let err = q.submit(vec![0.0; 4], 2, far()).unwrap_err();
         match err {
-            ServeError::Overloaded { message, retry_after } => {
-                assert!(message.contains("capacity (`batching.queue_capacity`) is 3"), "{message}");
+            ServeError::Overloaded {
+                message,
+                retry_after,
+            } => {
+                assert!(
+                    message.contains("capacity (`batching.queue_capacity`) is 3"),
+                    "{message}"
+                );
                 assert!(retry_after >= Duration::from_millis(5));
             }
             other => panic!("expected Overloaded, got {other:?}"),
@@ -404,13 +466,27 @@ mod tests {
         let kept = q.submit(vec![3.0; 2], 1, far()).unwrap();
         let (tx, sizes) = mpsc::channel();
         let lane_q = q.clone();
-        let lane = std::thread::spawn(move || run_lane(&lane_q, &mut Fake { sizes: tx, gate: None }));
-        assert!(matches!(expired.await.unwrap(), Err(ServeError::DeadlineExceeded(_))));
+        let lane = std::thread::spawn(move || {
+            run_lane(
+                &lane_q,
+                &mut Fake {
+                    sizes: tx,
+                    gate: None,
+                },
+            )
+        });
+        assert!(matches!(
+            expired.await.unwrap(),
+            Err(ServeError::DeadlineExceeded(_))
+        ));
         assert_eq!(kept.await.unwrap().unwrap(), vec![vec![vec![6.0, 6.0]]]);
         assert_eq!(sizes.recv().unwrap(), 1, "only the live item was computed");
         let m = &q.metrics;
         assert_eq!(m.rejected.with_label_values(&["fake", "deadline"]).get(), 1);
-        assert_eq!(m.rejected.with_label_values(&["fake", "cancelled"]).get(), 1);
+        assert_eq!(
+            m.rejected.with_label_values(&["fake", "cancelled"]).get(),
+            1
+        );
         q.close();
         lane.join().unwrap();
     }
@@ -420,13 +496,27 @@ mod tests {
         let q = BatchQueue::new(cfg(4, 200, 64, 1), Metrics::new());
         let (tx, sizes) = mpsc::channel();
         let lane_q = q.clone();
-        let lane = std::thread::spawn(move || run_lane(&lane_q, &mut Fake { sizes: tx, gate: None }));
+        let lane = std::thread::spawn(move || {
+            run_lane(
+                &lane_q,
+                &mut Fake {
+                    sizes: tx,
+                    gate: None,
+                },
+            )
+        });
         // The single lane is the only lane, so it waits up to 200 ms for the batch to fill.
-        let rxs: Vec<_> = (0..4).map(|_| q.submit(vec![1.0; 2], 1, far()).unwrap()).collect();
+        let rxs: Vec<_> = (0..4)
+            .map(|_| q.submit(vec![1.0; 2], 1, far()).unwrap())
+            .collect();
         for rx in rxs {
             rx.await.unwrap().unwrap();
         }
-        assert_eq!(sizes.recv().unwrap(), 4, "the lane waited and took all four");
+        assert_eq!(
+            sizes.recv().unwrap(),
+            4,
+            "the lane waited and took all four"
+        );
         q.close();
         lane.join().unwrap();
     }
@@ -435,18 +525,32 @@ mod tests {
     async fn closing_drains_what_was_queued() {
         let q = BatchQueue::new(cfg(2, 0, 64, 1), Metrics::new());
         let (gate_tx, gate_rx) = mpsc::channel();
-        let rxs: Vec<_> = (0..3).map(|_| q.submit(vec![1.0; 2], 1, far()).unwrap()).collect();
+        let rxs: Vec<_> = (0..3)
+            .map(|_| q.submit(vec![1.0; 2], 1, far()).unwrap())
+            .collect();
         q.close();
-        assert!(matches!(q.submit(vec![1.0; 2], 1, far()), Err(ServeError::Unavailable(_))));
+        assert!(matches!(
+            q.submit(vec![1.0; 2], 1, far()),
+            Err(ServeError::Unavailable(_))
+        ));
         let (tx, _sizes) = mpsc::channel();
         let lane_q = q.clone();
         let lane = std::thread::spawn(move || {
-            run_lane(&lane_q, &mut Fake { sizes: tx, gate: Some(gate_rx) })
+            run_lane(
+                &lane_q,
+                &mut Fake {
+                    sizes: tx,
+                    gate: Some(gate_rx),
+                },
+            )
         });
         gate_tx.send(()).unwrap();
         gate_tx.send(()).unwrap();
         for rx in rxs {
-            assert!(rx.await.unwrap().is_ok(), "queued work finishes after close");
+            assert!(
+                rx.await.unwrap().is_ok(),
+                "queued work finishes after close"
+            );
         }
         lane.join().unwrap();
     }

@@ -263,19 +263,35 @@ mod tests {
     fn env_overrides_defaults_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "[server]\ngrpc_addr = \"127.0.0.1:7000\"\nmax_message_bytes = 2048\n").unwrap();
-        let env = [("MARQUEE__SERVER__MAX_MESSAGE_BYTES".to_string(), "4096".to_string())];
+        std::fs::write(
+            &file,
+            "[server]\ngrpc_addr = \"127.0.0.1:7000\"\nmax_message_bytes = 2048\n",
+        )
+        .unwrap();
+        let env = [(
+            "MARQUEE__SERVER__MAX_MESSAGE_BYTES".to_string(),
+            "4096".to_string(),
+        )];
         let s: S = load_from(Some(&file), env).unwrap();
         assert_eq!(s.server.grpc_addr.port(), 7000, "file beats default");
         assert_eq!(s.server.max_message_bytes, 4096, "env beats file");
-        assert_eq!(s.server.default_timeout_ms, 30_000, "untouched default stays");
+        assert_eq!(
+            s.server.default_timeout_ms, 30_000,
+            "untouched default stays"
+        );
     }
 
     #[test]
     fn every_problem_is_reported_at_once() {
         let env = [
-            ("MARQUEE__SERVER__MAX_CONCURRENT_REQUESTS".to_string(), "0".to_string()),
-            ("MARQUEE__TELEMETRY__LOG_FORMAT".to_string(), "xml".to_string()),
+            (
+                "MARQUEE__SERVER__MAX_CONCURRENT_REQUESTS".to_string(),
+                "0".to_string(),
+            ),
+            (
+                "MARQUEE__TELEMETRY__LOG_FORMAT".to_string(),
+                "xml".to_string(),
+            ),
         ];
         let err = load_from::<S, _>(None, env).unwrap_err();
         assert_eq!(err.0.len(), 2, "{err}");

@@ -18,7 +18,7 @@ pub fn deadline(metadata: &MetadataMap, settings: &ServerSettings) -> Instant {
         .and_then(parse_grpc_timeout)
         .map(|t| t.min(max))
         .unwrap_or(Duration::from_millis(settings.default_timeout_ms));
-    let margin = (timeout / 20).min(Duration::from_millis(5));
+    let margin = (timeout / 10).min(Duration::from_millis(20));
     Instant::now() + timeout - margin
 }
 
@@ -64,9 +64,15 @@ mod tests {
         };
         let mut md = MetadataMap::new();
         let d = deadline(&md, &s) - Instant::now();
-        assert!(d > Duration::from_millis(900) && d <= Duration::from_millis(1000), "{d:?}");
+        assert!(
+            d > Duration::from_millis(880) && d <= Duration::from_millis(1000),
+            "{d:?}"
+        );
         md.insert("grpc-timeout", "60S".parse().unwrap());
         let d = deadline(&md, &s) - Instant::now();
-        assert!(d > Duration::from_millis(1900) && d <= Duration::from_millis(2000), "{d:?}");
+        assert!(
+            d > Duration::from_millis(1960) && d <= Duration::from_millis(2000),
+            "{d:?}"
+        );
     }
 }

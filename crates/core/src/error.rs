@@ -27,7 +27,10 @@ pub enum ServeError {
     Unavailable(String),
     /// The queue is full: refused at once, with a hint for when to retry.
     #[error("{message}")]
-    Overloaded { message: String, retry_after: Duration },
+    Overloaded {
+        message: String,
+        retry_after: Duration,
+    },
     /// The deadline passed before the work could be done; it was not computed.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -79,10 +82,13 @@ impl From<ServeError> for Status {
             tracing::error!(%detail, "internal error");
         }
         let details = match &err {
-            ServeError::InvalidArgument { field, message } | ServeError::TooLarge { field, message } => {
+            ServeError::InvalidArgument { field, message }
+            | ServeError::TooLarge { field, message } => {
                 ErrorDetails::with_bad_request_violation(field.clone(), message.clone())
             }
-            ServeError::Overloaded { retry_after, .. } => ErrorDetails::with_retry_info(Some(*retry_after)),
+            ServeError::Overloaded { retry_after, .. } => {
+                ErrorDetails::with_retry_info(Some(*retry_after))
+            }
             _ => return Status::new(code, err.to_string()),
         };
         Status::with_error_details(code, err.to_string(), details)
@@ -107,7 +113,8 @@ mod tests {
 
     #[test]
     fn field_violation_names_the_field() {
-        let status: Status = ServeError::invalid("top_k", "`top_k` must be in 1..=10, got 11").into();
+        let status: Status =
+            ServeError::invalid("top_k", "`top_k` must be in 1..=10, got 11").into();
         assert_eq!(status.code(), Code::InvalidArgument);
         let br = status.get_details_bad_request().expect("bad request");
         assert_eq!(br.field_violations[0].field, "top_k");

@@ -50,7 +50,10 @@ impl MessageLimitLayer {
 impl<S> Layer<S> for MessageLimitLayer {
     type Service = MessageLimit<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        MessageLimit { inner, max: self.max }
+        MessageLimit {
+            inner,
+            max: self.max,
+        }
     }
 }
 
@@ -103,7 +106,10 @@ impl http_body::Body for LimitBody {
     type Data = Bytes;
     type Error = Status;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.project();
         let frame = match ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => frame,
@@ -123,7 +129,12 @@ impl http_body::Body for LimitBody {
                 pos += 1;
                 if *this.have == 5 {
                     *this.have = 0;
-                    let len = u32::from_be_bytes([this.prefix[1], this.prefix[2], this.prefix[3], this.prefix[4]]) as usize;
+                    let len = u32::from_be_bytes([
+                        this.prefix[1],
+                        this.prefix[2],
+                        this.prefix[3],
+                        this.prefix[4],
+                    ]) as usize;
                     if len > *this.max {
                         let err = ServeError::TooLarge {
                             field: "request".into(),
@@ -208,7 +219,9 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let path = req.uri().path().to_owned();
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        });
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %path.trim_start_matches('/'),
@@ -237,9 +250,19 @@ where
                 record_span.record("rpc.grpc.status_code", code as i32);
                 // Unknown paths answer UNIMPLEMENTED; label them together so clients cannot
                 // mint label values.
-                let method = if code == Code::Unimplemented { "unknown" } else { path.as_str() };
-                metrics.grpc_requests.with_label_values(&[method, code_name(code)]).inc();
-                metrics.grpc_duration.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
+                let method = if code == Code::Unimplemented {
+                    "unknown"
+                } else {
+                    path.as_str()
+                };
+                metrics
+                    .grpc_requests
+                    .with_label_values(&[method, code_name(code)])
+                    .inc();
+                metrics
+                    .grpc_duration
+                    .with_label_values(&[method])
+                    .observe(started.elapsed().as_secs_f64());
                 result
             }
             .instrument(span),
@@ -347,7 +370,10 @@ pub fn server_stack(
             tower::load_shed::LoadShedLayer,
             tower::layer::util::Stack<
                 OverloadLayer,
-                tower::layer::util::Stack<GrpcTraceLayer, tower::layer::util::Stack<MessageLimitLayer, tower::layer::util::Identity>>,
+                tower::layer::util::Stack<
+                    GrpcTraceLayer,
+                    tower::layer::util::Stack<MessageLimitLayer, tower::layer::util::Identity>,
+                >,
             >,
         >,
     >,
@@ -358,5 +384,7 @@ pub fn server_stack(
         .layer(GrpcTraceLayer::new(metrics))
         .layer(OverloadLayer::new(max_concurrent))
         .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(semaphore))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            semaphore,
+        ))
 }

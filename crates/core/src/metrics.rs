@@ -49,32 +49,56 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric, this is a bug");
-            registry.register(Box::new(c.clone())).expect("unique metric, this is a bug");
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("valid metric, this is a bug");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric, this is a bug");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric, this is a bug");
-            registry.register(Box::new(g.clone())).expect("unique metric, this is a bug");
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)
+                .expect("valid metric, this is a bug");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric, this is a bug");
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .expect("valid metric, this is a bug");
-            registry.register(Box::new(h.clone())).expect("unique metric, this is a bug");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid metric, this is a bug");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric, this is a bug");
             h
         };
         Self {
-            grpc_requests: counter("marquee_grpc_requests_total", "gRPC calls finished.", &["method", "code"]),
+            grpc_requests: counter(
+                "marquee_grpc_requests_total",
+                "gRPC calls finished.",
+                &["method", "code"],
+            ),
             grpc_duration: histogram(
                 "marquee_grpc_request_duration_seconds",
                 "gRPC call latency until the response headers (streams: until the first message).",
                 &["method"],
                 LATENCY_BUCKETS,
             ),
-            batches: counter("marquee_batcher_batches_total", "Model executions.", &["model"]),
+            batches: counter(
+                "marquee_batcher_batches_total",
+                "Model executions.",
+                &["model"],
+            ),
             batch_items: counter("marquee_batcher_items_total", "Items computed.", &["model"]),
-            batch_size: histogram("marquee_batcher_batch_size", "Items per model execution.", &["model"], BATCH_BUCKETS),
+            batch_size: histogram(
+                "marquee_batcher_batch_size",
+                "Items per model execution.",
+                &["model"],
+                BATCH_BUCKETS,
+            ),
             queue_wait: histogram(
                 "marquee_batcher_queue_wait_seconds",
                 "Time items waited before compute.",
@@ -93,7 +117,11 @@ impl Metrics {
                 "Items refused or dropped before compute.",
                 &["model", "reason"],
             ),
-            model_ready: gauge("marquee_model_ready", "1 while a model version is ready.", &["model", "version"]),
+            model_ready: gauge(
+                "marquee_model_ready",
+                "1 while a model version is ready.",
+                &["model", "version"],
+            ),
             effective_batch: gauge(
                 "marquee_batcher_effective_max_batch",
                 "Batch cap chosen by warm-up profiling.",

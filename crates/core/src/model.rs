@@ -142,23 +142,38 @@ impl ModelSpec {
         let mut errors = Vec::new();
         let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if spec.name != dir_name {
-            errors.push(format!("`name` is `{}` but the directory is `{dir_name}`", spec.name));
+            errors.push(format!(
+                "`name` is `{}` but the directory is `{dir_name}`",
+                spec.name
+            ));
         }
         if spec.platform != "torchscript" {
-            errors.push(format!("`platform` must be `torchscript`, got `{}`", spec.platform));
+            errors.push(format!(
+                "`platform` must be `torchscript`, got `{}`",
+                spec.platform
+            ));
         }
         if spec.inputs.len() != 1 {
-            errors.push(format!("exactly one input is supported, got {}", spec.inputs.len()));
+            errors.push(format!(
+                "exactly one input is supported, got {}",
+                spec.inputs.len()
+            ));
         }
         if spec.outputs.is_empty() {
             errors.push("at least one output is required".into());
         }
         for t in spec.inputs.iter().chain(&spec.outputs) {
             if t.datatype != "FP32" {
-                errors.push(format!("tensor `{}`: only `FP32` is supported, got `{}`", t.name, t.datatype));
+                errors.push(format!(
+                    "tensor `{}`: only `FP32` is supported, got `{}`",
+                    t.name, t.datatype
+                ));
             }
             if t.dims.is_empty() || t.dims.iter().any(|d| *d <= 0) {
-                errors.push(format!("tensor `{}`: dims must be positive, got {:?}", t.name, t.dims));
+                errors.push(format!(
+                    "tensor `{}`: dims must be positive, got {:?}",
+                    t.name, t.dims
+                ));
             }
         }
         if let Some(p) = &spec.preprocess {
@@ -166,7 +181,9 @@ impl ModelSpec {
                 "rgb" => 3,
                 "gray" => 1,
                 other => {
-                    errors.push(format!("`preprocess.color` must be `rgb` or `gray`, got `{other}`"));
+                    errors.push(format!(
+                        "`preprocess.color` must be `rgb` or `gray`, got `{other}`"
+                    ));
                     0
                 }
             };
@@ -216,7 +233,10 @@ impl ModelSpec {
         match self.labels.as_deref() {
             None => Ok(None),
             Some("builtin:imagenet1k") => Ok(Some(
-                tch::vision::imagenet::CLASSES.iter().map(|s| s.to_string()).collect(),
+                tch::vision::imagenet::CLASSES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
             )),
             Some(file) => {
                 let path = dir.join(file);

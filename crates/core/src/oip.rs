@@ -37,26 +37,40 @@ pub struct ValidInfer {
 }
 
 /// Checks a request against the model's declared input and turns it into rows.
-pub fn validate_infer(model: &LoadedModel, req: &ModelInferRequest) -> Result<ValidInfer, ServeError> {
+pub fn validate_infer(
+    model: &LoadedModel,
+    req: &ModelInferRequest,
+) -> Result<ValidInfer, ServeError> {
     let spec = &model.spec;
     let want = &spec.inputs[0];
     if req.inputs.len() != 1 {
         return Err(ServeError::invalid(
             "inputs",
-            format!("model `{}` takes exactly 1 input (`{}`), got {}", spec.name, want.name, req.inputs.len()),
+            format!(
+                "`inputs`: model `{}` takes exactly 1 input (`{}`), got {}",
+                spec.name,
+                want.name,
+                req.inputs.len()
+            ),
         ));
     }
     let input = &req.inputs[0];
     if input.name != want.name {
         return Err(ServeError::invalid(
             "inputs[0].name",
-            format!("model `{}` has no input `{}`; its input is `{}`", spec.name, input.name, want.name),
+            format!(
+                "`inputs[0].name`: model `{}` has no input `{}`; its input is `{}`",
+                spec.name, input.name, want.name
+            ),
         ));
     }
     if input.datatype != want.datatype {
         return Err(ServeError::invalid(
             "inputs[0].datatype",
-            format!("input `{}` must be `{}`, got `{}`", want.name, want.datatype, input.datatype),
+            format!(
+                "`inputs[0].datatype`: input `{}` must be `{}`, got `{}`",
+                want.name, want.datatype, input.datatype
+            ),
         ));
     }
     let max_batch = spec.batching.max_batch_size;
@@ -65,9 +79,13 @@ pub fn validate_infer(model: &LoadedModel, req: &ModelInferRequest) -> Result<Va
         return Err(ServeError::invalid(
             "inputs[0].shape",
             format!(
-                "input `{}` must have shape [batch, {}] with batch in 1..={max_batch}, got {:?}",
+                "`inputs[0].shape`: input `{}` must have shape [batch, {}] with batch in 1..={max_batch}, got {:?}",
                 want.name,
-                want.dims.iter().map(i64::to_string).collect::<Vec<_>>().join(", "),
+                want.dims
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 input.shape
             ),
         ));
@@ -76,7 +94,10 @@ pub fn validate_infer(model: &LoadedModel, req: &ModelInferRequest) -> Result<Va
     if batch > max_batch {
         return Err(ServeError::invalid(
             "inputs[0].shape",
-            format!("batch dimension is {batch}; model `{}` takes at most {max_batch} (`batching.max_batch_size`)", spec.name),
+            format!(
+                "`inputs[0].shape`: batch dimension is {batch}; model `{}` takes at most {max_batch} (`batching.max_batch_size`)",
+                spec.name
+            ),
         ));
     }
     let n = batch * want.item_len();
@@ -85,29 +106,48 @@ pub fn validate_infer(model: &LoadedModel, req: &ModelInferRequest) -> Result<Va
         if input.contents.is_some() {
             return Err(ServeError::invalid(
                 "inputs[0].contents",
-                "set either `raw_input_contents` or `inputs[0].contents`, not both",
+                "`inputs[0].contents`: set either `raw_input_contents` or `inputs[0].contents`, not both",
             ));
         }
         if req.raw_input_contents.len() != 1 {
             return Err(ServeError::invalid(
                 "raw_input_contents",
-                format!("expected 1 raw input, got {}", req.raw_input_contents.len()),
+                format!(
+                    "`raw_input_contents`: expected 1 raw input, got {}",
+                    req.raw_input_contents.len()
+                ),
             ));
         }
         let bytes = &req.raw_input_contents[0];
         if bytes.len() != n * 4 {
             return Err(ServeError::invalid(
                 "raw_input_contents[0]",
-                format!("shape {:?} of FP32 needs {} bytes, got {}", input.shape, n * 4, bytes.len()),
+                format!(
+                    "`raw_input_contents[0]`: shape {:?} of FP32 needs {} bytes, got {}",
+                    input.shape,
+                    n * 4,
+                    bytes.len()
+                ),
             ));
         }
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     } else {
-        let values = input.contents.as_ref().map(|c| c.fp32_contents.as_slice()).unwrap_or_default();
+        let values = input
+            .contents
+            .as_ref()
+            .map(|c| c.fp32_contents.as_slice())
+            .unwrap_or_default();
         if values.len() != n {
             return Err(ServeError::invalid(
                 "inputs[0].contents.fp32_contents",
-                format!("shape {:?} needs {n} values, got {}", input.shape, values.len()),
+                format!(
+                    "`inputs[0].contents.fp32_contents`: shape {:?} needs {n} values, got {}",
+                    input.shape,
+                    values.len()
+                ),
             ));
         }
         values.to_vec()
@@ -115,7 +155,10 @@ pub fn validate_infer(model: &LoadedModel, req: &ModelInferRequest) -> Result<Va
     if let Some(i) = data.iter().position(|x| !x.is_finite()) {
         return Err(ServeError::invalid(
             "inputs[0]",
-            format!("element {i} is {}; inputs must be finite", data[i]),
+            format!(
+                "`inputs[0]` element {i} is {}; inputs must be finite",
+                data[i]
+            ),
         ));
     }
     let outputs = if req.outputs.is_empty() {
@@ -129,17 +172,26 @@ pub fn validate_infer(model: &LoadedModel, req: &ModelInferRequest) -> Result<Va
                     ServeError::invalid(
                         format!("outputs[{i}].name"),
                         format!(
-                            "model `{}` has no output `{}`; outputs are {}",
+                            "`outputs[{i}].name`: model `{}` has no output `{}`; outputs are {}",
                             spec.name,
                             o.name,
-                            spec.outputs.iter().map(|o| format!("`{}`", o.name)).collect::<Vec<_>>().join(", ")
+                            spec.outputs
+                                .iter()
+                                .map(|o| format!("`{}`", o.name))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     )
                 })
             })
             .collect::<Result<_, _>>()?
     };
-    Ok(ValidInfer { data, batch, outputs, raw })
+    Ok(ValidInfer {
+        data,
+        batch,
+        outputs,
+        raw,
+    })
 }
 
 fn tensor_meta(t: &crate::model::TensorSpec) -> TensorMetadata {
@@ -154,21 +206,35 @@ fn tensor_meta(t: &crate::model::TensorSpec) -> TensorMetadata {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for OipService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.repo.is_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.repo.is_ready(),
+        }))
     }
 
-    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let req = req.into_inner();
         let ready = self.repo.is_ready() && self.repo.get_version(&req.name, &req.version).is_ok();
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: self.name.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -176,7 +242,10 @@ impl GrpcInferenceService for OipService {
         }))
     }
 
-    async fn model_metadata(&self, req: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
         let req = req.into_inner();
         let model = self.repo.get_version(&req.name, &req.version)?;
         Ok(Response::new(ModelMetadataResponse {
@@ -188,7 +257,10 @@ impl GrpcInferenceService for OipService {
         }))
     }
 
-    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = deadline(req.metadata(), &self.server);
         let req = req.into_inner();
         let model = self.repo.get_version(&req.model_name, &req.model_version)?;
@@ -205,7 +277,13 @@ impl GrpcInferenceService for OipService {
             let mut shape = vec![valid.batch as i64];
             shape.extend_from_slice(&spec.dims);
             let contents = if valid.raw {
-                raw_output_contents.push(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into());
+                raw_output_contents.push(
+                    values
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                );
                 None
             } else {
                 Some(InferTensorContents {

@@ -55,7 +55,10 @@ impl LoadedModel {
                 ));
             }
         }
-        let device_name = settings.device.clone().unwrap_or_else(|| spec.instance.device.clone());
+        let device_name = settings
+            .device
+            .clone()
+            .unwrap_or_else(|| spec.instance.device.clone());
         let device = parse_device(&device_name)?;
         let lanes = settings.lanes.unwrap_or(spec.instance.lanes);
         let queue = BatchQueue::new(
@@ -81,7 +84,10 @@ impl LoadedModel {
             },
             &queue,
         )?;
-        metrics.effective_batch.with_label_values(&[&spec.name]).set(queue.max_batch() as i64);
+        metrics
+            .effective_batch
+            .with_label_values(&[&spec.name])
+            .set(queue.max_batch() as i64);
         Ok(Self {
             name: spec.name.clone(),
             version,
@@ -96,11 +102,19 @@ impl LoadedModel {
 
     /// Runs `rows` items (already validated to the input shape) through the batcher. Answers
     /// `DEADLINE_EXCEEDED` at `deadline` even if the item is still queued; the lane then drops it.
-    pub async fn infer(&self, data: Vec<f32>, rows: usize, deadline: Instant) -> Result<Vec<Outputs>, ServeError> {
+    pub async fn infer(
+        &self,
+        data: Vec<f32>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Outputs>, ServeError> {
         let rx = self.queue.submit(data, rows, deadline)?;
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ServeError::Internal(format!("model `{}` lane stopped", self.name))),
+            Ok(Err(_)) => Err(ServeError::Internal(format!(
+                "model `{}` lane stopped",
+                self.name
+            ))),
             Err(_) => Err(ServeError::DeadlineExceeded(format!(
                 "deadline expired while model `{}` was busy; the request was not computed",
                 self.name
@@ -138,7 +152,11 @@ pub struct Repository {
 impl Repository {
     /// Loads every model's newest version. Fails if any model cannot be served, so a broken
     /// deployment never reports ready.
-    pub async fn open(settings: RepositorySettings, metrics: Metrics, health: HealthReporter) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        settings: RepositorySettings,
+        metrics: Metrics,
+        health: HealthReporter,
+    ) -> anyhow::Result<Arc<Self>> {
         let repo = Arc::new(Self {
             settings,
             models: ArcSwap::from_pointee(HashMap::new()),
@@ -159,8 +177,12 @@ impl Repository {
             anyhow::bail!("no models found under `{}`", repo.settings.path.display());
         }
         for (name, dir, version) in found {
-            repo.health.set_service_status(&name, ServingStatus::NotServing).await;
-            repo.load_version(dir, version).await.map_err(anyhow::Error::msg)?;
+            repo.health
+                .set_service_status(&name, ServingStatus::NotServing)
+                .await;
+            repo.load_version(dir, version)
+                .await
+                .map_err(anyhow::Error::msg)?;
         }
         Ok(repo)
     }
@@ -168,9 +190,11 @@ impl Repository {
     async fn load_version(&self, dir: PathBuf, version: u64) -> Result<(), String> {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
-        let model = tokio::task::spawn_blocking(move || LoadedModel::load(&dir, version, &settings, &metrics))
-            .await
-            .map_err(|e| format!("model loader panicked: {e}"))??;
+        let model = tokio::task::spawn_blocking(move || {
+            LoadedModel::load(&dir, version, &settings, &metrics)
+        })
+        .await
+        .map_err(|e| format!("model loader panicked: {e}"))??;
         let name = model.name.clone();
         tracing::info!(
             model = %name, version,
@@ -179,22 +203,31 @@ impl Repository {
             warmup_ms = model.warmup.took.as_millis() as u64,
             "model ready"
         );
-        self.metrics.model_ready.with_label_values(&[&name, &version.to_string()]).set(1);
+        self.metrics
+            .model_ready
+            .with_label_values(&[&name, &version.to_string()])
+            .set(1);
         let mut map = HashMap::clone(&self.models.load());
         map.insert(name.clone(), Arc::new(model));
         self.models.store(Arc::new(map));
         if !self.draining.load(Ordering::Relaxed) {
-            self.health.set_service_status(&name, ServingStatus::Serving).await;
+            self.health
+                .set_service_status(&name, ServingStatus::Serving)
+                .await;
         }
         Ok(())
     }
 
     /// The serving version of `name`.
     pub fn get(&self, name: &str) -> Result<Arc<LoadedModel>, ServeError> {
-        self.models.load().get(name).cloned().ok_or_else(|| ServeError::ModelNotFound {
-            model: name.to_string(),
-            detail: String::new(),
-        })
+        self.models
+            .load()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ServeError::ModelNotFound {
+                model: name.to_string(),
+                detail: String::new(),
+            })
     }
 
     /// The serving version of `name`, checked against a requested version (empty = newest).
@@ -203,7 +236,10 @@ impl Repository {
         if !version.is_empty() && version != model.version.to_string() {
             return Err(ServeError::ModelNotFound {
                 model: name.to_string(),
-                detail: format!(" at version `{version}` (serving version {})", model.version),
+                detail: format!(
+                    " at version `{version}` (serving version {})",
+                    model.version
+                ),
             });
         }
         Ok(model)
@@ -225,7 +261,9 @@ impl Repository {
     pub async fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
         for name in self.names() {
-            self.health.set_service_status(&name, ServingStatus::NotServing).await;
+            self.health
+                .set_service_status(&name, ServingStatus::NotServing)
+                .await;
         }
     }
 
@@ -236,7 +274,8 @@ impl Repository {
         }
         let repo = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(repo.settings.poll_interval_ms));
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(repo.settings.poll_interval_ms));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

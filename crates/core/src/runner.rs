@@ -35,7 +35,9 @@ impl Executor for TchExecutor {
         let mut shape = Vec::with_capacity(self.input_dims.len() + 1);
         shape.push(rows as i64);
         shape.extend_from_slice(&self.input_dims);
-        let x = Tensor::from_slice(input).view(shape.as_slice()).to_device(self.device);
+        let x = Tensor::from_slice(input)
+            .view(shape.as_slice())
+            .to_device(self.device);
         let out = tch::no_grad(|| self.module.forward_is(&[IValue::Tensor(x)]))
             .map_err(|e| e.to_string())?;
         let tensors = match out {
@@ -52,7 +54,11 @@ impl Executor for TchExecutor {
         tensors
             .into_iter()
             .map(|t| {
-                let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
+                let t = t
+                    .to_device(Device::Cpu)
+                    .to_kind(Kind::Float)
+                    .contiguous()
+                    .view(-1);
                 Vec::<f32>::try_from(&t).map_err(|e| e.to_string())
             })
             .collect()
@@ -96,13 +102,14 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
             .spawn(move || {
                 // Per-thread: each lane gets its own intra-op pool size.
                 tch::set_num_threads(cfg.threads as i32);
-                let mut exec = match TchExecutor::load(&cfg.model_path, cfg.device, cfg.input_dims.clone()) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
+                let mut exec =
+                    match TchExecutor::load(&cfg.model_path, cfg.device, cfg.input_dims.clone()) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                 let report = warm_up(&mut exec, &queue, cfg.profile && lane == 0);
                 let failed = report.is_err();
                 let _ = ready_tx.send(report);
@@ -141,7 +148,11 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
 
 /// Runs the model until its timings settle; with `profile`, measures throughput at batch sizes
 /// 1, 2, 4, … up to the configured maximum and picks the best.
-fn warm_up(exec: &mut TchExecutor, queue: &BatchQueue, profile: bool) -> Result<Option<WarmupReport>, String> {
+fn warm_up(
+    exec: &mut TchExecutor,
+    queue: &BatchQueue,
+    profile: bool,
+) -> Result<Option<WarmupReport>, String> {
     let cfg = queue.config();
     let item = vec![0f32; cfg.item_len];
     // The first calls pay for graph optimisation and allocation; never let a client pay them.

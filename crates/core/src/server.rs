@@ -30,7 +30,8 @@ pub struct Core {
     pub metrics: Metrics,
     pub repo: Arc<Repository>,
     health: HealthReporter,
-    health_service: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
 
 /// A started server.
@@ -45,13 +46,19 @@ pub struct Running {
 
 impl Core {
     /// Loads and warms up every model. Returns once they are all ready.
-    pub async fn load(name: &'static str, settings: ServerSettings, repository: RepositorySettings) -> anyhow::Result<Self> {
+    pub async fn load(
+        name: &'static str,
+        settings: ServerSettings,
+        repository: RepositorySettings,
+    ) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         );
-        health.set_service_status("", ServingStatus::NotServing).await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         let repo = Repository::open(repository, metrics.clone(), health.clone()).await?;
         Ok(Self {
             name,
@@ -65,18 +72,37 @@ impl Core {
 
     /// Binds both listeners and serves `routes` (plus health, reflection and the Open
     /// Inference Protocol) until `shutdown` is cancelled.
-    pub async fn serve(self, routes: Routes, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    pub async fn serve(
+        self,
+        routes: Routes,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Running> {
         let grpc = TcpListener::bind(self.settings.grpc_addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot bind `server.grpc_addr` {}: {e}", self.settings.grpc_addr))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind `server.grpc_addr` {}: {e}",
+                    self.settings.grpc_addr
+                )
+            })?;
         let admin = TcpListener::bind(self.settings.admin_addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot bind `server.admin_addr` {}: {e}", self.settings.admin_addr))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind `server.admin_addr` {}: {e}",
+                    self.settings.admin_addr
+                )
+            })?;
         let grpc_addr = grpc.local_addr()?;
         let admin_addr = admin.local_addr()?;
 
         let admin_shutdown = CancellationToken::new();
-        crate::admin::spawn(admin, self.metrics.clone(), self.repo.clone(), admin_shutdown.clone());
+        crate::admin::spawn(
+            admin,
+            self.metrics.clone(),
+            self.repo.clone(),
+            admin_shutdown.clone(),
+        );
         self.repo.spawn_watcher(shutdown.clone());
 
         let max_msg = self.settings.max_message_bytes;
@@ -99,8 +125,14 @@ impl Core {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
 
-        self.health.set_service_status("", ServingStatus::Serving).await;
-        let stack = crate::layers::server_stack(self.metrics.clone(), max_msg, self.settings.max_concurrent_requests);
+        self.health
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let stack = crate::layers::server_stack(
+            self.metrics.clone(),
+            max_msg,
+            self.settings.max_concurrent_requests,
+        );
         let settings = self.settings.clone();
         let repo = self.repo.clone();
         let health = self.health.clone();
@@ -108,7 +140,9 @@ impl Core {
         let signal = async move {
             drain_signal.cancelled().await;
             tracing::info!("shutdown: reporting NOT_SERVING");
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             repo.start_draining().await;
             tokio::time::sleep(Duration::from_millis(settings.drain_delay_ms)).await;
             tracing::info!("shutdown: closing the listener, finishing in-flight calls");
@@ -118,7 +152,8 @@ impl Core {
             .layer(stack)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), signal);
-        let grace = Duration::from_millis(self.settings.drain_delay_ms + self.settings.shutdown_grace_ms);
+        let grace =
+            Duration::from_millis(self.settings.drain_delay_ms + self.settings.shutdown_grace_ms);
         let task = tokio::spawn(async move {
             let result = tokio::select! {
                 r = server => r.map_err(anyhow::Error::from),

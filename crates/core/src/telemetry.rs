@@ -31,9 +31,14 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Resu
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_new(&settings.log_filter)?;
     let fmt = if settings.log_format == "json" {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
     let mut provider = None;
     let otel = if settings.otlp_endpoint.is_empty() {
@@ -46,13 +51,21 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Resu
             .build()?;
         let p = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service)
+                    .build(),
+            )
             .build();
         let tracer = p.tracer(service);
         opentelemetry::global::set_tracer_provider(p.clone());
         provider = Some(p);
         Some(tracing_opentelemetry::layer().with_tracer(tracer))
     };
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
     Ok(TelemetryGuard { provider })
 }

@@ -53,7 +53,9 @@ impl Validate for Settings {
         self.server.validate(errors);
         self.repository.validate(errors);
         self.telemetry.validate(errors);
-        if self.vision.max_image_bytes == 0 || self.vision.max_image_bytes > self.server.max_message_bytes {
+        if self.vision.max_image_bytes == 0
+            || self.vision.max_image_bytes > self.server.max_message_bytes
+        {
             errors.push(format!(
                 "`vision.max_image_bytes` must be in 1..=`server.max_message_bytes` ({}), got {}",
                 self.server.max_message_bytes, self.vision.max_image_bytes
@@ -71,8 +73,13 @@ impl Validate for Settings {
 /// Loads the models and starts serving; returns once ready, with the bound addresses.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let core = Core::load(NAME, settings.server.clone(), settings.repository.clone()).await?;
-    let vision = service::Vision::new(core.repo.clone(), settings.server.clone(), settings.vision.clone());
-    let svc = ImageServiceServer::new(vision).max_decoding_message_size(settings.server.max_message_bytes);
+    let vision = service::Vision::new(
+        core.repo.clone(),
+        settings.server.clone(),
+        settings.vision.clone(),
+    );
+    let svc = ImageServiceServer::new(vision)
+        .max_decoding_message_size(settings.server.max_message_bytes);
     let routes = tonic::service::Routes::new(svc);
     core.serve(routes, shutdown).await
 }

@@ -7,7 +7,10 @@ use marquee_core::config::EXIT_CONFIG;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "Marquee vision service: image classification and embeddings over gRPC")]
+#[command(
+    version,
+    about = "Marquee vision service: image classification and embeddings over gRPC"
+)]
 struct Args {
     /// TOML config file; `MARQUEE__SECTION__KEY` env vars override it.
     #[arg(long, env = "MARQUEE_CONFIG")]
@@ -16,26 +19,28 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let settings: marquee_vision::Settings = match marquee_core::config::load(args.config.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    };
+    let settings: marquee_vision::Settings =
+        match marquee_core::config::load(args.config.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(EXIT_CONFIG);
+            }
+        };
     marquee_core::alloc::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("building the tokio runtime");
     let code = runtime.block_on(async {
-        let _telemetry = match marquee_core::telemetry::init(&settings.telemetry, marquee_vision::NAME) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("telemetry: {e}");
-                return EXIT_CONFIG;
-            }
-        };
+        let _telemetry =
+            match marquee_core::telemetry::init(&settings.telemetry, marquee_vision::NAME) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("telemetry: {e}");
+                    return EXIT_CONFIG;
+                }
+            };
         let shutdown = CancellationToken::new();
         let running = match marquee_vision::start(settings, shutdown.clone()).await {
             Ok(r) => r,
@@ -45,7 +50,12 @@ fn main() {
             }
         };
         // One line on stdout that scripts and tests read to find the bound ports.
-        println!("{} listening grpc={} admin={}", marquee_vision::NAME, running.grpc_addr, running.admin_addr);
+        println!(
+            "{} listening grpc={} admin={}",
+            marquee_vision::NAME,
+            running.grpc_addr,
+            running.admin_addr
+        );
         marquee_core::server::termination_signal().await;
         shutdown.cancel();
         match running.task.await {

@@ -23,8 +23,15 @@ pub enum ImageError {
     TooManyBytes { got: usize, limit: usize },
     #[error("is not a supported image (JPEG, PNG, WebP, GIF): {0}")]
     UnknownFormat(String),
-    #[error("declares {width}×{height} = {pixels} pixels; the limit (`vision.max_pixels`) is {limit} pixels")]
-    TooManyPixels { width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error(
+        "declares {width}×{height} = {pixels} pixels; the limit (`vision.max_pixels`) is {limit} pixels"
+    )]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
     #[error("cannot be decoded as {format}: {reason}")]
     Corrupt { format: String, reason: String },
 }
@@ -53,8 +60,14 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<DynamicImage, ImageEr
             .expect("reading from memory cannot fail, this is a bug")
     };
     let format = match reader().format() {
-        Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif)) => f,
-        Some(other) => return Err(ImageError::UnknownFormat(format!("{other:?} is not accepted"))),
+        Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif)) => {
+            f
+        }
+        Some(other) => {
+            return Err(ImageError::UnknownFormat(format!(
+                "{other:?} is not accepted"
+            )));
+        }
         None => return Err(ImageError::UnknownFormat("unrecognised signature".into())),
     };
     let corrupt = |e: image::ImageError| ImageError::Corrupt {
@@ -79,7 +92,9 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<DynamicImage, ImageEr
     r.limits(l);
     let mut decoder = r.into_decoder().map_err(corrupt)?;
     use image::ImageDecoder;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     img.apply_orientation(orientation);
     Ok(img)
@@ -90,8 +105,14 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let [crop_h, crop_w] = p.crop;
     let (w, h) = (img.width().max(1), img.height().max(1));
     let (rw, rh) = match p.resize_shorter {
-        Some(s) if w <= h => (s, ((h as u64 * s as u64 + w as u64 / 2) / w as u64).max(crop_h as u64) as u32),
-        Some(s) => (((w as u64 * s as u64 + h as u64 / 2) / h as u64).max(crop_w as u64) as u32, s),
+        Some(s) if w <= h => (
+            s,
+            ((h as u64 * s as u64 + w as u64 / 2) / w as u64).max(crop_h as u64) as u32,
+        ),
+        Some(s) => (
+            ((w as u64 * s as u64 + h as u64 / 2) / h as u64).max(crop_w as u64) as u32,
+            s,
+        ),
         None => (crop_w, crop_h),
     };
     let (rw, rh) = (rw.max(crop_w), rh.max(crop_h));
@@ -100,7 +121,11 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let plane = (crop_h * crop_w) as usize;
     if p.color == "gray" {
         let g = img.to_luma8();
-        let g = if (g.width(), g.height()) == (rw, rh) { g } else { image::imageops::resize(&g, rw, rh, FilterType::Triangle) };
+        let g = if (g.width(), g.height()) == (rw, rh) {
+            g
+        } else {
+            image::imageops::resize(&g, rw, rh, FilterType::Triangle)
+        };
         let mut out = Vec::with_capacity(plane);
         for y in 0..crop_h {
             for x in 0..crop_w {
@@ -111,7 +136,11 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
         out
     } else {
         let rgb = img.to_rgb8();
-        let rgb = if (rgb.width(), rgb.height()) == (rw, rh) { rgb } else { image::imageops::resize(&rgb, rw, rh, FilterType::Triangle) };
+        let rgb = if (rgb.width(), rgb.height()) == (rw, rh) {
+            rgb
+        } else {
+            image::imageops::resize(&rgb, rw, rh, FilterType::Triangle)
+        };
         let mut out = vec![0f32; 3 * plane];
         for y in 0..crop_h {
             for x in 0..crop_w {
@@ -138,7 +167,8 @@ mod tests {
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
         out
     }
 
@@ -148,6 +178,9 @@ mod tests {
         let mut bytes = png(1, 1);
         bytes[16..20].copy_from_slice(&50_000u32.to_be_bytes());
         bytes[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+        // Keep the header chunk's checksum valid so only the size is wrong.
+        let crc = crc32fast::hash(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
         match decode(&bytes, LIMITS) {
             Err(ImageError::TooManyPixels { pixels, .. }) => assert_eq!(pixels, 2_500_000_000),
             other => panic!("expected TooManyPixels, got {other:?}"),
@@ -158,8 +191,14 @@ mod tests {
     fn empty_truncated_and_foreign_bytes_are_named() {
         assert_eq!(decode(&[], LIMITS).unwrap_err(), ImageError::Empty);
         let full = png(64, 64);
-        assert!(matches!(decode(&full[..full.len() / 2], LIMITS), Err(ImageError::Corrupt { .. })));
-        assert!(matches!(decode(b"hello world, not an image", LIMITS), Err(ImageError::UnknownFormat(_))));
+        assert!(matches!(
+            decode(&full[..full.len() / 2], LIMITS),
+            Err(ImageError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode(b"hello world, not an image", LIMITS),
+            Err(ImageError::UnknownFormat(_))
+        ));
     }
 
     #[test]
@@ -175,6 +214,9 @@ mod tests {
         };
         let t = preprocess(&img, &p);
         assert_eq!(t.len(), 3 * 8 * 8);
-        assert!(t[2 * 64..].iter().all(|v| (*v - 7.0).abs() < 0.5), "blue plane is constant 7");
+        assert!(
+            t[2 * 64..].iter().all(|v| (*v - 7.0).abs() < 0.5),
+            "blue plane is constant 7"
+        );
     }
 }

@@ -26,7 +26,11 @@ pub struct Vision {
 
 impl Vision {
     pub fn new(repo: Arc<Repository>, server: ServerSettings, settings: VisionSettings) -> Self {
-        Self { repo, server, settings }
+        Self {
+            repo,
+            server,
+            settings,
+        }
     }
 
     fn limits(&self) -> ImageLimits {
@@ -37,10 +41,18 @@ impl Vision {
     }
 
     /// Turns one `ImageInput` into the model's input tensor.
-    async fn prepare(&self, model: &Arc<LoadedModel>, input: Option<ImageInput>, field: &str) -> Result<Vec<f32>, ServeError> {
-        let source = input
-            .and_then(|i| i.source)
-            .ok_or_else(|| ServeError::invalid(field, format!("`{field}` is required: set `encoded` or `tensor`")))?;
+    async fn prepare(
+        &self,
+        model: &Arc<LoadedModel>,
+        input: Option<ImageInput>,
+        field: &str,
+    ) -> Result<Vec<f32>, ServeError> {
+        let source = input.and_then(|i| i.source).ok_or_else(|| {
+            ServeError::invalid(
+                field,
+                format!("`{field}` is required: set `encoded` or `tensor`"),
+            )
+        })?;
         let spec = &model.spec.inputs[0];
         match source {
             Source::Tensor(t) => {
@@ -48,38 +60,55 @@ impl Vision {
                 if t.shape != spec.dims {
                     return Err(ServeError::invalid(
                         format!("{field}.shape"),
-                        format!("`{field}.shape` must be {:?} for model `{}`, got {:?}", spec.dims, model.name, t.shape),
+                        format!(
+                            "`{field}.shape` must be {:?} for model `{}`, got {:?}",
+                            spec.dims, model.name, t.shape
+                        ),
                     ));
                 }
                 let n = spec.item_len();
                 let data: Vec<f32> = match (t.float_data.is_empty(), t.raw_data.is_empty()) {
                     (false, true) => t.float_data,
-                    (true, false) if t.raw_data.len() == n * 4 => {
-                        t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-                    }
+                    (true, false) if t.raw_data.len() == n * 4 => t
+                        .raw_data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
                     (true, false) => {
                         return Err(ServeError::invalid(
                             format!("{field}.raw_data"),
-                            format!("`{field}.raw_data` must be {} bytes (f32 × {n}), got {}", n * 4, t.raw_data.len()),
+                            format!(
+                                "`{field}.raw_data` must be {} bytes (f32 × {n}), got {}",
+                                n * 4,
+                                t.raw_data.len()
+                            ),
                         ));
                     }
                     _ => {
                         return Err(ServeError::invalid(
                             field.clone(),
-                            format!("set exactly one of `{field}.float_data` and `{field}.raw_data`"),
+                            format!(
+                                "set exactly one of `{field}.float_data` and `{field}.raw_data`"
+                            ),
                         ));
                     }
                 };
                 if data.len() != n {
                     return Err(ServeError::invalid(
                         format!("{field}.float_data"),
-                        format!("`{field}.float_data` must have {n} values, got {}", data.len()),
+                        format!(
+                            "`{field}.float_data` must have {n} values, got {}",
+                            data.len()
+                        ),
                     ));
                 }
                 if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                     return Err(ServeError::invalid(
                         format!("{field}.float_data"),
-                        format!("`{field}` element {i} is {}; tensors must be finite", data[i]),
+                        format!(
+                            "`{field}` element {i} is {}; tensors must be finite",
+                            data[i]
+                        ),
                     ));
                 }
                 Ok(data)
@@ -94,9 +123,11 @@ impl Vision {
                 };
                 let limits = self.limits();
                 // Decoding is CPU-heavy: keep it off the async runtime.
-                let decoded = tokio::task::spawn_blocking(move || decode(&bytes, limits).map(|img| preprocess(&img, &pre)))
-                    .await
-                    .map_err(|e| ServeError::Internal(format!("decoder panicked: {e}")))?;
+                let decoded = tokio::task::spawn_blocking(move || {
+                    decode(&bytes, limits).map(|img| preprocess(&img, &pre))
+                })
+                .await
+                .map_err(|e| ServeError::Internal(format!("decoder panicked: {e}")))?;
                 decoded.map_err(|e| {
                     let message = format!("`{field}` {e}");
                     if e.is_size_limit() {
@@ -111,13 +142,19 @@ impl Vision {
 
     fn top_k(&self, model: &LoadedModel, top_k: u32) -> Result<(usize, usize), ServeError> {
         let logits = model.spec.output_index("logits").ok_or_else(|| {
-            ServeError::FailedPrecondition(format!("model `{}` has no `logits` output, so it cannot classify", model.name))
+            ServeError::FailedPrecondition(format!(
+                "model `{}` has no `logits` output, so it cannot classify",
+                model.name
+            ))
         })?;
         let classes = model.spec.outputs[logits].item_len();
         if top_k == 0 || top_k as usize > classes {
             return Err(ServeError::invalid(
                 "top_k",
-                format!("`top_k` must be in 1..={classes} for model `{}`, got {top_k}", model.name),
+                format!(
+                    "`top_k` must be in 1..={classes} for model `{}`, got {top_k}",
+                    model.name
+                ),
             ));
         }
         Ok((logits, top_k as usize))
@@ -133,7 +170,11 @@ impl Vision {
     ) -> Result<Vec<Label>, ServeError> {
         let data = self.prepare(model, input, field).await?;
         let out = model.infer(data, 1, deadline).await?;
-        Ok(top_labels(&out[0][logits], k, model.labels.as_deref().map(Vec::as_slice)))
+        Ok(top_labels(
+            &out[0][logits],
+            k,
+            model.labels.as_deref().map(Vec::as_slice),
+        ))
     }
 }
 
@@ -150,7 +191,10 @@ pub fn top_labels(logits: &[f32], k: usize, names: Option<&[String]>) -> Vec<Lab
     idx.into_iter()
         .map(|i| Label {
             index: i as u32,
-            name: names.and_then(|n| n.get(i)).cloned().unwrap_or_else(|| i.to_string()),
+            name: names
+                .and_then(|n| n.get(i))
+                .cloned()
+                .unwrap_or_else(|| i.to_string()),
             score: exp[i] / sum,
         })
         .collect()
@@ -158,12 +202,17 @@ pub fn top_labels(logits: &[f32], k: usize, names: Option<&[String]>) -> Vec<Lab
 
 #[tonic::async_trait]
 impl ImageService for Vision {
-    async fn classify(&self, req: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
+    async fn classify(
+        &self,
+        req: Request<ClassifyRequest>,
+    ) -> Result<Response<ClassifyResponse>, Status> {
         let deadline = deadline(req.metadata(), &self.server);
         let req = req.into_inner();
         let model = self.repo.get(&req.model)?;
         let k = self.top_k(&model, req.top_k)?;
-        let labels = self.classify_one(&model, req.image, "image", k, deadline).await?;
+        let labels = self
+            .classify_one(&model, req.image, "image", k, deadline)
+            .await?;
         Ok(Response::new(ClassifyResponse {
             model: model.name.clone(),
             model_version: model.version.to_string(),
@@ -171,7 +220,10 @@ impl ImageService for Vision {
         }))
     }
 
-    async fn classify_batch(&self, req: Request<ClassifyBatchRequest>) -> Result<Response<ClassifyBatchResponse>, Status> {
+    async fn classify_batch(
+        &self,
+        req: Request<ClassifyBatchRequest>,
+    ) -> Result<Response<ClassifyBatchResponse>, Status> {
         let deadline = deadline(req.metadata(), &self.server);
         let req = req.into_inner();
         let model = self.repo.get(&req.model)?;
@@ -180,7 +232,10 @@ impl ImageService for Vision {
         if req.images.is_empty() || req.images.len() > max {
             return Err(ServeError::invalid(
                 "images",
-                format!("`images` must hold 1..={max} images (`vision.max_batch_items`), got {}", req.images.len()),
+                format!(
+                    "`images` must hold 1..={max} images (`vision.max_batch_items`), got {}",
+                    req.images.len()
+                ),
             )
             .into());
         }
@@ -189,9 +244,14 @@ impl ImageService for Vision {
             let model = &model;
             async move {
                 let field = format!("images[{i}]");
-                match self.classify_one(model, Some(img), &field, k, deadline).await {
+                match self
+                    .classify_one(model, Some(img), &field, k, deadline)
+                    .await
+                {
                     Ok(labels) => ClassifyBatchItem {
-                        result: Some(classify_batch_item::Result::Classification(Classification { labels })),
+                        result: Some(classify_batch_item::Result::Classification(
+                            Classification { labels },
+                        )),
                     },
                     Err(e) => ClassifyBatchItem {
                         result: Some(classify_batch_item::Result::Error(ItemError {
@@ -216,13 +276,21 @@ impl ImageService for Vision {
         let req = req.into_inner();
         let model = self.repo.get(&req.model)?;
         let idx = model.spec.output_index("embedding").ok_or_else(|| {
-            ServeError::FailedPrecondition(format!("model `{}` has no `embedding` output", model.name))
+            ServeError::FailedPrecondition(format!(
+                "model `{}` has no `embedding` output",
+                model.name
+            ))
         })?;
         let data = self.prepare(&model, req.image, "image").await?;
         let mut out = model.infer(data, 1, deadline).await?;
         let mut embedding = std::mem::take(&mut out[0][idx]);
         if req.normalize {
-            let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+            let norm = embedding
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::MIN_POSITIVE);
             embedding.iter_mut().for_each(|v| *v /= norm);
         }
         Ok(Response::new(EmbedResponse {
@@ -241,9 +309,15 @@ mod tests {
     fn top_labels_are_sorted_probabilities() {
         let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
         let labels = top_labels(&[1.0, 3.0, 2.0, -1.0], 2, Some(&names));
-        assert_eq!(labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(
+            labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
         assert!(labels[0].score > labels[1].score);
-        let all: f32 = top_labels(&[1.0, 3.0, 2.0, -1.0], 4, None).iter().map(|l| l.score).sum();
+        let all: f32 = top_labels(&[1.0, 3.0, 2.0, -1.0], 4, None)
+            .iter()
+            .map(|l| l.score)
+            .sum();
         assert!((all - 1.0).abs() < 1e-5);
     }
 }

@@ -1,0 +1,53 @@
+# Marquee: `make run` sets up, builds and starts everything locally; `make test` runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CACHE ?= $(or $(MARQUEE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/marquee)
+VENV := $(CACHE)/venv
+export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+export MARQUEE_MODEL_REPO := $(CURDIR)/model-repository
+# Parallel tests each load models: one intra-op thread per lane keeps 2 cores from thrashing.
+export MARQUEE__REPOSITORY__THREADS ?= 1
+
+.PHONY: help setup build build-release models run test test-rust test-python bench lint fmt clean
+
+help:
+	@echo "make run    set up, build, start the vision service locally, print how to call it"
+	@echo "make test   set up, build, run every test (Rust unit + end-to-end, Python clients)"
+	@echo "make bench  benchmarks; figures go to bench/RESULTS.md"
+	@echo "make lint   cargo fmt --check and clippy -D warnings"
+
+setup:
+	@bash scripts/bootstrap.sh
+
+models: setup
+
+build: setup
+	cargo build --workspace --bins
+
+build-release: setup
+	cargo build --release --workspace --bins
+
+run: build-release
+	@bash scripts/run-local.sh target/release
+
+test: setup
+	cargo build --workspace --bins
+	cargo test --workspace --no-fail-fast 2>&1 | tee target/cargo-test.log
+	$(MAKE) --no-print-directory test-python
+
+test-python:
+	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q tests/python
+
+bench: build-release
+	target/release/marquee-bench --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -f model-repository

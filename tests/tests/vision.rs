@@ -1,0 +1,578 @@
+//! The vision service end to end: real models, real gRPC over loopback.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use marquee_e2e::*;
+use marquee_proto::common::Tensor;
+use marquee_proto::inference::model_infer_request::InferInputTensor;
+use marquee_proto::inference::{InferTensorContents, ModelInferRequest};
+use marquee_proto::vision::classify_batch_item::Result as ItemResult;
+use marquee_proto::vision::image_input::Source;
+use marquee_proto::vision::image_service_client::ImageServiceClient;
+use marquee_proto::vision::*;
+use tonic::Code;
+
+fn encoded(bytes: Vec<u8>) -> Option<ImageInput> {
+    Some(ImageInput {
+        source: Some(Source::Encoded(bytes.into())),
+    })
+}
+
+fn classify(model: &str, image: Option<ImageInput>, top_k: u32) -> ClassifyRequest {
+    ClassifyRequest {
+        model: model.into(),
+        image,
+        top_k,
+    }
+}
+
+/// The same preprocessing the service applies, run here to feed the OIP path.
+fn preprocessed(model: &str, bytes: &[u8]) -> Vec<f32> {
+    let dir = model_repo().join(model);
+    let spec = marquee_core::model::ModelSpec::load(&dir).unwrap();
+    let limits = marquee_vision::preprocess::ImageLimits {
+        max_bytes: 1 << 24,
+        max_pixels: 1 << 26,
+    };
+    let img = marquee_vision::preprocess::decode(bytes, limits).unwrap();
+    marquee_vision::preprocess::preprocess(&img, spec.preprocess.as_ref().unwrap())
+}
+
+#[tokio::test]
+async fn real_photos_classify_as_cat_and_espresso() {
+    let mut client = shared().vision().await;
+    let cat = client
+        .classify(classify(
+            "efficientnet_lite0",
+            encoded(fixture("chelsea.png")),
+            5,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cat.model, "efficientnet_lite0");
+    assert_eq!(cat.model_version, "1");
+    assert_eq!(cat.labels.len(), 5);
+    assert!(
+        (281..=287).contains(&cat.labels[0].index),
+        "top-1 {:?} is not a cat class",
+        cat.labels[0]
+    );
+    assert!(cat.labels[0].name.contains("cat"), "{:?}", cat.labels[0]);
+    let coffee = client
+        .classify(classify(
+            "efficientnet_lite0",
+            encoded(fixture("coffee.png")),
+            1,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(coffee.labels[0].index, 967);
+    assert_eq!(coffee.labels[0].name, "espresso");
+    assert!(
+        coffee.labels[0].score > 0.5,
+        "espresso with p={}",
+        coffee.labels[0].score
+    );
+}
+
+#[tokio::test]
+async fn the_same_photo_through_oip_gives_the_same_scores() {
+    let server = shared();
+    let photo = fixture("coffee.png");
+    let tensor = preprocessed("efficientnet_lite0", &photo);
+    let via_vision = server
+        .vision()
+        .await
+        .classify(classify("efficientnet_lite0", encoded(photo), 3))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = server
+        .oip()
+        .await
+        .model_infer(ModelInferRequest {
+            model_name: "efficientnet_lite0".into(),
+            inputs: vec![InferInputTensor {
+                name: "image".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 3, 224, 224],
+                parameters: Default::default(),
+                contents: Some(InferTensorContents {
+                    fp32_contents: tensor,
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outputs[0].name, "logits");
+    assert_eq!(resp.outputs[0].shape, vec![1, 1000]);
+    let logits = &resp.outputs[0].contents.as_ref().unwrap().fp32_contents;
+    let via_oip = marquee_vision::service::top_labels(logits, 3, None);
+    for (a, b) in via_vision.labels.iter().zip(&via_oip) {
+        assert_eq!(a.index, b.index);
+        assert!(
+            (a.score - b.score).abs() < 1e-5,
+            "{} vs {}",
+            a.score,
+            b.score
+        );
+    }
+    // The raw tensor path of ImageService agrees too.
+    let raw = server
+        .vision()
+        .await
+        .classify(classify(
+            "efficientnet_lite0",
+            Some(ImageInput {
+                source: Some(Source::Tensor(Tensor {
+                    shape: vec![3, 224, 224],
+                    raw_data: preprocessed("efficientnet_lite0", &fixture("coffee.png"))
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                    ..Default::default()
+                })),
+            }),
+            3,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(raw.labels, via_vision.labels);
+}
+
+#[tokio::test]
+async fn embed_returns_normalised_penultimate_features() {
+    let mut client = shared().vision().await;
+    let e = client
+        .embed(EmbedRequest {
+            model: "efficientnet_lite0".into(),
+            image: encoded(fixture("chelsea.png")),
+            normalize: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.embedding.len(), 1280);
+    let norm: f32 = e.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+}
+
+#[tokio::test]
+async fn fashion_accuracy_through_classify_batch_matches_the_build() {
+    let reported: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(model_repo().join("fashion_cnn/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let want = reported["test_accuracy_first_1000"].as_f64().unwrap();
+    let (images, labels) = fashion_test_set(1000);
+    let mut client = shared().vision().await;
+    let mut correct = 0;
+    for (chunk, chunk_labels) in images.chunks(250).zip(labels.chunks(250)) {
+        let resp = client
+            .classify_batch(ClassifyBatchRequest {
+                model: "fashion_cnn".into(),
+                images: chunk
+                    .iter()
+                    .map(|px| encoded(png_gray(px, 28, 28)).unwrap())
+                    .collect(),
+                top_k: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.items.len(), chunk.len());
+        for (item, label) in resp.items.iter().zip(chunk_labels) {
+            match &item.result {
+                Some(ItemResult::Classification(c)) => {
+                    correct += (c.labels[0].index == *label as u32) as usize
+                }
+                other => panic!("item failed: {other:?}"),
+            }
+        }
+    }
+    let got = correct as f64 / 1000.0;
+    assert!(
+        (got - want).abs() <= 0.005,
+        "served accuracy {got} vs build {want}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_single_calls_are_batched_and_each_caller_gets_its_own_answer() {
+    // A dedicated server so the counters see only this test's calls.
+    let server = start(settings(&model_repo())).await;
+    let (images, _) = fashion_test_set(64);
+    // What each image is on its own, one call at a time.
+    let mut client = server.vision().await;
+    let mut alone = Vec::new();
+    for px in &images {
+        let r = client
+            .classify(classify("fashion_cnn", encoded(png_gray(px, 28, 28)), 3))
+            .await
+            .unwrap();
+        alone.push(r.into_inner().labels);
+    }
+    let batches_before =
+        server.metric("marquee_batcher_batches_total", &[("model", "fashion_cnn")]);
+    let items_before = server.metric("marquee_batcher_items_total", &[("model", "fashion_cnn")]);
+    let channel = server.channel().await;
+    let calls = images.iter().map(|px| {
+        let mut c = ImageServiceClient::new(channel.clone());
+        let req = classify("fashion_cnn", encoded(png_gray(px, 28, 28)), 3);
+        async move { c.classify(req).await.map(|r| r.into_inner().labels) }
+    });
+    let together: Vec<_> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let batches = server.metric("marquee_batcher_batches_total", &[("model", "fashion_cnn")])
+        - batches_before;
+    let items =
+        server.metric("marquee_batcher_items_total", &[("model", "fashion_cnn")]) - items_before;
+    assert_eq!(items, 64.0, "every call computed exactly once");
+    assert!(
+        batches < 64.0,
+        "64 concurrent calls ran in {batches} model executions: no batching"
+    );
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            a.iter().map(|l| l.index).collect::<Vec<_>>(),
+            b.iter().map(|l| l.index).collect::<Vec<_>>(),
+            "image {i}"
+        );
+        assert!(
+            (a[0].score - b[0].score).abs() < 1e-4,
+            "image {i}: {} vs {}",
+            a[0].score,
+            b[0].score
+        );
+    }
+    server.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn admin_port_serves_metrics_and_probes() {
+    let server = shared();
+    let (status, body) = http_get(server.admin_addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("fashion_cnn") && body.contains("efficientnet_lite0"),
+        "{body}"
+    );
+    assert_eq!(http_get(server.admin_addr, "/healthz").await.0, 200);
+    let (status, body) = http_get(server.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("marquee_model_ready{model=\"fashion_cnn\",version=\"1\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("marquee_batcher_effective_max_batch"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn health_reports_each_model_and_reflection_lists_services() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut health = HealthClient::new(shared().channel().await);
+    for service in ["", "fashion_cnn", "efficientnet_lite0"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            ServingStatus::Serving as i32,
+            "service `{service}`"
+        );
+    }
+    let err = health
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+// === bad input: a clear status naming field, limit and value; the server keeps serving ===
+
+async fn expect_error(req: ClassifyRequest, code: Code, needles: &[&str]) {
+    let err = shared().vision().await.classify(req).await.unwrap_err();
+    assert_eq!(err.code(), code, "{err:?}");
+    for n in needles {
+        assert!(err.message().contains(n), "`{}` lacks `{n}`", err.message());
+    }
+}
+
+#[tokio::test]
+async fn empty_body_is_invalid() {
+    expect_error(
+        classify("fashion_cnn", encoded(Vec::new()), 1),
+        Code::InvalidArgument,
+        &["`image.encoded`", "empty"],
+    )
+    .await;
+    expect_error(
+        classify("fashion_cnn", None, 1),
+        Code::InvalidArgument,
+        &["`image` is required"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn truncated_jpeg_is_invalid() {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 3, y as u8 * 3, 90]));
+    let mut jpeg = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut jpeg),
+        image::ImageFormat::Jpeg,
+    )
+    .unwrap();
+    jpeg.truncate(jpeg.len() / 3);
+    expect_error(
+        classify("efficientnet_lite0", encoded(jpeg), 1),
+        Code::InvalidArgument,
+        &["`image.encoded`", "JPEG"],
+    )
+    .await;
+    expect_error(
+        classify("efficientnet_lite0", encoded(b"GIF89a garbage".to_vec()), 1),
+        Code::InvalidArgument,
+        &["`image.encoded`"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn decompression_bomb_is_refused_before_decoding() {
+    let mut png = png_gray(&[0; 4], 2, 2);
+    png[16..20].copy_from_slice(&50_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    expect_error(
+        classify("fashion_cnn", encoded(png), 1),
+        Code::ResourceExhausted,
+        &[
+            "`image.encoded`",
+            "50000×50000",
+            "2500000000 pixels",
+            "40000000",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_64_mib_message_is_refused_as_too_large() {
+    expect_error(
+        classify("fashion_cnn", encoded(vec![0x89; 64 << 20]), 1),
+        Code::ResourceExhausted,
+        &["bytes", "`server.max_message_bytes`", "16777216"],
+    )
+    .await;
+    // Still serving.
+    let ok = shared()
+        .vision()
+        .await
+        .classify(classify(
+            "fashion_cnn",
+            encoded(png_gray(&[0; 784], 28, 28)),
+            1,
+        ))
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[tokio::test]
+async fn unknown_model_is_not_found() {
+    expect_error(
+        classify("resnet9000", encoded(fixture("chelsea.png")), 1),
+        Code::NotFound,
+        &["`resnet9000`"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn top_k_outside_the_classes_is_invalid() {
+    let img = || encoded(png_gray(&[0; 784], 28, 28));
+    expect_error(
+        classify("fashion_cnn", img(), 0),
+        Code::InvalidArgument,
+        &["`top_k`", "1..=10", "got 0"],
+    )
+    .await;
+    expect_error(
+        classify("fashion_cnn", img(), 11),
+        Code::InvalidArgument,
+        &["`top_k`", "1..=10", "got 11"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn raw_tensors_with_nan_or_wrong_shape_are_invalid() {
+    let tensor = |shape: Vec<i64>, data: Vec<f32>| {
+        Some(ImageInput {
+            source: Some(Source::Tensor(Tensor {
+                shape,
+                float_data: data,
+                ..Default::default()
+            })),
+        })
+    };
+    let mut nan = vec![0.0; 784];
+    nan[17] = f32::NAN;
+    expect_error(
+        classify("fashion_cnn", tensor(vec![1, 28, 28], nan), 1),
+        Code::InvalidArgument,
+        &["element 17 is NaN"],
+    )
+    .await;
+    expect_error(
+        classify("fashion_cnn", tensor(vec![3, 28, 28], vec![0.0; 784]), 1),
+        Code::InvalidArgument,
+        &["`image.tensor.shape`", "[1, 28, 28]", "[3, 28, 28]"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oip_shape_dtype_and_byte_length_are_checked() {
+    let mut oip = shared().oip().await;
+    let req = |datatype: &str, shape: Vec<i64>, raw: Vec<u8>| ModelInferRequest {
+        model_name: "fashion_cnn".into(),
+        inputs: vec![InferInputTensor {
+            name: "image".into(),
+            datatype: datatype.into(),
+            shape,
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    };
+    let cases = [
+        (
+            req("FP32", vec![1, 28, 28], vec![0; 3136]),
+            "`inputs[0].shape`",
+        ),
+        (
+            req("FP64", vec![1, 1, 28, 28], vec![0; 6272]),
+            "must be `FP32`, got `FP64`",
+        ),
+        (
+            req("FP32", vec![2, 1, 28, 28], vec![0; 3136]),
+            "needs 6272 bytes, got 3136",
+        ),
+        (
+            req("FP32", vec![64, 1, 28, 28], vec![0; 64 * 3136]),
+            "at most 32",
+        ),
+    ];
+    for (r, needle) in cases {
+        let err = oip.model_infer(r).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains(needle),
+            "`{}` lacks `{needle}`",
+            err.message()
+        );
+    }
+    let mut bad = req("FP32", vec![1, 1, 28, 28], vec![0; 3136]);
+    bad.raw_input_contents[0] = [f32::NAN.to_le_bytes().to_vec(), vec![0; 3132]]
+        .concat()
+        .into();
+    let err = oip.model_infer(bad).await.unwrap_err();
+    assert!(
+        err.message().contains("element 0 is NaN"),
+        "{}",
+        err.message()
+    );
+    let ok = oip
+        .model_infer(req("FP32", vec![2, 1, 28, 28], vec![0; 6272]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ok.raw_output_contents[0].len(),
+        2 * 10 * 4,
+        "raw in → raw out, logits for 2 rows"
+    );
+}
+
+#[tokio::test]
+async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
+    // One lane, no profiling, no batching: the big batch below occupies the model for a while.
+    let mut s = settings(&model_repo());
+    s.repository.lanes = Some(1);
+    s.repository.profile_batching = false;
+    s.repository.models = vec!["efficientnet_lite0".into()];
+    let server = start(s).await;
+    let photo = fixture("chelsea.png");
+    let busy = {
+        let mut c = server.vision().await;
+        let req = ClassifyBatchRequest {
+            model: "efficientnet_lite0".into(),
+            images: (0..12).map(|_| encoded(photo.clone()).unwrap()).collect(),
+            top_k: 1,
+        };
+        tokio::spawn(async move { c.classify_batch(req).await })
+    };
+    // Wait until the batch is queued or running (observed, not slept).
+    while server.metric("marquee_batcher_items_total", &[])
+        + server.metric("marquee_batcher_queue_depth", &[])
+        < 1.0
+    {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut req = tonic::Request::new(classify("efficientnet_lite0", encoded(photo.clone()), 1));
+    req.set_timeout(Duration::from_millis(100));
+    let err = server.vision().await.classify(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let busy = busy.await.unwrap().unwrap().into_inner();
+    assert!(
+        busy.items
+            .iter()
+            .all(|i| matches!(i.result, Some(ItemResult::Classification(_))))
+    );
+    // Let the lane reach the expired item, then check it was dropped, not computed.
+    let mut dropped = 0.0;
+    for _ in 0..500 {
+        dropped = server.metric("marquee_batcher_rejected_total", &[("reason", "deadline")])
+            + server.metric("marquee_batcher_rejected_total", &[("reason", "cancelled")]);
+        if dropped >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        dropped, 1.0,
+        "the expired request was dropped before compute"
+    );
+    assert_eq!(
+        server.metric("marquee_batcher_items_total", &[]),
+        12.0,
+        "only the 12 live images were computed"
+    );
+    server.shutdown.cancel();
+}
