@@ -156,6 +156,8 @@ pub struct RepositorySettings {
     /// Profile each model at batch sizes 1..=max during warm-up and cap batches at the size with
     /// the best throughput, so batching never makes a model slower than running unbatched.
     pub profile_batching: bool,
+    /// `false` runs every item alone (batch cap 1): for comparisons, not production.
+    pub batching: bool,
     /// Overrides every model's `instance.lanes` (model copies, each on its own OS thread).
     pub lanes: Option<usize>,
     /// Overrides every model's `instance.threads` (libtorch intra-op threads per lane).
@@ -171,6 +173,7 @@ impl Default for RepositorySettings {
             models: Vec::new(),
             poll_interval_ms: 2_000,
             profile_batching: true,
+            batching: true,
             lanes: None,
             threads: None,
             device: None,

@@ -61,10 +61,11 @@ impl LoadedModel {
             .unwrap_or_else(|| spec.instance.device.clone());
         let device = parse_device(&device_name)?;
         let lanes = settings.lanes.unwrap_or(spec.instance.lanes);
+        let max_batch_size = if settings.batching { spec.batching.max_batch_size } else { 1 };
         let queue = BatchQueue::new(
             QueueConfig {
                 model: spec.name.clone(),
-                max_batch_size: spec.batching.max_batch_size,
+                max_batch_size,
                 max_queue_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
                 queue_capacity: spec.batching.queue_capacity,
                 lanes,
@@ -80,7 +81,7 @@ impl LoadedModel {
                 lanes,
                 threads: settings.threads.unwrap_or(spec.instance.threads),
                 input_dims: spec.inputs[0].dims.clone(),
-                profile: settings.profile_batching && spec.batching.max_batch_size > 1,
+                profile: settings.profile_batching && max_batch_size > 1,
             },
             &queue,
         )?;

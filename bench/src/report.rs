@@ -1,0 +1,300 @@
+//! Runs every benchmark (each figure the median of `--runs`) and writes the report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use clap::Args;
+
+use crate::load::LoadResult;
+use crate::raw::RawResult;
+use crate::{median, proc_cpu_seconds, rss_mib};
+
+#[derive(Args)]
+pub struct AllArgs {
+    /// The model repository.
+    #[arg(long, default_value = "model-repository")]
+    pub repo: PathBuf,
+    /// Where the Markdown report goes.
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    pub out: PathBuf,
+    /// Directory holding `marquee-vision` (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Repetitions per figure; the report shows the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// Figures from the issue, measured by its author on this kind of machine; not measured here.
+struct Reference {
+    torchserve_p99_c32_ms: f64,
+}
+
+const MODELS: &[(&str, &str, &str, Reference)] = &[
+    ("fashion_cnn", "1,28,28", "fashion.png", Reference { torchserve_p99_c32_ms: 15.0 }),
+    ("efficientnet_lite0", "3,224,224", "coffee.png", Reference { torchserve_p99_c32_ms: 857.0 }),
+];
+const BATCHES: &[usize] = &[1, 4, 8, 16, 32];
+const LANE_CONFIGS: &[(usize, usize)] = &[(2, 1), (1, 2)];
+const CONCURRENCY: &[usize] = &[1, 8, 32];
+
+fn me() -> PathBuf {
+    std::env::current_exe().expect("own path")
+}
+
+fn json<T: serde::de::DeserializeOwned>(mut cmd: Command) -> anyhow::Result<T> {
+    let out = cmd.stderr(Stdio::inherit()).output()?;
+    anyhow::ensure!(out.status.success(), "{cmd:?} failed: {}", out.status);
+    let line = String::from_utf8(out.stdout)?;
+    Ok(serde_json::from_str(line.trim().lines().last().unwrap_or(""))?)
+}
+
+fn raw(a: &AllArgs, model: &str, batch: usize, lanes: usize, threads: usize, tune: bool) -> anyhow::Result<RawResult> {
+    let mut runs = Vec::new();
+    for _ in 0..a.runs {
+        let mut c = Command::new(me());
+        c.args(["raw", "--model-dir"])
+            .arg(a.repo.join(model))
+            .args(["--batch", &batch.to_string(), "--lanes", &lanes.to_string(), "--threads", &threads.to_string()])
+            .args(["--seconds", &a.seconds.to_string()]);
+        if !tune {
+            c.arg("--no-tune-alloc");
+        }
+        runs.push(json::<RawResult>(c)?);
+    }
+    Ok(RawResult {
+        items_per_s: median(runs.iter().map(|r| r.items_per_s).collect()),
+        p50_forward_ms: median(runs.iter().map(|r| r.p50_forward_ms).collect()),
+        rss_mib: median(runs.iter().map(|r| r.rss_mib).collect()),
+    })
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(bin_dir: &Path, repo: &Path, model: &str, batching: bool) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin_dir.join("marquee-vision"))
+            .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
+            .env("MARQUEE__REPOSITORY__PATH", repo)
+            .env("MARQUEE__REPOSITORY__MODELS", model)
+            .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
+            .env("MARQUEE__REPOSITORY__BATCHING", batching.to_string())
+            .env("MARQUEE__TELEMETRY__LOG_FILTER", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .split("grpc=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("server did not report its address: {line:?}"))?
+            .to_string();
+        Ok(Self { child, addr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone)]
+struct Load {
+    r: LoadResult,
+    server_cpu: f64,
+}
+
+fn load(a: &AllArgs, server: &Server, model: &str, dims: &str, input: &str, image: &Path, c: usize) -> anyhow::Result<Load> {
+    let mut runs = Vec::new();
+    for _ in 0..a.runs {
+        let cpu0 = proc_cpu_seconds(server.pid());
+        let t0 = std::time::Instant::now();
+        let mut cmd = Command::new(me());
+        cmd.args(["load", "--addr", &server.addr, "--model", model, "--input", input, "--dims", dims])
+            .args(["--concurrency", &c.to_string(), "--seconds", &a.seconds.to_string()])
+            .arg("--image")
+            .arg(image);
+        let r: LoadResult = json(cmd)?;
+        let server_cpu = (proc_cpu_seconds(server.pid()) - cpu0) / t0.elapsed().as_secs_f64();
+        runs.push(Load { r, server_cpu });
+    }
+    let m = |f: &dyn Fn(&Load) -> f64| median(runs.iter().map(f).collect());
+    Ok(Load {
+        r: LoadResult {
+            calls: runs.iter().map(|l| l.r.calls).sum::<usize>() / runs.len(),
+            errors: runs.iter().map(|l| l.r.errors).sum(),
+            rps: m(&|l| l.r.rps),
+            p50_ms: m(&|l| l.r.p50_ms),
+            p99_ms: m(&|l| l.r.p99_ms),
+            client_cpu: m(&|l| l.r.client_cpu),
+        },
+        server_cpu: m(&|l| l.server_cpu),
+    })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
+    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| me().parent().expect("bin dir").to_path_buf());
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let scratch = tempfile_dir()?;
+    let mut md = String::new();
+    let commit = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok();
+    let commit = commit.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    writeln!(md, "# Marquee benchmark results\n")?;
+    writeln!(
+        md,
+        "Generated by `make bench` (`marquee-bench all`) at commit `{commit}` on {} cores. Every figure is the median of {} runs of {} s; \
+         ratios compare figures from the same run. Loopback only; the load client is one thread and its CPU share is reported \
+         because it shares the cores with the server. TorchServe figures are quoted from issue #2 (measured by its author on \
+         this kind of machine), not measured here.\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        a.runs,
+        a.seconds
+    )?;
+    for (model, dims, image, reference) in MODELS {
+        eprintln!("== {model}");
+        let image = if *image == "fashion.png" {
+            let p = scratch.join("fashion.png");
+            write_fashion_png(&p)?;
+            p
+        } else {
+            fixtures.join(image)
+        };
+        writeln!(md, "## {model}\n")?;
+        // Raw ceiling.
+        let mut cells = BTreeMap::new();
+        for &(lanes, threads) in LANE_CONFIGS {
+            for &b in BATCHES {
+                eprintln!("   raw lanes={lanes} threads={threads} batch={b}");
+                cells.insert((lanes, threads, b), raw(&a, model, b, lanes, threads, true)?);
+            }
+        }
+        let single = raw(&a, model, 1, 1, 1, true)?;
+        let untuned = raw(&a, model, 8, 2, 1, false)?;
+        let (best_cfg, ceiling) = cells
+            .iter()
+            .max_by(|x, y| x.1.items_per_s.total_cmp(&y.1.items_per_s))
+            .map(|(k, v)| (*k, v.clone()))
+            .expect("cells");
+        writeln!(md, "### Raw tch ceiling (in-process, no server)\n")?;
+        writeln!(md, "| lanes × threads | {} |", BATCHES.iter().map(|b| format!("batch {b}")).collect::<Vec<_>>().join(" | "))?;
+        writeln!(md, "|---|{}", "---|".repeat(BATCHES.len()))?;
+        for &(lanes, threads) in LANE_CONFIGS {
+            let row: Vec<String> = BATCHES.iter().map(|b| format!("{:.0}/s", cells[&(lanes, threads, *b)].items_per_s)).collect();
+            writeln!(md, "| {lanes} × {threads} | {} |", row.join(" | "))?;
+        }
+        writeln!(
+            md,
+            "\nCeiling: **{:.0} items/s** ({} lanes × {} threads, batch {}). One lane, one thread, batch 1: {:.0} items/s, \
+             forward p50 {:.3} ms. Allocator: 2 × 1 at batch 8 runs {:.0}/s with the in-process mallopt tuning vs {:.0}/s \
+             with glibc defaults ({:.2}×).\n",
+            ceiling.items_per_s,
+            best_cfg.0,
+            best_cfg.1,
+            best_cfg.2,
+            single.items_per_s,
+            single.p50_forward_ms,
+            cells[&(2, 1, 8)].items_per_s,
+            untuned.items_per_s,
+            cells[&(2, 1, 8)].items_per_s / untuned.items_per_s
+        )?;
+        // Service.
+        let mut results: BTreeMap<(bool, &str, usize), Load> = BTreeMap::new();
+        let mut server_rss = 0.0;
+        for batching in [true, false] {
+            let server = Server::start(&bin_dir, &a.repo, model, batching)?;
+            for &c in CONCURRENCY {
+                for input in if batching { &["raw", "encoded"][..] } else { &["raw"][..] } {
+                    eprintln!("   service batching={batching} input={input} concurrency={c}");
+                    results.insert((batching, input, c), load(&a, &server, model, dims, input, &image, c)?);
+                }
+            }
+            if batching {
+                server_rss = rss_mib(server.pid());
+            }
+        }
+        writeln!(md, "### Vision service (`Classify`, closed loop)\n")?;
+        writeln!(md, "| input | batching | concurrency | calls/s | p50 ms | p99 ms | errors | server CPU | client CPU |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+        for ((batching, input, c), l) in &results {
+            writeln!(
+                md,
+                "| {input} | {} | {c} | {:.0} | {:.3} | {:.3} | {} | {:.2} cores | {:.2} cores |",
+                if *batching { "on" } else { "off" },
+                l.r.rps,
+                l.r.p50_ms,
+                l.r.p99_ms,
+                l.r.errors,
+                l.server_cpu,
+                l.r.client_cpu
+            )?;
+        }
+        let c32 = &results[&(true, "raw", 32)];
+        let c1 = &results[&(true, "raw", 1)];
+        let enc32 = &results[&(true, "encoded", 32)];
+        let ratio = c32.r.rps / ceiling.items_per_s;
+        let p99_bound = reference.torchserve_p99_c32_ms / 2.0;
+        let p50_bound = single.p50_forward_ms + 0.3;
+        let bare = cells[&(2, 1, 1)].rss_mib;
+        let never_below = CONCURRENCY.iter().all(|c| results[&(true, "raw", *c)].r.rps >= results[&(false, "raw", *c)].r.rps);
+        writeln!(md, "\n| target | measured | verdict |\n|---|---|---|")?;
+        writeln!(md, "| throughput at c=32 ≥ 85% of the raw ceiling (raw tensors) | {:.0}/s = {:.1}% of {:.0}/s (encoded images: {:.0}/s) | {} |",
+            c32.r.rps, ratio * 100.0, ceiling.items_per_s, enc32.r.rps, verdict(ratio >= 0.85))?;
+        writeln!(md, "| p99 at c=32 ≤ ½ TorchServe's {:.0} ms | {:.2} ms | {} |", reference.torchserve_p99_c32_ms, c32.r.p99_ms, verdict(c32.r.p99_ms <= p99_bound))?;
+        writeln!(md, "| p50 at c=1 ≤ raw forward + 0.3 ms | {:.3} ms vs {:.3} + 0.3 ms | {} |", c1.r.p50_ms, single.p50_forward_ms, verdict(c1.r.p50_ms <= p50_bound))?;
+        writeln!(
+            md,
+            "| batching on ≥ off at every concurrency | {} | {} |",
+            CONCURRENCY
+                .iter()
+                .map(|c| format!("c={c}: {:.0} vs {:.0}", results[&(true, "raw", *c)].r.rps, results[&(false, "raw", *c)].r.rps))
+                .collect::<Vec<_>>()
+                .join("; "),
+            verdict(never_below)
+        )?;
+        writeln!(md, "| resident memory ≤ 1.5× a bare tch process with the same 2 model copies | {:.0} MiB vs {:.0} MiB ({:.2}×) | {} |\n",
+            server_rss, bare, server_rss / bare, verdict(server_rss <= 1.5 * bare))?;
+    }
+    std::fs::write(&a.out, &md)?;
+    eprintln!("wrote {}", a.out.display());
+    print!("{md}");
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("marquee-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A 28×28 grayscale PNG for the encoded path of `fashion_cnn` (a synthetic garment-like blob).
+fn write_fashion_png(path: &Path) -> anyhow::Result<()> {
+    let img = image::GrayImage::from_fn(28, 28, |x, y| {
+        let (dx, dy) = (x as f32 - 14.0, y as f32 - 14.0);
+        image::Luma([if dx.abs() < 8.0 && dy.abs() < 11.0 { 200 } else { 0 }])
+    });
+    img.save(path)?;
+    Ok(())
+}

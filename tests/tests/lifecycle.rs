@@ -1,0 +1,261 @@
+//! Hot reload and graceful shutdown, end to end.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use marquee_e2e::*;
+use marquee_proto::vision::image_input::Source;
+use marquee_proto::vision::image_service_client::ImageServiceClient;
+use marquee_proto::vision::*;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn image(bytes: Vec<u8>) -> ImageInput {
+    ImageInput {
+        source: Some(Source::Encoded(bytes.into())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_is_swapped_in_without_failing_a_request() {
+    let repo = temp_repo(&["fashion_cnn"]);
+    let mut s = settings(repo.path());
+    s.repository.poll_interval_ms = 50;
+    s.repository.lanes = Some(1);
+    let server = start(s).await;
+    let (images, _) = fashion_test_set(8);
+    let failures = Arc::new(AtomicUsize::new(0));
+    let seen_v2 = Arc::new(AtomicBool::new(false));
+    let calls_at_v1 = Arc::new(AtomicUsize::new(0));
+    let mut loopers = Vec::new();
+    for i in 0..4 {
+        let mut client = ImageServiceClient::new(server.channel().await);
+        let png = png_gray(&images[i], 28, 28);
+        let (failures, seen_v2, calls_at_v1) =
+            (failures.clone(), seen_v2.clone(), calls_at_v1.clone());
+        loopers.push(tokio::spawn(async move {
+            let mut versions = Vec::new();
+            // Runs until this client has seen version 2 twenty times (bounded by the timeout below).
+            while versions.iter().filter(|v| *v == "2").count() < 20 {
+                let req = ClassifyRequest {
+                    model: "fashion_cnn".into(),
+                    image: Some(image(png.clone())),
+                    top_k: 1,
+                };
+                match client.classify(req).await {
+                    Ok(r) => {
+                        let v = r.into_inner().model_version;
+                        if v == "1" {
+                            calls_at_v1.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            seen_v2.store(true, Ordering::Relaxed);
+                        }
+                        versions.push(v);
+                    }
+                    Err(e) => {
+                        eprintln!("call failed during reload: {e:?}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            versions
+        }));
+    }
+    // Drop in version 2 only once traffic is flowing on version 1.
+    while calls_at_v1.load(Ordering::Relaxed) < 40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let staging = repo.path().join("fashion_cnn/.2-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::copy(
+        repo.path().join("fashion_cnn/1/model.pt"),
+        staging.join("model.pt"),
+    )
+    .unwrap();
+    std::fs::rename(&staging, repo.path().join("fashion_cnn/2")).unwrap();
+    let results =
+        tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(loopers))
+            .await
+            .expect("clients saw version 2 within 2 minutes");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no request failed during the swap"
+    );
+    for versions in results {
+        let versions = versions.unwrap();
+        let first_v2 = versions.iter().position(|v| v == "2").unwrap();
+        assert!(
+            versions[first_v2..].iter().all(|v| v == "2"),
+            "once on version 2, never back: {versions:?}"
+        );
+    }
+    assert!(seen_v2.load(Ordering::Relaxed));
+    assert_eq!(
+        server.metric(
+            "marquee_model_ready",
+            &[("model", "fashion_cnn"), ("version", "2")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        server.metric(
+            "marquee_model_ready",
+            &[("model", "fashion_cnn"), ("version", "1")]
+        ),
+        0.0
+    );
+    server.shutdown.cancel();
+}
+
+fn binary() -> PathBuf {
+    // target/debug/deps/lifecycle-… → target/debug/marquee-vision (built by `make test`).
+    let dir = std::env::var_os("MARQUEE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::current_exe()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .to_path_buf()
+        });
+    let bin = dir.join("marquee-vision");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reports_not_serving_finishes_in_flight_calls_then_refuses_new_ones() {
+    let mut child = Command::new(binary())
+        .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+        .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
+        .env("MARQUEE__SERVER__DRAIN_DELAY_MS", "300")
+        .env("MARQUEE__REPOSITORY__PATH", model_repo())
+        .env("MARQUEE__REPOSITORY__MODELS", "efficientnet_lite0")
+        .env("MARQUEE__REPOSITORY__LANES", "1")
+        .env("MARQUEE__REPOSITORY__THREADS", "1")
+        .env("MARQUEE__REPOSITORY__PROFILE_BATCHING", "false")
+        .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc = line
+        .split("grpc=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let admin: std::net::SocketAddr = line.split("admin=").nth(1).unwrap().trim().parse().unwrap();
+    let url = format!("http://{grpc}");
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    // Work that keeps the single lane busy well past the drain delay.
+    let photo = fixture("chelsea.png");
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = ImageServiceClient::new(channel.clone());
+            let req = ClassifyBatchRequest {
+                model: "efficientnet_lite0".into(),
+                images: (0..8).map(|_| image(photo.clone())).collect(),
+                top_k: 1,
+            };
+            tokio::spawn(async move { c.classify_batch(req).await })
+        })
+        .collect();
+    // SIGTERM only once the work is queued (observed on the admin port, not slept).
+    loop {
+        let (_, body) = http_get(admin, "/metrics").await;
+        let queued = body
+            .lines()
+            .find(|l| l.starts_with("marquee_batcher_queue_depth{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if queued >= 16.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // SAFETY: kill(2) on a child process this test spawned and still owns.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+
+    // Readiness flips first, while the calls are still running.
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    assert!(
+        in_flight.iter().any(|h| !h.is_finished()),
+        "work is still in flight when NOT_SERVING is reported"
+    );
+
+    // Once the listener closes, new connections are refused while old calls finish.
+    let mut refused_while_busy = false;
+    for _ in 0..2000 {
+        if tonic::transport::Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .is_err()
+        {
+            refused_while_busy = in_flight.iter().any(|h| !h.is_finished());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        refused_while_busy,
+        "new connections were refused while in-flight calls were still running"
+    );
+
+    for h in in_flight {
+        let resp = h
+            .await
+            .unwrap()
+            .expect("in-flight call completes after SIGTERM")
+            .into_inner();
+        assert_eq!(resp.items.len(), 8);
+        assert!(resp.items.iter().all(|i| matches!(
+            i.result,
+            Some(classify_batch_item::Result::Classification(_))
+        )));
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "clean exit after drain: {status:?}");
+}
