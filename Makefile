@@ -5,8 +5,6 @@ CACHE ?= $(or $(MARQUEE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/marquee)
 VENV := $(CACHE)/venv
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export MARQUEE_MODEL_REPO := $(CURDIR)/model-repository
-# Parallel tests each load models: one intra-op thread per lane keeps 2 cores from thrashing.
-export MARQUEE__REPOSITORY__THREADS ?= 1
 
 .PHONY: help setup build build-release models run test test-rust test-python bench lint fmt clean
 
@@ -39,7 +37,7 @@ test-python:
 	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q tests/python
 
 bench: build-release
-	target/release/marquee-bench --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md
+	target/release/marquee-bench all --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md
 
 lint: setup
 	cargo fmt --all -- --check

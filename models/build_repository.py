@@ -97,7 +97,10 @@ FASHION_CONFIG = {
         "mean": [0.2860],
         "std": [0.3530],
     },
-    "batching": {"max_batch_size": 32, "max_queue_delay_us": 500, "queue_capacity": 1024},
+    # No queue delay: a forward takes ~0.2 ms, so with two lanes greedy batching (take what is
+    # queued, never wait) measured 11.9k calls/s at c=32 against 9.1k with a 500 us delay, and
+    # the delay cost 30% at c=8.
+    "batching": {"max_batch_size": 32, "max_queue_delay_us": 0, "queue_capacity": 1024},
     "instance": {"lanes": 2, "threads": 1, "device": "cpu"},
 }
 

@@ -76,8 +76,10 @@ done
 mkey=$(key "$root/models/build_repository.py" "$req" <(ls "$wheels"))
 repo="$cache/model-repository-$mkey"
 if [ ! -f "$repo/fashion_cnn/metrics.json" ]; then
-  log "building the model repository (about 1 minute)"
+  log "building the model repository (about 30 s)"
   "$venv/bin/python" "$root/models/build_repository.py" --wheels "$wheels" --out "$repo"
+  # Older builds are superseded; keep the cache from growing with every script change.
+  find "$cache" -maxdepth 1 -name 'model-repository-*' ! -name "$(basename "$repo")" -exec rm -rf {} +
 fi
 ln -sfn "$repo" "$root/model-repository"
 log "ready: venv=$venv models=$repo"

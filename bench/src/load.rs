@@ -44,7 +44,9 @@ pub struct LoadResult {
 }
 
 pub fn run(a: LoadArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(drive(a))?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
@@ -55,22 +57,30 @@ async fn drive(a: LoadArgs) -> anyhow::Result<LoadResult> {
         "raw" => {
             let n: i64 = a.dims.iter().product();
             // A deterministic, non-constant tensor.
-            let raw: Vec<u8> = (0..n).flat_map(|i| (((i % 97) as f32) / 97.0 - 0.5).to_le_bytes()).collect();
+            let raw: Vec<u8> = (0..n)
+                .flat_map(|i| (((i % 97) as f32) / 97.0 - 0.5).to_le_bytes())
+                .collect();
             Source::Tensor(Tensor {
                 shape: a.dims.clone(),
                 raw_data: raw.into(),
                 ..Default::default()
             })
         }
-        "encoded" => Source::Encoded(std::fs::read(a.image.as_ref().expect("--image for encoded"))?.into()),
+        "encoded" => {
+            Source::Encoded(std::fs::read(a.image.as_ref().expect("--image for encoded"))?.into())
+        }
         other => anyhow::bail!("--input must be raw or encoded, got {other}"),
     };
     let req = ClassifyRequest {
         model: a.model.clone(),
-        image: Some(ImageInput { source: Some(source) }),
+        image: Some(ImageInput {
+            source: Some(source),
+        }),
         top_k: 1,
     };
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", a.addr))?.connect().await?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", a.addr))?
+        .connect()
+        .await?;
     // Warm the connection and the server's path before timing.
     let mut warm = ImageServiceClient::new(channel.clone());
     for _ in 0..5 {

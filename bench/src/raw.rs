@@ -46,13 +46,15 @@ pub fn run(a: RawArgs) -> anyhow::Result<()> {
     let barrier = Arc::new(Barrier::new(a.lanes));
     let handles: Vec<_> = (0..a.lanes)
         .map(|_| {
-            let (path, shape, barrier, a) = (path.clone(), shape.clone(), barrier.clone(), a.clone());
+            let (path, shape, barrier, a) =
+                (path.clone(), shape.clone(), barrier.clone(), a.clone());
             std::thread::spawn(move || -> anyhow::Result<(usize, Vec<f64>, f64)> {
                 tch::set_num_threads(a.threads as i32);
                 let mut m = CModule::load(&path)?;
                 m.set_eval();
                 // A fresh input each call, as a server would build one per batch.
-                let input = || Tensor::randn(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu));
+                let input =
+                    || Tensor::randn(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu));
                 for _ in 0..3 {
                     tch::no_grad(|| m.forward_is(&[IValue::Tensor(input())]))?;
                 }

@@ -37,8 +37,22 @@ struct Reference {
 }
 
 const MODELS: &[(&str, &str, &str, Reference)] = &[
-    ("fashion_cnn", "1,28,28", "fashion.png", Reference { torchserve_p99_c32_ms: 15.0 }),
-    ("efficientnet_lite0", "3,224,224", "coffee.png", Reference { torchserve_p99_c32_ms: 857.0 }),
+    (
+        "fashion_cnn",
+        "1,28,28",
+        "fashion.png",
+        Reference {
+            torchserve_p99_c32_ms: 15.0,
+        },
+    ),
+    (
+        "efficientnet_lite0",
+        "3,224,224",
+        "coffee.png",
+        Reference {
+            torchserve_p99_c32_ms: 857.0,
+        },
+    ),
 ];
 const BATCHES: &[usize] = &[1, 4, 8, 16, 32];
 const LANE_CONFIGS: &[(usize, usize)] = &[(2, 1), (1, 2)];
@@ -52,16 +66,32 @@ fn json<T: serde::de::DeserializeOwned>(mut cmd: Command) -> anyhow::Result<T> {
     let out = cmd.stderr(Stdio::inherit()).output()?;
     anyhow::ensure!(out.status.success(), "{cmd:?} failed: {}", out.status);
     let line = String::from_utf8(out.stdout)?;
-    Ok(serde_json::from_str(line.trim().lines().last().unwrap_or(""))?)
+    Ok(serde_json::from_str(
+        line.trim().lines().last().unwrap_or(""),
+    )?)
 }
 
-fn raw(a: &AllArgs, model: &str, batch: usize, lanes: usize, threads: usize, tune: bool) -> anyhow::Result<RawResult> {
+fn raw(
+    a: &AllArgs,
+    model: &str,
+    batch: usize,
+    lanes: usize,
+    threads: usize,
+    tune: bool,
+) -> anyhow::Result<RawResult> {
     let mut runs = Vec::new();
     for _ in 0..a.runs {
         let mut c = Command::new(me());
         c.args(["raw", "--model-dir"])
             .arg(a.repo.join(model))
-            .args(["--batch", &batch.to_string(), "--lanes", &lanes.to_string(), "--threads", &threads.to_string()])
+            .args([
+                "--batch",
+                &batch.to_string(),
+                "--lanes",
+                &lanes.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
             .args(["--seconds", &a.seconds.to_string()]);
         if !tune {
             c.arg("--no-tune-alloc");
@@ -123,16 +153,39 @@ struct Load {
     server_cpu: f64,
 }
 
-fn load(a: &AllArgs, server: &Server, model: &str, dims: &str, input: &str, image: &Path, c: usize) -> anyhow::Result<Load> {
+fn load(
+    a: &AllArgs,
+    server: &Server,
+    model: &str,
+    dims: &str,
+    input: &str,
+    image: &Path,
+    c: usize,
+) -> anyhow::Result<Load> {
     let mut runs = Vec::new();
     for _ in 0..a.runs {
         let cpu0 = proc_cpu_seconds(server.pid());
         let t0 = std::time::Instant::now();
         let mut cmd = Command::new(me());
-        cmd.args(["load", "--addr", &server.addr, "--model", model, "--input", input, "--dims", dims])
-            .args(["--concurrency", &c.to_string(), "--seconds", &a.seconds.to_string()])
-            .arg("--image")
-            .arg(image);
+        cmd.args([
+            "load",
+            "--addr",
+            &server.addr,
+            "--model",
+            model,
+            "--input",
+            input,
+            "--dims",
+            dims,
+        ])
+        .args([
+            "--concurrency",
+            &c.to_string(),
+            "--seconds",
+            &a.seconds.to_string(),
+        ])
+        .arg("--image")
+        .arg(image);
         let r: LoadResult = json(cmd)?;
         let server_cpu = (proc_cpu_seconds(server.pid()) - cpu0) / t0.elapsed().as_secs_f64();
         runs.push(Load { r, server_cpu });
@@ -156,12 +209,20 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
-    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| me().parent().expect("bin dir").to_path_buf());
+    let bin_dir = a
+        .bin_dir
+        .clone()
+        .unwrap_or_else(|| me().parent().expect("bin dir").to_path_buf());
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let scratch = tempfile_dir()?;
     let mut md = String::new();
-    let commit = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok();
-    let commit = commit.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok();
+    let commit = commit
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     writeln!(md, "# Marquee benchmark results\n")?;
     writeln!(
         md,
@@ -169,7 +230,9 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
          ratios compare figures from the same run. Loopback only; the load client is one thread and its CPU share is reported \
          because it shares the cores with the server. TorchServe figures are quoted from issue #2 (measured by its author on \
          this kind of machine), not measured here.\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         a.runs,
         a.seconds
     )?;
@@ -188,7 +251,10 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         for &(lanes, threads) in LANE_CONFIGS {
             for &b in BATCHES {
                 eprintln!("   raw lanes={lanes} threads={threads} batch={b}");
-                cells.insert((lanes, threads, b), raw(&a, model, b, lanes, threads, true)?);
+                cells.insert(
+                    (lanes, threads, b),
+                    raw(&a, model, b, lanes, threads, true)?,
+                );
             }
         }
         let single = raw(&a, model, 1, 1, 1, true)?;
@@ -199,10 +265,21 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
             .map(|(k, v)| (*k, v.clone()))
             .expect("cells");
         writeln!(md, "### Raw tch ceiling (in-process, no server)\n")?;
-        writeln!(md, "| lanes × threads | {} |", BATCHES.iter().map(|b| format!("batch {b}")).collect::<Vec<_>>().join(" | "))?;
+        writeln!(
+            md,
+            "| lanes × threads | {} |",
+            BATCHES
+                .iter()
+                .map(|b| format!("batch {b}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )?;
         writeln!(md, "|---|{}", "---|".repeat(BATCHES.len()))?;
         for &(lanes, threads) in LANE_CONFIGS {
-            let row: Vec<String> = BATCHES.iter().map(|b| format!("{:.0}/s", cells[&(lanes, threads, *b)].items_per_s)).collect();
+            let row: Vec<String> = BATCHES
+                .iter()
+                .map(|b| format!("{:.0}/s", cells[&(lanes, threads, *b)].items_per_s))
+                .collect();
             writeln!(md, "| {lanes} × {threads} | {} |", row.join(" | "))?;
         }
         writeln!(
@@ -226,9 +303,16 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         for batching in [true, false] {
             let server = Server::start(&bin_dir, &a.repo, model, batching)?;
             for &c in CONCURRENCY {
-                for input in if batching { &["raw", "encoded"][..] } else { &["raw"][..] } {
+                for input in if batching {
+                    &["raw", "encoded"][..]
+                } else {
+                    &["raw"][..]
+                } {
                     eprintln!("   service batching={batching} input={input} concurrency={c}");
-                    results.insert((batching, input, c), load(&a, &server, model, dims, input, &image, c)?);
+                    results.insert(
+                        (batching, input, c),
+                        load(&a, &server, model, dims, input, &image, c)?,
+                    );
                 }
             }
             if batching {
@@ -236,7 +320,10 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
             }
         }
         writeln!(md, "### Vision service (`Classify`, closed loop)\n")?;
-        writeln!(md, "| input | batching | concurrency | calls/s | p50 ms | p99 ms | errors | server CPU | client CPU |")?;
+        writeln!(
+            md,
+            "| input | batching | concurrency | calls/s | p50 ms | p99 ms | errors | server CPU | client CPU |"
+        )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
         for ((batching, input, c), l) in &results {
             writeln!(
@@ -258,24 +345,55 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         let p99_bound = reference.torchserve_p99_c32_ms / 2.0;
         let p50_bound = single.p50_forward_ms + 0.3;
         let bare = cells[&(2, 1, 1)].rss_mib;
-        let never_below = CONCURRENCY.iter().all(|c| results[&(true, "raw", *c)].r.rps >= results[&(false, "raw", *c)].r.rps);
+        let never_below = CONCURRENCY
+            .iter()
+            .all(|c| results[&(true, "raw", *c)].r.rps >= results[&(false, "raw", *c)].r.rps);
         writeln!(md, "\n| target | measured | verdict |\n|---|---|---|")?;
-        writeln!(md, "| throughput at c=32 ≥ 85% of the raw ceiling (raw tensors) | {:.0}/s = {:.1}% of {:.0}/s (encoded images: {:.0}/s) | {} |",
-            c32.r.rps, ratio * 100.0, ceiling.items_per_s, enc32.r.rps, verdict(ratio >= 0.85))?;
-        writeln!(md, "| p99 at c=32 ≤ ½ TorchServe's {:.0} ms | {:.2} ms | {} |", reference.torchserve_p99_c32_ms, c32.r.p99_ms, verdict(c32.r.p99_ms <= p99_bound))?;
-        writeln!(md, "| p50 at c=1 ≤ raw forward + 0.3 ms | {:.3} ms vs {:.3} + 0.3 ms | {} |", c1.r.p50_ms, single.p50_forward_ms, verdict(c1.r.p50_ms <= p50_bound))?;
+        writeln!(
+            md,
+            "| throughput at c=32 ≥ 85% of the raw ceiling (raw tensors) | {:.0}/s = {:.1}% of {:.0}/s (encoded images: {:.0}/s) | {} |",
+            c32.r.rps,
+            ratio * 100.0,
+            ceiling.items_per_s,
+            enc32.r.rps,
+            verdict(ratio >= 0.85)
+        )?;
+        writeln!(
+            md,
+            "| p99 at c=32 ≤ ½ TorchServe's {:.0} ms | {:.2} ms | {} |",
+            reference.torchserve_p99_c32_ms,
+            c32.r.p99_ms,
+            verdict(c32.r.p99_ms <= p99_bound)
+        )?;
+        writeln!(
+            md,
+            "| p50 at c=1 ≤ raw forward + 0.3 ms | {:.3} ms vs {:.3} + 0.3 ms | {} |",
+            c1.r.p50_ms,
+            single.p50_forward_ms,
+            verdict(c1.r.p50_ms <= p50_bound)
+        )?;
         writeln!(
             md,
             "| batching on ≥ off at every concurrency | {} | {} |",
             CONCURRENCY
                 .iter()
-                .map(|c| format!("c={c}: {:.0} vs {:.0}", results[&(true, "raw", *c)].r.rps, results[&(false, "raw", *c)].r.rps))
+                .map(|c| format!(
+                    "c={c}: {:.0} vs {:.0}",
+                    results[&(true, "raw", *c)].r.rps,
+                    results[&(false, "raw", *c)].r.rps
+                ))
                 .collect::<Vec<_>>()
                 .join("; "),
             verdict(never_below)
         )?;
-        writeln!(md, "| resident memory ≤ 1.5× a bare tch process with the same 2 model copies | {:.0} MiB vs {:.0} MiB ({:.2}×) | {} |\n",
-            server_rss, bare, server_rss / bare, verdict(server_rss <= 1.5 * bare))?;
+        writeln!(
+            md,
+            "| resident memory ≤ 1.5× a bare tch process with the same 2 model copies | {:.0} MiB vs {:.0} MiB ({:.2}×) | {} |\n",
+            server_rss,
+            bare,
+            server_rss / bare,
+            verdict(server_rss <= 1.5 * bare)
+        )?;
     }
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
@@ -293,7 +411,11 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 fn write_fashion_png(path: &Path) -> anyhow::Result<()> {
     let img = image::GrayImage::from_fn(28, 28, |x, y| {
         let (dx, dy) = (x as f32 - 14.0, y as f32 - 14.0);
-        image::Luma([if dx.abs() < 8.0 && dy.abs() < 11.0 { 200 } else { 0 }])
+        image::Luma([if dx.abs() < 8.0 && dy.abs() < 11.0 {
+            200
+        } else {
+            0
+        }])
     });
     img.save(path)?;
     Ok(())

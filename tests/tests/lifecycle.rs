@@ -33,9 +33,9 @@ async fn a_new_version_is_swapped_in_without_failing_a_request() {
     let seen_v2 = Arc::new(AtomicBool::new(false));
     let calls_at_v1 = Arc::new(AtomicUsize::new(0));
     let mut loopers = Vec::new();
-    for i in 0..4 {
+    for pixels in images.iter().take(4) {
         let mut client = ImageServiceClient::new(server.channel().await);
-        let png = png_gray(&images[i], 28, 28);
+        let png = png_gray(pixels, 28, 28);
         let (failures, seen_v2, calls_at_v1) =
             (failures.clone(), seen_v2.clone(), calls_at_v1.clone());
         loopers.push(tokio::spawn(async move {

@@ -521,10 +521,11 @@ async fn oip_shape_dtype_and_byte_length_are_checked() {
 
 #[tokio::test]
 async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
-    // One lane, no profiling, no batching: the big batch below occupies the model for a while.
+    // One lane running one item at a time: the 24 images below occupy the model for
+    // ~12 forwards, and a later request cannot join their batches.
     let mut s = settings(&model_repo());
     s.repository.lanes = Some(1);
-    s.repository.profile_batching = false;
+    s.repository.batching = false;
     s.repository.models = vec!["efficientnet_lite0".into()];
     let server = start(s).await;
     let photo = fixture("chelsea.png");
@@ -532,7 +533,7 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
         let mut c = server.vision().await;
         let req = ClassifyBatchRequest {
             model: "efficientnet_lite0".into(),
-            images: (0..12).map(|_| encoded(photo.clone()).unwrap()).collect(),
+            images: (0..24).map(|_| encoded(photo.clone()).unwrap()).collect(),
             top_k: 1,
         };
         tokio::spawn(async move { c.classify_batch(req).await })
@@ -546,9 +547,16 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut req = tonic::Request::new(classify("efficientnet_lite0", encoded(photo.clone()), 1));
-    req.set_timeout(Duration::from_millis(100));
+    req.set_timeout(Duration::from_millis(250));
     let err = server.vision().await.classify(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // The server answers DEADLINE_EXCEEDED just before the deadline; on a loaded 2-core box
+    // tonic's client-side timer (which reports CANCELLED "Timeout expired") can win that race,
+    // so the server's own answer is checked in its metrics below.
+    let client_timer = err.code() == Code::Cancelled && err.message() == "Timeout expired";
+    assert!(
+        err.code() == Code::DeadlineExceeded || client_timer,
+        "{err:?}"
+    );
     let busy = busy.await.unwrap().unwrap().into_inner();
     assert!(
         busy.items
@@ -571,8 +579,8 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
     );
     assert_eq!(
         server.metric("marquee_batcher_items_total", &[]),
-        12.0,
-        "only the 12 live images were computed"
+        24.0,
+        "only the 24 live images were computed"
     );
     server.shutdown.cancel();
 }

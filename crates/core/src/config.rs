@@ -233,10 +233,10 @@ impl Validate for TelemetrySettings {
                 self.log_format
             ));
         }
-        if !self.otlp_endpoint.is_empty()
-            && !(self.otlp_endpoint.starts_with("http://")
-                || self.otlp_endpoint.starts_with("https://"))
-        {
+        let scheme_ok = ["http://", "https://"]
+            .iter()
+            .any(|p| self.otlp_endpoint.starts_with(p));
+        if !self.otlp_endpoint.is_empty() && !scheme_ok {
             errors.push(format!(
                 "`telemetry.otlp_endpoint` must start with http:// or https://, got `{}`",
                 self.otlp_endpoint

@@ -24,6 +24,9 @@ use http_body::Frame;
 use opentelemetry::propagation::Extractor;
 use tonic::body::Body;
 use tonic::{Code, Status};
+use tower::layer::util::{Identity, Stack};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -358,33 +361,28 @@ where
     }
 }
 
+/// The layers of [`server_stack`], outermost first.
+pub type ServerStack = tower::ServiceBuilder<
+    Stack<
+        GlobalConcurrencyLimitLayer,
+        Stack<
+            LoadShedLayer,
+            Stack<OverloadLayer, Stack<GrpcTraceLayer, Stack<MessageLimitLayer, Identity>>>,
+        >,
+    >,
+>;
+
 /// The whole stack, for `tonic::transport::Server::layer`.
 pub fn server_stack(
     metrics: Metrics,
     max_message_bytes: usize,
     max_concurrent: usize,
-) -> tower::ServiceBuilder<
-    tower::layer::util::Stack<
-        tower::limit::GlobalConcurrencyLimitLayer,
-        tower::layer::util::Stack<
-            tower::load_shed::LoadShedLayer,
-            tower::layer::util::Stack<
-                OverloadLayer,
-                tower::layer::util::Stack<
-                    GrpcTraceLayer,
-                    tower::layer::util::Stack<MessageLimitLayer, tower::layer::util::Identity>,
-                >,
-            >,
-        >,
-    >,
-> {
+) -> ServerStack {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(max_concurrent));
     tower::ServiceBuilder::new()
         .layer(MessageLimitLayer::new(max_message_bytes))
         .layer(GrpcTraceLayer::new(metrics))
         .layer(OverloadLayer::new(max_concurrent))
         .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-            semaphore,
-        ))
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(semaphore))
 }

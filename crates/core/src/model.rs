@@ -193,7 +193,7 @@ impl ModelSpec {
                     p.color
                 ));
             }
-            if p.std.iter().any(|s| *s == 0.0) {
+            if p.std.contains(&0.0) {
                 errors.push("`preprocess.std` must not contain 0".into());
             }
             if let Some(input) = spec.inputs.first() {

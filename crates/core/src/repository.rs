@@ -61,7 +61,11 @@ impl LoadedModel {
             .unwrap_or_else(|| spec.instance.device.clone());
         let device = parse_device(&device_name)?;
         let lanes = settings.lanes.unwrap_or(spec.instance.lanes);
-        let max_batch_size = if settings.batching { spec.batching.max_batch_size } else { 1 };
+        let max_batch_size = if settings.batching {
+            spec.batching.max_batch_size
+        } else {
+            1
+        };
         let queue = BatchQueue::new(
             QueueConfig {
                 model: spec.name.clone(),
@@ -196,6 +200,7 @@ impl Repository {
         })
         .await
         .map_err(|e| format!("model loader panicked: {e}"))??;
+        crate::alloc::release_free_memory();
         let name = model.name.clone();
         tracing::info!(
             model = %name, version,

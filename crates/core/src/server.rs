@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -147,11 +147,19 @@ impl Core {
             tokio::time::sleep(Duration::from_millis(settings.drain_delay_ms)).await;
             tracing::info!("shutdown: closing the listener, finishing in-flight calls");
         };
+        // Small responses must not wait for Nagle + delayed ACK (measured: a 40 ms p99 floor).
+        let incoming = TcpIncoming::from(grpc)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let server = tonic::transport::Server::builder()
+            // Image tensors are hundreds of KiB: windows that hold a whole request avoid
+            // stalling on WINDOW_UPDATE round trips mid-message.
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .timeout(Duration::from_millis(self.settings.max_timeout_ms))
             .layer(stack)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), signal);
+            .serve_with_incoming_shutdown(incoming, signal);
         let grace =
             Duration::from_millis(self.settings.drain_delay_ms + self.settings.shutdown_grace_ms);
         let task = tokio::spawn(async move {
