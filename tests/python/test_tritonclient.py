@@ -331,10 +331,17 @@ def test_server_alive_after_bad_requests(client, fashion_batch):
 # ---------------------------------------------------------------------------
 
 
+def test_repository_index_lists_every_model(client):
+    index = client.get_model_repository_index(as_json=True)
+    models = {m["name"]: m for m in index["models"]}
+    assert set(models) == {"efficientnet_lite0", FASHION}
+    assert models[FASHION]["version"] == "1"
+    assert models[FASHION]["state"] == "READY"
+
+
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda c: c.get_model_repository_index(), id="RepositoryIndex"),
         pytest.param(lambda c: c.get_inference_statistics(FASHION), id="ModelStatistics"),
         pytest.param(lambda c: c.get_model_config(FASHION), id="ModelConfig"),
     ],

@@ -201,3 +201,195 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+// === the gateway ===
+
+/// Test API keys (configured below by their SHA-256 only).
+pub const ACME_KEY: &str = "acme-test-key-5c1f0e";
+pub const GLOBEX_KEY: &str = "globex-test-key-9ab2d4";
+pub const NOISY_KEY: &str = "noisy-test-key-77e0aa";
+pub const QUIET_KEY: &str = "quiet-test-key-31c9b8";
+pub const LIMITED_KEY: &str = "limited-test-key-0d4e21";
+
+/// Gateway settings in front of `backends` (vision replicas): ephemeral ports; tenants `acme`
+/// (vision), `globex` (recommendation only), `noisy` and `quiet` (vision), `limited` (2 calls/s).
+pub fn gateway_settings(backends: &[SocketAddr]) -> marquee_gateway::config::Settings {
+    use marquee_gateway::config::{ApiKey, Backend, BackendKind, Settings, Tenant};
+    let mut s = Settings::default();
+    s.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    s.server.admin_addr = "127.0.0.1:0".parse().unwrap();
+    s.backends.clear();
+    s.backends.insert(
+        "vision".into(),
+        Backend {
+            kind: BackendKind::Vision,
+            endpoints: backends.iter().map(|a| a.to_string()).collect(),
+            health_interval_ms: 100,
+            models_refresh_ms: 500,
+            ..Backend::default()
+        },
+    );
+    for t in ["acme", "globex", "noisy", "quiet"] {
+        s.tenants.insert(t.into(), Tenant::default());
+    }
+    s.tenants.insert(
+        "limited".into(),
+        Tenant {
+            rate_per_s: 2.0,
+            burst: 2.0,
+            ..Tenant::default()
+        },
+    );
+    let key = |k: &str, tenant: &str, scopes: &[&str]| ApiKey {
+        sha256: marquee_gateway::auth::hash_key(k),
+        tenant: tenant.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    };
+    s.auth.api_keys = vec![
+        key(ACME_KEY, "acme", &["vision:infer"]),
+        key(GLOBEX_KEY, "globex", &["recommendation:read"]),
+        key(NOISY_KEY, "noisy", &["vision:infer"]),
+        key(QUIET_KEY, "quiet", &["vision:infer"]),
+        key(LIMITED_KEY, "limited", &["vision:infer"]),
+    ];
+    s
+}
+
+/// A running in-process gateway.
+pub struct TestGateway {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Metrics,
+    pub gateway: std::sync::Arc<marquee_gateway::Gateway>,
+    pub shutdown: CancellationToken,
+}
+
+impl TestGateway {
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn vision(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await)
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics, name, labels)
+    }
+}
+
+/// Starts a gateway on the current runtime; returns once it knows its backends' models.
+pub async fn start_gateway(settings: marquee_gateway::config::Settings) -> TestGateway {
+    let shutdown = CancellationToken::new();
+    let running = marquee_gateway::start(settings, shutdown.clone())
+        .await
+        .expect("gateway starts");
+    TestGateway {
+        grpc_addr: running.grpc_addr,
+        admin_addr: running.admin_addr,
+        metrics: running.metrics,
+        gateway: running.gateway,
+        shutdown,
+    }
+}
+
+/// A request carrying an API key.
+pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    r
+}
+
+/// A request carrying a bearer token.
+pub fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// Settings for a vision backend that serves only `fashion_cnn` with one lane (fast to start).
+pub fn fashion_backend_settings() -> marquee_vision::Settings {
+    let mut s = settings(&model_repo());
+    s.repository.models = vec!["fashion_cnn".into()];
+    s.repository.lanes = Some(1);
+    s
+}
+
+/// The path of a workspace binary built by `cargo build --bins`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("MARQUEE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::current_exe()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .to_path_buf()
+        });
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A service binary started as a child process on ephemeral ports.
+pub struct ChildServer {
+    pub child: std::process::Child,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl ChildServer {
+    /// Starts `bin` with `env` and reads its `listening grpc=… admin=…` line.
+    pub fn start(bin: &str, env: &[(&str, String)]) -> Self {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(workspace_binary(bin));
+        cmd.env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let field = |name: &str| -> SocketAddr {
+            line.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        Self {
+            grpc_addr: field("grpc"),
+            admin_addr: field("admin"),
+            child,
+        }
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

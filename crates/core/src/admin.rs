@@ -10,26 +10,28 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::repository::Repository;
+
+/// Readiness check: `Some(detail)` when ready, `None` when not.
+pub type Readiness = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 #[derive(Clone)]
 struct AdminState {
     metrics: Metrics,
-    repo: Arc<Repository>,
+    ready: Readiness,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
 pub fn spawn(
     listener: TcpListener,
     metrics: Metrics,
-    repo: Arc<Repository>,
+    ready: Readiness,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics, repo });
+        .with_state(AdminState { metrics, ready });
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -48,12 +50,8 @@ async fn metrics_text(State(s): State<AdminState>) -> ([(&'static str, &'static 
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
-    if s.repo.is_ready() {
-        (
-            StatusCode::OK,
-            format!("ready: {}\n", s.repo.names().join(", ")),
-        )
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+    match (s.ready)() {
+        Some(detail) => (StatusCode::OK, format!("ready: {detail}\n")),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
     }
 }

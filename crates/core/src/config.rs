@@ -196,11 +196,21 @@ impl Validate for RepositorySettings {
             errors.push("`repository.threads` must be at least 1, got 0".into());
         }
         if let Some(d) = &self.device
-            && let Err(e) = crate::model::parse_device(d)
+            && !is_device_name(d)
         {
-            errors.push(format!("`repository.device`: {e}"));
+            errors.push(format!(
+                "`repository.device` must be `cpu`, `cuda` or `cuda:N`, got `{d}`"
+            ));
         }
     }
+}
+
+/// Whether `s` names a device: `cpu`, `cuda` or `cuda:N`.
+pub fn is_device_name(s: &str) -> bool {
+    s == "cpu"
+        || s == "cuda"
+        || s.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
 /// Logs and traces.

@@ -11,10 +11,16 @@ pub mod deadline;
 pub mod error;
 pub mod layers;
 pub mod metrics;
+#[cfg(feature = "torch")]
 pub mod model;
+#[cfg(feature = "torch")]
 pub mod oip;
+#[cfg(feature = "torch")]
 pub mod repository;
+#[cfg(feature = "torch")]
 pub mod runner;
+pub mod serve;
+#[cfg(feature = "torch")]
 pub mod server;
 pub mod telemetry;
 

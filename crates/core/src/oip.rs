@@ -257,6 +257,30 @@ impl GrpcInferenceService for OipService {
         }))
     }
 
+    async fn repository_index(
+        &self,
+        _: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let ready = self.repo.is_ready();
+        let models = self
+            .repo
+            .names()
+            .into_iter()
+            .filter_map(|name| self.repo.get(&name).ok())
+            .map(|m| repository_index_response::ModelIndex {
+                name: m.name.clone(),
+                version: m.version.to_string(),
+                state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
+                reason: if ready {
+                    String::new()
+                } else {
+                    "server is draining".into()
+                },
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
     async fn model_infer(
         &self,
         req: Request<ModelInferRequest>,

@@ -1,0 +1,160 @@
+//! The gRPC + admin server every Marquee binary runs (model services and the gateway alike):
+//! health, reflection (v1 and v1alpha), the standard layer stack, and graceful shutdown.
+//!
+//! Shutdown order: readiness flips to NOT_SERVING (health and `/readyz`), the server keeps
+//! serving for `drain_delay_ms` so load balancers notice, then the listener closes and
+//! in-flight calls get up to `shutdown_grace_ms` to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::admin::Readiness;
+use crate::config::ServerSettings;
+use crate::metrics::Metrics;
+
+/// Work to do when shutdown begins, before the drain delay.
+pub type OnDrain = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Everything [`serve`] needs besides the service routes.
+pub struct ServeParts {
+    pub settings: ServerSettings,
+    pub metrics: Metrics,
+    pub health: HealthReporter,
+    pub ready: Readiness,
+    pub on_drain: OnDrain,
+}
+
+/// A started server.
+pub struct Serving {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Resolves when the server has shut down.
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A health reporter and the service answering from it.
+pub fn health() -> (HealthReporter, HealthServer<HealthService>) {
+    let reporter = HealthReporter::new();
+    let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+    (reporter, service)
+}
+
+/// Binds both listeners and serves `routes` plus health and reflection until `shutdown`.
+pub async fn serve(
+    parts: ServeParts,
+    health_service: HealthServer<HealthService>,
+    routes: Routes,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Serving> {
+    let ServeParts {
+        settings,
+        metrics,
+        health,
+        ready,
+        on_drain,
+    } = parts;
+    let grpc = TcpListener::bind(settings.grpc_addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot bind `server.grpc_addr` {}: {e}", settings.grpc_addr)
+    })?;
+    let admin = TcpListener::bind(settings.admin_addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind `server.admin_addr` {}: {e}",
+            settings.admin_addr
+        )
+    })?;
+    let grpc_addr = grpc.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let admin_shutdown = CancellationToken::new();
+    crate::admin::spawn(admin, metrics.clone(), ready, admin_shutdown.clone());
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(marquee_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl 1.8 speaks only v1alpha reflection.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(marquee_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    health.set_service_status("", ServingStatus::Serving).await;
+    let stack = crate::layers::server_stack(
+        metrics.clone(),
+        settings.max_message_bytes,
+        settings.max_concurrent_requests,
+    );
+    let drain_signal = shutdown.clone();
+    let drain_delay = Duration::from_millis(settings.drain_delay_ms);
+    let signal = async move {
+        drain_signal.cancelled().await;
+        tracing::info!("shutdown: reporting NOT_SERVING");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        on_drain().await;
+        tokio::time::sleep(drain_delay).await;
+        tracing::info!("shutdown: closing the listener, finishing in-flight calls");
+    };
+    // Small responses must not wait for Nagle + delayed ACK (measured: a 40 ms p99 floor).
+    let incoming = TcpIncoming::from(grpc)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let server = tonic::transport::Server::builder()
+        // Image tensors are hundreds of KiB: windows that hold a whole request avoid stalling
+        // on WINDOW_UPDATE round trips mid-message.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .timeout(Duration::from_millis(settings.max_timeout_ms))
+        .layer(stack)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let grace = Duration::from_millis(settings.drain_delay_ms + settings.shutdown_grace_ms);
+    let task = tokio::spawn(async move {
+        let result = tokio::select! {
+            r = server => r.map_err(anyhow::Error::from),
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("shutdown grace period over; abandoning in-flight calls");
+                Ok(())
+            }
+        };
+        admin_shutdown.cancel();
+        tracing::info!("shutdown complete");
+        result
+    });
+    Ok(Serving {
+        grpc_addr,
+        admin_addr,
+        task,
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix, this is a bug");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

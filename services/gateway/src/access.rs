@@ -1,0 +1,154 @@
+//! The gateway's own layer, inside the standard stack: authenticates the caller, applies the
+//! tenant's quota, hands the principal to the handlers, and writes the access log and per-tenant
+//! metrics. Health, reflection and OIP liveness/readiness are open; everything else needs a
+//! credential. Credentials and payloads are never logged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use crate::auth::Authenticator;
+use crate::error::GatewayError;
+use crate::metrics::GatewayMetrics;
+use crate::quota::Quotas;
+
+/// Paths anyone may call: probes and discovery.
+fn is_open(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.")
+        || path == "/inference.GRPCInferenceService/ServerLive"
+        || path == "/inference.GRPCInferenceService/ServerReady"
+}
+
+#[derive(Clone)]
+pub struct AccessLayer {
+    auth: Arc<Authenticator>,
+    quotas: Arc<Quotas>,
+    metrics: GatewayMetrics,
+}
+
+impl AccessLayer {
+    pub fn new(auth: Arc<Authenticator>, quotas: Arc<Quotas>, metrics: GatewayMetrics) -> Self {
+        Self {
+            auth,
+            quotas,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = Access<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Access {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Access<S> {
+    inner: S,
+    layer: AccessLayer,
+}
+
+impl<S, B, RB> Service<Request<B>> for Access<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        if is_open(&path) {
+            return Box::pin(self.inner.call(req));
+        }
+        let l = &self.layer;
+        let principal = match l.auth.authenticate(req.headers()) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = if e.code() == Code::PermissionDenied {
+                    "unknown_tenant"
+                } else {
+                    "invalid"
+                };
+                l.metrics.auth_failures.with_label_values(&[reason]).inc();
+                tracing::info!(method = %path, code = ?e.code(), "refused: {e}");
+                let status: Status = e.into();
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        };
+        let in_flight = match l.quotas.admit(&principal.tenant) {
+            Ok(slot) => slot,
+            Err(e) => {
+                l.metrics
+                    .requests
+                    .with_label_values(&[&path, &principal.tenant, "RESOURCE_EXHAUSTED"])
+                    .inc();
+                tracing::info!(method = %path, tenant = %principal.tenant, "refused: {e}");
+                let status: Status = e.into();
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        };
+        req.extensions_mut().insert(principal.clone());
+        let metrics = l.metrics.clone();
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            drop(in_flight);
+            let code = match &result {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+                    .map(Code::from_i32)
+                    .unwrap_or(Code::Ok),
+                Err(_) => Code::Unknown,
+            };
+            let route = if code == Code::Unimplemented {
+                "unknown"
+            } else {
+                path.as_str()
+            };
+            let code_name = marquee_core::layers::code_name(code);
+            metrics
+                .requests
+                .with_label_values(&[route, &principal.tenant, code_name])
+                .inc();
+            tracing::info!(
+                target: "marquee_gateway::access",
+                method = %route,
+                tenant = %principal.tenant,
+                via = principal.via,
+                code = code_name,
+                micros = started.elapsed().as_micros() as u64,
+            );
+            result
+        })
+    }
+}
+
+/// The principal the access layer attached to this call.
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<crate::auth::Principal>, GatewayError> {
+    req.extensions()
+        .get::<Arc<crate::auth::Principal>>()
+        .cloned()
+        .ok_or_else(|| GatewayError::Unauthenticated("no credentials".into()))
+}

@@ -1,0 +1,325 @@
+//! Gateway settings: listeners, auth, tenants, backends and routes. Loaded like every Marquee
+//! service (defaults → `--config` file → `MARQUEE__` env) and validated at start.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use marquee_core::config::{ServerSettings, TelemetrySettings, Validate};
+use serde::{Deserialize, Serialize};
+
+/// Scopes a principal can hold.
+pub const SCOPES: &[&str] = &[
+    "vision:infer",
+    "language:generate",
+    "recommendation:read",
+    "recommendation:write",
+    "admin",
+];
+
+/// All gateway settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub telemetry: TelemetrySettings,
+    pub auth: AuthSettings,
+    /// Tenants by name. Only configured tenants exist: metrics labels stay bounded.
+    pub tenants: BTreeMap<String, Tenant>,
+    /// Backend services by name.
+    pub backends: BTreeMap<String, Backend>,
+    /// Per-API routing and limits.
+    pub routes: Routes,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let server = ServerSettings {
+            grpc_addr: "127.0.0.1:8000".parse().expect("literal address"),
+            admin_addr: "127.0.0.1:9000".parse().expect("literal address"),
+            ..ServerSettings::default()
+        };
+        let mut backends = BTreeMap::new();
+        backends.insert(
+            "vision".to_string(),
+            Backend {
+                kind: BackendKind::Vision,
+                endpoints: vec!["127.0.0.1:8001".into()],
+                ..Backend::default()
+            },
+        );
+        Self {
+            server,
+            telemetry: TelemetrySettings::default(),
+            auth: AuthSettings::default(),
+            tenants: BTreeMap::new(),
+            backends,
+            routes: Routes::default(),
+        }
+    }
+}
+
+/// Credentials the gateway accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// API keys inline (hashes only, never the keys themselves).
+    pub api_keys: Vec<ApiKey>,
+    /// A mounted secrets file (TOML) with more `[[api_keys]]` entries; read at start.
+    pub api_keys_file: Option<PathBuf>,
+    pub jwt: JwtSettings,
+}
+
+/// One API key: its SHA-256 (hex), whose it is and what it may do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// `sha256sum` of the key, lowercase hex.
+    pub sha256: String,
+    pub tenant: String,
+    pub scopes: Vec<String>,
+}
+
+/// JWT bearer tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    /// File holding the HS256 shared secret (raw bytes).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public keys (RSA for RS256, EC P-256 for ES256).
+    pub public_key_files: Vec<PathBuf>,
+    /// A JWKS document (RS256/ES256 keys selected by `kid`).
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_s: u64,
+    /// Claim holding the tenant.
+    pub tenant_claim: String,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            hs256_secret_file: None,
+            public_key_files: Vec::new(),
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway_s: 30,
+            tenant_claim: "tenant".into(),
+        }
+    }
+}
+
+/// One tenant's quotas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tenant {
+    /// Sustained calls per second (token bucket refill); 0 = unlimited.
+    pub rate_per_s: f64,
+    /// Bucket size: calls allowed in a burst.
+    pub burst: f64,
+    /// Calls in flight at once; 0 = unlimited.
+    pub max_in_flight: usize,
+    /// Share of saturated backend capacity relative to other tenants.
+    pub weight: u32,
+    /// Calls that may wait for backend capacity; past it `RESOURCE_EXHAUSTED`.
+    pub max_queued: usize,
+}
+
+impl Default for Tenant {
+    fn default() -> Self {
+        Self {
+            rate_per_s: 0.0,
+            burst: 100.0,
+            max_in_flight: 0,
+            weight: 1,
+            max_queued: 1024,
+        }
+    }
+}
+
+/// Which Marquee API a backend serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Vision,
+    Language,
+    Recommendation,
+}
+
+impl BackendKind {
+    /// The scope a call to this kind of backend needs.
+    pub fn scope(self) -> &'static str {
+        match self {
+            Self::Vision => "vision:infer",
+            Self::Language => "language:generate",
+            Self::Recommendation => "recommendation:read",
+        }
+    }
+}
+
+/// A set of replicas of one service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backend {
+    pub kind: BackendKind,
+    /// Static `host:port` endpoints.
+    pub endpoints: Vec<String>,
+    /// A DNS name `host:port` resolving to every replica (a Kubernetes headless Service),
+    /// re-resolved every `resolve_interval_ms`.
+    pub dns: Option<String>,
+    pub resolve_interval_ms: u64,
+    /// `grpc.health.v1` check period; a replica that says NOT_SERVING (or fails) is ejected
+    /// until it says SERVING again.
+    pub health_interval_ms: u64,
+    /// Calls in flight per replica; when every replica is full, calls wait in the tenants'
+    /// fair queue.
+    pub max_in_flight_per_endpoint: usize,
+    /// How often to refresh the model → backend table from the replicas' repository index.
+    pub models_refresh_ms: u64,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Vision,
+            endpoints: Vec::new(),
+            dns: None,
+            resolve_interval_ms: 5_000,
+            health_interval_ms: 1_000,
+            // Enough to keep a backend's lanes fed; beyond it the backend only queues.
+            max_in_flight_per_endpoint: 64,
+            models_refresh_ms: 5_000,
+        }
+    }
+}
+
+/// Per-API settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Routes {
+    pub vision: Route,
+    pub inference: Route,
+}
+
+/// Limits and batching for one API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Route {
+    /// Deadline when the client sends none.
+    pub default_timeout_ms: u64,
+    /// Cap on client deadlines.
+    pub max_timeout_ms: u64,
+    /// Largest request message accepted on this route.
+    pub max_request_bytes: usize,
+    /// Coalesce single-item calls from different clients into one batched backend call.
+    pub batching: bool,
+    /// Most items in one coalesced backend call.
+    pub max_batch: usize,
+    /// Longest an item waits for a batch to fill while backend batch calls are in flight.
+    /// An item never waits when a batch call slot is free.
+    pub max_batch_delay_us: u64,
+    /// Coalesced backend calls in flight per model before new items wait to be batched.
+    pub max_batches_in_flight: usize,
+    /// Retries (on another replica, for UNAVAILABLE) as a share of recent calls.
+    pub retry_budget_percent: f32,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: 30_000,
+            max_timeout_ms: 120_000,
+            max_request_bytes: 8 << 20,
+            batching: true,
+            max_batch: 32,
+            max_batch_delay_us: 2_000,
+            max_batches_in_flight: 2,
+            retry_budget_percent: 20.0,
+        }
+    }
+}
+
+impl Validate for Settings {
+    fn validate(&self, errors: &mut Vec<String>) {
+        self.server.validate(errors);
+        self.telemetry.validate(errors);
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            validate_key(&format!("auth.api_keys[{i}]"), key, &self.tenants, errors);
+        }
+        for (name, b) in &self.backends {
+            if b.endpoints.is_empty() && b.dns.is_none() {
+                errors.push(format!("`backends.{name}` needs `endpoints` or `dns`"));
+            }
+            if b.max_in_flight_per_endpoint == 0 {
+                errors.push(format!(
+                    "`backends.{name}.max_in_flight_per_endpoint` must be at least 1, got 0"
+                ));
+            }
+            if b.health_interval_ms == 0 {
+                errors.push(format!(
+                    "`backends.{name}.health_interval_ms` must be at least 1, got 0"
+                ));
+            }
+        }
+        for (name, t) in &self.tenants {
+            if t.weight == 0 {
+                errors.push(format!("`tenants.{name}.weight` must be at least 1, got 0"));
+            }
+            if t.rate_per_s < 0.0 || t.burst < 1.0 {
+                errors.push(format!(
+                    "`tenants.{name}`: `rate_per_s` must be ≥ 0 and `burst` ≥ 1, got {} and {}",
+                    t.rate_per_s, t.burst
+                ));
+            }
+        }
+        for (name, r) in [
+            ("vision", &self.routes.vision),
+            ("inference", &self.routes.inference),
+        ] {
+            if r.max_batch == 0 || r.max_batches_in_flight == 0 {
+                errors.push(format!(
+                    "`routes.{name}.max_batch` and `max_batches_in_flight` must be at least 1"
+                ));
+            }
+            if r.default_timeout_ms == 0 || r.default_timeout_ms > r.max_timeout_ms {
+                errors.push(format!(
+                    "`routes.{name}.default_timeout_ms` must be in 1..=`max_timeout_ms` ({}), got {}",
+                    r.max_timeout_ms, r.default_timeout_ms
+                ));
+            }
+        }
+    }
+}
+
+/// Checks one API key entry.
+pub fn validate_key(
+    at: &str,
+    key: &ApiKey,
+    tenants: &BTreeMap<String, Tenant>,
+    errors: &mut Vec<String>,
+) {
+    if key.sha256.len() != 64 || hex::decode(&key.sha256).is_err() {
+        errors.push(format!(
+            "`{at}.sha256` must be 64 hex characters (sha256sum of the key)"
+        ));
+    }
+    if !tenants.contains_key(&key.tenant) {
+        errors.push(format!(
+            "`{at}.tenant` `{}` is not in `tenants`",
+            key.tenant
+        ));
+    }
+    for s in &key.scopes {
+        if !SCOPES.contains(&s.as_str()) {
+            errors.push(format!(
+                "`{at}.scopes`: unknown scope `{s}` (known: {})",
+                SCOPES.join(", ")
+            ));
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The gateway's error type and its one conversion into `tonic::Status`.
+
+use std::time::Duration;
+
+use marquee_core::ServeError;
+use tonic::{Code, Status};
+
+/// Everything the gateway itself can refuse or fail with. Backend answers pass through as
+/// [`GatewayError::Backend`], unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{message}")]
+    Quota {
+        message: String,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    Serve(#[from] ServeError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("backend answered {}: {}", .0.code(), .0.message())]
+    Backend(Status),
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Self {
+        match e {
+            GatewayError::Unauthenticated(m) => Status::unauthenticated(m),
+            GatewayError::PermissionDenied(m) => Status::permission_denied(m),
+            GatewayError::Quota {
+                message,
+                retry_after,
+            } => ServeError::Overloaded {
+                message,
+                retry_after,
+            }
+            .into(),
+            GatewayError::Serve(s) => s.into(),
+            GatewayError::Unavailable(m) => Status::unavailable(m),
+            GatewayError::Backend(s) => s,
+        }
+    }
+}
+
+impl GatewayError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Quota { .. } => Code::ResourceExhausted,
+            Self::Serve(s) => s.code(),
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Backend(s) => s.code(),
+        }
+    }
+}

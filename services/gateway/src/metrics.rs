@@ -1,0 +1,76 @@
+//! Gateway metrics, registered in the server's registry. Tenant labels come from config only.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    /// Calls by route (gRPC method), tenant and code.
+    pub requests: IntCounterVec,
+    /// Calls to backends by backend and code.
+    pub backend_requests: IntCounterVec,
+    /// Retries on another replica, by backend.
+    pub retries: IntCounterVec,
+    /// Healthy replicas by backend.
+    pub endpoints_healthy: IntGaugeVec,
+    /// Credential failures by reason.
+    pub auth_failures: IntCounterVec,
+    /// Items per coalesced backend call, by route.
+    pub batch_size: HistogramVec,
+}
+
+impl GatewayMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("valid metric, this is a bug");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric, this is a bug");
+            c
+        };
+        let gauge = IntGaugeVec::new(
+            Opts::new("marquee_gateway_endpoints_healthy", "Healthy replicas."),
+            &["backend"],
+        )
+        .expect("valid metric, this is a bug");
+        registry
+            .register(Box::new(gauge.clone()))
+            .expect("unique metric, this is a bug");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new(
+                "marquee_gateway_batch_size",
+                "Items per coalesced backend call.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            &["route"],
+        )
+        .expect("valid metric, this is a bug");
+        registry
+            .register(Box::new(batch_size.clone()))
+            .expect("unique metric, this is a bug");
+        Self {
+            requests: counter(
+                "marquee_gateway_requests_total",
+                "Calls by route, tenant and code.",
+                &["route", "tenant", "code"],
+            ),
+            backend_requests: counter(
+                "marquee_gateway_backend_requests_total",
+                "Backend calls by backend and code.",
+                &["backend", "code"],
+            ),
+            retries: counter(
+                "marquee_gateway_retries_total",
+                "Retries on another replica.",
+                &["backend"],
+            ),
+            endpoints_healthy: gauge,
+            auth_failures: counter(
+                "marquee_gateway_auth_failures_total",
+                "Refused credentials by reason.",
+                &["reason"],
+            ),
+            batch_size,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The APIs the gateway serves: `marquee.vision.v1.ImageService` and the Open Inference
+//! Protocol, routed by model name to the backend that serves the model. Routes for the
+//! language and recommendation APIs join here as those services land.
+
+use std::sync::Arc;
+
+use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use marquee_proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use marquee_proto::inference::*;
+use marquee_proto::vision::image_service_client::ImageServiceClient;
+use marquee_proto::vision::image_service_server::{ImageService, ImageServiceServer};
+use marquee_proto::vision::*;
+use prost::Message;
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use crate::access::principal;
+use crate::backend::outgoing;
+use crate::config::BackendKind;
+use crate::error::GatewayError;
+use crate::{Gateway, check_size, deadline};
+
+/// Backend responses can be as large as a request is allowed to be.
+const MAX_BACKEND_MESSAGE: usize = 64 << 20;
+
+/// Every gateway API.
+pub fn routes(gw: Arc<Gateway>) -> Routes {
+    let max = gw.settings.server.max_message_bytes;
+    Routes::new(
+        ImageServiceServer::new(VisionRoute { gw: gw.clone() }).max_decoding_message_size(max),
+    )
+    .add_service(
+        GrpcInferenceServiceServer::new(InferenceRoute { gw }).max_decoding_message_size(max),
+    )
+}
+
+// === impl VisionRoute ===
+
+pub struct VisionRoute {
+    gw: Arc<Gateway>,
+}
+
+impl VisionRoute {
+    async fn classify_inner(
+        &self,
+        req: Request<ClassifyRequest>,
+    ) -> Result<ClassifyResponse, GatewayError> {
+        let route = &self.gw.settings.routes.vision;
+        let who = principal(&req)?;
+        who.require(BackendKind::Vision.scope())?;
+        let deadline = deadline(req.metadata(), route);
+        let req = req.into_inner();
+        check_size("vision", route, req.encoded_len())?;
+        let backend = self
+            .gw
+            .backend_for(&req.model, Some(BackendKind::Vision))
+            .await?;
+        let _slot = backend
+            .admit(&self.gw.quotas, &who.tenant, deadline)
+            .await?;
+        if route.batching {
+            let coalescer = self.gw.coalescers.get(&req.model, req.top_k, &backend);
+            let (labels, model_version) = coalescer
+                .classify(req.image.unwrap_or_default(), deadline)
+                .await?;
+            return Ok(ClassifyResponse {
+                model: req.model,
+                model_version,
+                labels,
+            });
+        }
+        backend
+            .call(
+                "marquee.vision.v1.ImageService/Classify",
+                deadline,
+                |ch, t| {
+                    let req = req.clone();
+                    async move {
+                        ImageServiceClient::new(ch)
+                            .max_decoding_message_size(MAX_BACKEND_MESSAGE)
+                            .classify(outgoing(req, t))
+                            .await
+                    }
+                },
+            )
+            .await
+            .map(Response::into_inner)
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for VisionRoute {
+    async fn classify(
+        &self,
+        req: Request<ClassifyRequest>,
+    ) -> Result<Response<ClassifyResponse>, Status> {
+        Ok(Response::new(self.classify_inner(req).await?))
+    }
+
+    async fn classify_batch(
+        &self,
+        req: Request<ClassifyBatchRequest>,
+    ) -> Result<Response<ClassifyBatchResponse>, Status> {
+        let route = &self.gw.settings.routes.vision;
+        let who = principal(&req)?;
+        who.require(BackendKind::Vision.scope())?;
+        let deadline = deadline(req.metadata(), route);
+        let req = req.into_inner();
+        check_size("vision", route, req.encoded_len())?;
+        let backend = self
+            .gw
+            .backend_for(&req.model, Some(BackendKind::Vision))
+            .await?;
+        let _slot = backend
+            .admit(&self.gw.quotas, &who.tenant, deadline)
+            .await?;
+        let resp = backend
+            .call(
+                "marquee.vision.v1.ImageService/ClassifyBatch",
+                deadline,
+                |ch, t| {
+                    let req = req.clone();
+                    async move {
+                        ImageServiceClient::new(ch)
+                            .max_decoding_message_size(MAX_BACKEND_MESSAGE)
+                            .classify_batch(outgoing(req, t))
+                            .await
+                    }
+                },
+            )
+            .await?;
+        Ok(resp)
+    }
+
+    async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let route = &self.gw.settings.routes.vision;
+        let who = principal(&req)?;
+        who.require(BackendKind::Vision.scope())?;
+        let deadline = deadline(req.metadata(), route);
+        let req = req.into_inner();
+        check_size("vision", route, req.encoded_len())?;
+        let backend = self
+            .gw
+            .backend_for(&req.model, Some(BackendKind::Vision))
+            .await?;
+        let _slot = backend
+            .admit(&self.gw.quotas, &who.tenant, deadline)
+            .await?;
+        let resp = backend
+            .call("marquee.vision.v1.ImageService/Embed", deadline, |ch, t| {
+                let req = req.clone();
+                async move {
+                    ImageServiceClient::new(ch)
+                        .max_decoding_message_size(MAX_BACKEND_MESSAGE)
+                        .embed(outgoing(req, t))
+                        .await
+                }
+            })
+            .await?;
+        Ok(resp)
+    }
+}
+
+// === impl InferenceRoute ===
+
+pub struct InferenceRoute {
+    gw: Arc<Gateway>,
+}
+
+impl InferenceRoute {
+    /// Routes a per-model OIP call: the model's backend, the scope it needs, a fair slot, then
+    /// the call with retries.
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        req: Request<Req>,
+        model: impl Fn(&Req) -> String,
+        method: &'static str,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Message + Clone,
+        F: Fn(GrpcInferenceServiceClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let route = &self.gw.settings.routes.inference;
+        let who = principal(&req)?;
+        let deadline = deadline(req.metadata(), route);
+        let req = req.into_inner();
+        check_size("inference", route, req.encoded_len())?;
+        let backend = self.gw.backend_for(&model(&req), None).await?;
+        who.require(backend.cfg.kind.scope())?;
+        let _slot = backend
+            .admit(&self.gw.quotas, &who.tenant, deadline)
+            .await?;
+        let resp = backend
+            .call(method, deadline, |ch, t| {
+                let client = GrpcInferenceServiceClient::new(ch)
+                    .max_decoding_message_size(MAX_BACKEND_MESSAGE);
+                call(client, outgoing(req.clone(), t))
+            })
+            .await?;
+        Ok(resp)
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceRoute {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.gw.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let known = self.gw.backend_for(&req.get_ref().name, None).await;
+        match known {
+            Ok(_) => {
+                self.forward(
+                    req,
+                    |r| r.name.clone(),
+                    "inference.GRPCInferenceService/ModelReady",
+                    |mut c, r| async move { c.model_ready(r).await },
+                )
+                .await
+            }
+            // Readiness of an unknown model is a plain "no", as on the backends.
+            Err(_) => Ok(Response::new(ModelReadyResponse { ready: false })),
+        }
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: crate::NAME.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.forward(
+            req,
+            |r| r.name.clone(),
+            "inference.GRPCInferenceService/ModelMetadata",
+            |mut c, r| async move { c.model_metadata(r).await },
+        )
+        .await
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        self.forward(
+            req,
+            |r| r.model_name.clone(),
+            "inference.GRPCInferenceService/ModelInfer",
+            |mut c, r| async move { c.model_infer(r).await },
+        )
+        .await
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        principal(&req)?;
+        let models = self
+            .gw
+            .models()
+            .into_iter()
+            .map(|(name, backend)| {
+                let ready = self
+                    .gw
+                    .backends
+                    .get(&backend)
+                    .is_some_and(|b| b.healthy_count() > 0);
+                repository_index_response::ModelIndex {
+                    name,
+                    version: String::new(),
+                    state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
+                    reason: if ready {
+                        String::new()
+                    } else {
+                        format!("backend `{backend}` has no healthy replica")
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+}
