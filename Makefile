@@ -6,7 +6,7 @@ VENV := $(CACHE)/venv
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export MARQUEE_MODEL_REPO := $(CURDIR)/model-repository
 
-.PHONY: help setup build build-release models run test test-rust test-python bench lint fmt clean
+.PHONY: help setup build build-release models run test test-rust test-python test-clients bench lint fmt clean
 
 help:
 	@echo "make run    set up, build, start the vision service locally, print how to call it"
@@ -31,10 +31,27 @@ run: build-release
 test: setup
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast 2>&1 | tee target/cargo-test.log
+	$(MAKE) --no-print-directory test-clients
 	$(MAKE) --no-print-directory test-python
 
 test-python:
 	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q tests/python
+
+# The polyglot clients (Python package generated from proto/, Node example, the `marquee` CLI)
+# against a real gateway. A separate pytest process: the generated OIP stubs and tritonclient's
+# both define proto package `inference`, which protobuf refuses to load twice in one process.
+PY_CLIENT_STAMP := target/.stamps/marquee-client
+NODE_DEPS := clients/node/node_modules/.package-lock.json
+
+$(PY_CLIENT_STAMP): $(shell find proto clients/python/setup.py clients/python/pyproject.toml clients/python/src -name '*.proto' -o -name '*.py' -o -name '*.toml' 2>/dev/null)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall ./clients/python
+	@mkdir -p $(@D) && touch $@
+
+$(NODE_DEPS): clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund --prefer-offline
+
+test-clients: $(PY_CLIENT_STAMP) $(NODE_DEPS)
+	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q clients
 
 bench: build-release
 	target/release/marquee-bench all --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md

@@ -17,6 +17,8 @@ into this interpreter, and ``npm ci --prefix clients/node``.
 from __future__ import annotations
 
 import json
+import contextlib
+import hashlib
 import os
 import re
 import selectors
@@ -41,7 +43,9 @@ ESPRESSO = 967
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 60.0
-LISTEN_RE = re.compile(r"^marquee-vision listening grpc=(\S+:\d+) admin=(\S+:\d+)$")
+LISTEN_RE = re.compile(r"^marquee-\w+ listening grpc=(\S+:\d+) admin=(\S+:\d+)$")
+# The key the gateway started below accepts (configured by its SHA-256 only).
+GATEWAY_KEY = "clients-test-key-b81f3e"
 
 
 def _bin_dir() -> Path:
@@ -49,7 +53,9 @@ def _bin_dir() -> Path:
 
 
 def _api_key() -> str | None:
-    return os.environ.get("MARQUEE_TEST_API_KEY") or None
+    if os.environ.get("MARQUEE_TEST_GRPC_ADDR"):
+        return os.environ.get("MARQUEE_TEST_API_KEY") or None
+    return GATEWAY_KEY
 
 
 def _wait_for_listen_line(proc: subprocess.Popen, log_path: Path) -> str:
@@ -79,34 +85,25 @@ def _wait_for_listen_line(proc: subprocess.Popen, log_path: Path) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def grpc_addr():
-    """host:port of the server under test: $MARQUEE_TEST_GRPC_ADDR, or a fresh marquee-vision."""
-    addr = os.environ.get("MARQUEE_TEST_GRPC_ADDR")
-    if addr:
-        yield addr.removeprefix("http://")
-        return
-    binary = _bin_dir() / "marquee-vision"
-    model_repo = Path(os.environ.get("MARQUEE_MODEL_REPO", REPO_ROOT / "model-repository"))
+@contextlib.contextmanager
+def _started(name: str, env_overrides: dict[str, str], args: list[str]):
+    """A Marquee binary on ephemeral ports, stopped with SIGTERM afterwards."""
+    binary = _bin_dir() / name
     if not binary.is_file():
-        pytest.fail(f"server binary not found: {binary} (set MARQUEE_BIN_DIR or MARQUEE_TEST_GRPC_ADDR)")
-    if not model_repo.is_dir():
-        pytest.fail(f"model repository not found: {model_repo} (set MARQUEE_MODEL_REPO)")
-    log_path = Path(tempfile.mkdtemp(prefix="marquee-clients-")) / "marquee-vision.stderr.log"
+        pytest.fail(f"binary not found: {binary} (set MARQUEE_BIN_DIR or MARQUEE_TEST_GRPC_ADDR)")
+    log_path = Path(tempfile.mkdtemp(prefix="marquee-clients-")) / f"{name}.stderr.log"
     env = dict(os.environ)
     env.update(
         {
             "MARQUEE__SERVER__GRPC_ADDR": "127.0.0.1:0",
             "MARQUEE__SERVER__ADMIN_ADDR": "127.0.0.1:0",
-            "MARQUEE__REPOSITORY__PATH": str(model_repo),
-            "MARQUEE__REPOSITORY__THREADS": "1",
-            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
             "NO_COLOR": "1",
+            **env_overrides,
         }
     )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [str(binary)],
+            [str(binary), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -124,6 +121,34 @@ def grpc_addr():
                 proc.kill()
                 proc.wait(timeout=10)
         proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def grpc_addr():
+    """host:port under test: $MARQUEE_TEST_GRPC_ADDR, or a fresh marquee-vision behind a fresh
+    marquee-gateway that requires GATEWAY_KEY (the way clients reach Marquee)."""
+    addr = os.environ.get("MARQUEE_TEST_GRPC_ADDR")
+    if addr:
+        yield addr.removeprefix("http://")
+        return
+    model_repo = Path(os.environ.get("MARQUEE_MODEL_REPO", REPO_ROOT / "model-repository"))
+    if not model_repo.is_dir():
+        pytest.fail(f"model repository not found: {model_repo} (set MARQUEE_MODEL_REPO)")
+    vision_env = {
+        "MARQUEE__REPOSITORY__PATH": str(model_repo),
+        "MARQUEE__REPOSITORY__THREADS": "1",
+        "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
+    }
+    with _started("marquee-vision", vision_env, []) as vision:
+        cfg = Path(tempfile.mkdtemp(prefix="marquee-clients-gw-")) / "gateway.toml"
+        cfg.write_text(
+            "[tenants.clients]\n\n[[auth.api_keys]]\n"
+            f'sha256 = "{hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()}"\n'
+            'tenant = "clients"\nscopes = ["vision:infer"]\n\n'
+            f'[backends.vision]\nendpoints = ["{vision}"]\n'
+        )
+        with _started("marquee-gateway", {}, ["--config", str(cfg)]) as gateway:
+            yield gateway
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +295,12 @@ def test_cli_health_and_models(grpc_addr):
     assert model["inputs"][0]["shape"][-3:] == [3, 224, 224]
     assert model["outputs"][0]["shape"][-1] == 1000
 
+    # Without --model: every model in the server's RepositoryIndex.
+    r = _cli("models", endpoint=grpc_addr)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^efficientnet_lite0  versions: \S+  platform: ", r.stdout, re.M), r.stdout
+    assert re.search(r"^  input   image\s+FP32\s+\[-1, 3, 224, 224\]$", r.stdout, re.M), r.stdout
+
 
 def test_cli_errors_name_the_grpc_code(grpc_addr):
     r = _cli("classify", str(COFFEE), "--model", "no_such_model", endpoint=grpc_addr)
@@ -287,3 +318,73 @@ def test_cli_errors_name_the_grpc_code(grpc_addr):
 
     r = _cli("classify", endpoint=grpc_addr)
     assert r.returncode == 2, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The auth contract: every client sends its key as `x-api-key` metadata
+# ---------------------------------------------------------------------------
+
+TEST_KEY = "mk_test_key-123"
+
+
+@pytest.fixture(scope="module")
+def key_checking_addr():
+    """A stand-in ImageService that answers only calls carrying `x-api-key: TEST_KEY`, as the
+    gateway will; it names the key it saw in the response's `model_version`."""
+    from concurrent import futures
+
+    from marquee_client.marquee.vision.v1 import vision_pb2, vision_pb2_grpc
+
+    class KeyChecking(vision_pb2_grpc.ImageServiceServicer):
+        def Classify(self, request, context):
+            keys = [v for k, v in context.invocation_metadata() if k == "x-api-key"]
+            if keys != [TEST_KEY]:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or bad api key: {len(keys)} sent")
+            return vision_pb2.ClassifyResponse(
+                model=request.model,
+                model_version="key-ok",
+                labels=[vision_pb2.Label(index=967, name="espresso", score=1.0)][: request.top_k],
+            )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    vision_pb2_grpc.add_ImageServiceServicer_to_server(KeyChecking(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_every_client_sends_the_api_key(key_checking_addr):
+    addr = key_checking_addr
+    with marquee_client.connect(addr, api_key=TEST_KEY) as client:
+        assert client.classify(COFFEE, top_k=1) == [("espresso", 1.0, 967)]
+
+    r = subprocess.run(
+        ["node", str(NODE_CLASSIFY), str(COFFEE), "--endpoint", addr, "--api-key", TEST_KEY],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0 and "(version key-ok)" in r.stdout, (r.stdout, r.stderr)
+
+    r = _cli("classify", str(COFFEE), "--api-key", TEST_KEY, "--json", endpoint=addr)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model_version"] == "key-ok"
+    assert TEST_KEY not in r.stdout + r.stderr
+
+
+def test_every_client_reports_unauthenticated_without_a_key(key_checking_addr):
+    addr = key_checking_addr
+    with marquee_client.connect(addr) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.classify(COFFEE)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    r = subprocess.run(
+        ["node", str(NODE_CLASSIFY), str(COFFEE), "--endpoint", addr],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "MARQUEE_API_KEY": ""},
+    )
+    assert r.returncode == 1 and r.stderr.startswith("error: UNAUTHENTICATED: "), r.stderr
+
+    r = _cli("classify", str(COFFEE), endpoint=addr)
+    assert r.returncode == 1 and r.stderr.startswith("error: UNAUTHENTICATED: "), r.stderr

@@ -11,8 +11,10 @@ mkdir -p "$cache"
 log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
 key() { cat "$@" | sha256sum | cut -c1-16; }
 
-# 1. Debian packages: Fashion-MNIST (the CNN's training data).
-apt_packages=(dataset-fashion-mnist)
+# 1. Debian packages: Fashion-MNIST (the CNN's training data), openssl (test keys for the JWT
+#    cases) and Node.js (the Node client example and its test).
+apt_packages=(dataset-fashion-mnist openssl)
+command -v npm >/dev/null || apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -142,21 +142,52 @@ start_service marquee-vision \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE__SERVER__ADMIN_ADDR:-127.0.0.1:9001}" \
   MARQUEE__REPOSITORY__PATH="$model_repo"
 
+# The gateway in front, with a fresh API key for this run (only its SHA-256 is configured).
+api_key=${MARQUEE_API_KEY:-mq_$(head -c 18 /dev/urandom | base64 | tr -d '/+=' | head -c 24)}
+gateway_config="$log_dir/gateway.toml"
+cat >"$gateway_config" <<CFG
+# Written by scripts/run-local.sh for this run.
+[tenants.local]
+weight = 1
+
+[[auth.api_keys]]
+sha256 = "$(printf '%s' "$api_key" | sha256sum | cut -d' ' -f1)"
+tenant = "local"
+scopes = ["admin"]
+
+[backends.vision]
+kind = "vision"
+endpoints = ["$(dial "${grpc_of[marquee-vision]}")"]
+CFG
+start_service marquee-gateway \
+  MARQUEE_CONFIG="$gateway_config" \
+  MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_GATEWAY_GRPC_ADDR:-127.0.0.1:8000}" \
+  MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_GATEWAY_ADMIN_ADDR:-127.0.0.1:9000}"
+
 print_usage() {
   local g a grpcurl py="$venv/bin/python" photo="$root/tests/fixtures/coffee.png"
   g=$(dial "${grpc_of[marquee-vision]}")
   a=$(dial "${admin_of[marquee-vision]}")
   grpcurl=$(command -v grpcurl || true)
   [ -n "$grpcurl" ] || { [ -x "$venv/bin/grpcurl" ] && grpcurl="$venv/bin/grpcurl"; } || true
+  local gw gwa
+  gw=$(dial "${grpc_of[marquee-gateway]}")
+  gwa=$(dial "${admin_of[marquee-gateway]}")
   cat <<EOF
 
 ${bold}Marquee is running.${plain} Ctrl-C stops it (SIGTERM, then a graceful drain).
 
+  marquee-gateway  gRPC $gw   admin http://$gwa   (clients call this one)
   marquee-vision   gRPC $g   admin http://$a   models: ${MARQUEE__REPOSITORY__MODELS:-every model in $model_repo}
 
-${bold}Classify a photo${plain} (grpcurl; bytes fields are base64 in its JSON):
-  grpcurl -plaintext -d '{"model":"efficientnet_lite0","top_k":3,"image":{"encoded":"'\$(base64 -w0 $photo)'"}}' \\
-    $g marquee.vision.v1.ImageService/Classify
+${bold}API key for this run${plain} (tenant \`local\`, scope admin):  export MARQUEE_API_KEY=$api_key
+
+${bold}The CLI${plain}:
+  MARQUEE_API_KEY=$api_key $bin_dir/marquee --endpoint http://$gw classify $photo
+
+${bold}Classify a photo through the gateway${plain} (grpcurl; bytes fields are base64 in its JSON):
+  grpcurl -plaintext -H "x-api-key: $api_key" -d '{"model":"efficientnet_lite0","top_k":3,"image":{"encoded":"'\$(base64 -w0 $photo)'"}}' \\
+    $gw marquee.vision.v1.ImageService/Classify
 
 ${bold}Health${plain} (server, then one model):
   grpcurl -plaintext $g grpc.health.v1.Health/Check

@@ -30,6 +30,9 @@ pub struct LoadArgs {
     pub concurrency: usize,
     #[arg(long, default_value_t = 4.0)]
     pub seconds: f64,
+    /// Sent as `x-api-key` (for the gateway).
+    #[arg(long)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -82,9 +85,18 @@ async fn drive(a: LoadArgs) -> anyhow::Result<LoadResult> {
         .connect()
         .await?;
     // Warm the connection and the server's path before timing.
+    let key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        a.api_key.as_deref().map(str::parse).transpose()?;
+    let request = move |r: &ClassifyRequest| {
+        let mut req = tonic::Request::new(r.clone());
+        if let Some(k) = &key {
+            req.metadata_mut().insert("x-api-key", k.clone());
+        }
+        req
+    };
     let mut warm = ImageServiceClient::new(channel.clone());
     for _ in 0..5 {
-        warm.classify(req.clone()).await?;
+        warm.classify(request(&req)).await?;
     }
     let cpu0 = crate::self_cpu_seconds();
     let started = Instant::now();
@@ -93,12 +105,13 @@ async fn drive(a: LoadArgs) -> anyhow::Result<LoadResult> {
         .map(|_| {
             let mut client = ImageServiceClient::new(channel.clone());
             let req = req.clone();
+            let request = request.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut errors = 0;
                 while Instant::now() < until {
                     let t = Instant::now();
-                    match client.classify(req.clone()).await {
+                    match client.classify(request(&req)).await {
                         Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
                         Err(_) => errors += 1,
                     }

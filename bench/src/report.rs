@@ -112,13 +112,24 @@ struct Server {
 
 impl Server {
     fn start(bin_dir: &Path, repo: &Path, model: &str, batching: bool) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin_dir.join("marquee-vision"))
-            .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
-            .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
-            .env("MARQUEE__REPOSITORY__PATH", repo)
+        let mut cmd = Command::new(bin_dir.join("marquee-vision"));
+        cmd.env("MARQUEE__REPOSITORY__PATH", repo)
             .env("MARQUEE__REPOSITORY__MODELS", model)
             .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
-            .env("MARQUEE__REPOSITORY__BATCHING", batching.to_string())
+            .env("MARQUEE__REPOSITORY__BATCHING", batching.to_string());
+        Self::spawn(cmd)
+    }
+
+    fn gateway(bin_dir: &Path, config: &Path) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin_dir.join("marquee-gateway"));
+        cmd.arg("--config").arg(config);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
             .env("MARQUEE__TELEMETRY__LOG_FILTER", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -162,6 +173,20 @@ fn load(
     image: &Path,
     c: usize,
 ) -> anyhow::Result<Load> {
+    load_with(a, server, model, dims, input, image, c, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load_with(
+    a: &AllArgs,
+    server: &Server,
+    model: &str,
+    dims: &str,
+    input: &str,
+    image: &Path,
+    c: usize,
+    api_key: Option<&str>,
+) -> anyhow::Result<Load> {
     let mut runs = Vec::new();
     for _ in 0..a.runs {
         let cpu0 = proc_cpu_seconds(server.pid());
@@ -186,6 +211,9 @@ fn load(
         ])
         .arg("--image")
         .arg(image);
+        if let Some(k) = api_key {
+            cmd.args(["--api-key", k]);
+        }
         let r: LoadResult = json(cmd)?;
         let server_cpu = (proc_cpu_seconds(server.pid()) - cpu0) / t0.elapsed().as_secs_f64();
         runs.push(Load { r, server_cpu });
@@ -395,6 +423,7 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
             verdict(server_rss <= 1.5 * bare)
         )?;
     }
+    gateway_section(&a, &bin_dir, &scratch, &mut md)?;
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     print!("{md}");
@@ -419,4 +448,179 @@ fn write_fashion_png(path: &Path) -> anyhow::Result<()> {
     });
     img.save(path)?;
     Ok(())
+}
+
+const BENCH_KEY: &str = "bench-key-7d1e0c";
+
+fn gateway_config(dir: &Path, backend: &str, batching: bool) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("gateway-{batching}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[tenants.bench]\n\n[[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"bench\"\nscopes = [\"vision:infer\"]\n\n\
+             [backends.vision]\nendpoints = [\"{backend}\"]\n\n[routes.vision]\nbatching = {batching}\n",
+            marquee_gateway::auth::hash_key(BENCH_KEY)
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Gateway overhead against the vision service directly, gateway batching on and off, and the
+/// cost of authentication.
+fn gateway_section(
+    a: &AllArgs,
+    bin_dir: &Path,
+    scratch: &Path,
+    md: &mut String,
+) -> anyhow::Result<()> {
+    eprintln!("== gateway");
+    let image = scratch.join("fashion.png");
+    let (model, dims) = ("fashion_cnn", "1,28,28");
+    let backend = Server::start(bin_dir, &a.repo, model, true)?;
+    writeln!(
+        md,
+        "## Gateway (`fashion_cnn`, raw tensors, in front of one vision replica)\n"
+    )?;
+    let mut rows = Vec::new();
+    let mut figures: BTreeMap<(&str, usize), Load> = BTreeMap::new();
+    for &c in &[1usize, 8, 32] {
+        eprintln!("   direct concurrency={c}");
+        figures.insert(
+            ("direct", c),
+            load(a, &backend, model, dims, "raw", &image, c)?,
+        );
+    }
+    for batching in [true, false] {
+        let cfg = gateway_config(scratch, &backend.addr, batching)?;
+        let gw = Server::gateway(bin_dir, &cfg)?;
+        let label = if batching {
+            "gateway, batching on"
+        } else {
+            "gateway, batching off"
+        };
+        for &c in &[1usize, 8, 32, 64] {
+            eprintln!("   {label} concurrency={c}");
+            let l = load_with(a, &gw, model, dims, "raw", &image, c, Some(BENCH_KEY))?;
+            figures.insert((label, c), l);
+        }
+    }
+    writeln!(
+        md,
+        "| path | concurrency | calls/s | p50 ms | p99 ms | errors | gateway CPU µs/call |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for ((path, c), l) in &figures {
+        let gw_us = if path.starts_with("gateway") {
+            format!("{:.0}", l.server_cpu / l.r.rps * 1e6)
+        } else {
+            "—".into()
+        };
+        rows.push(format!(
+            "| {path} | {c} | {:.0} | {:.3} | {:.3} | {} | {gw_us} |",
+            l.r.rps, l.r.p50_ms, l.r.p99_ms, l.r.errors
+        ));
+    }
+    writeln!(md, "{}\n", rows.join("\n"))?;
+    let d8 = &figures[&("direct", 8)];
+    let g8 = &figures[&("gateway, batching off", 8)];
+    let d32 = &figures[&("direct", 32)];
+    let g32 = &figures[&("gateway, batching on", 32)];
+    let on64 = &figures[&("gateway, batching on", 64)];
+    let off64 = &figures[&("gateway, batching off", 64)];
+    let on1 = &figures[&("gateway, batching on", 1)];
+    let off1 = &figures[&("gateway, batching off", 1)];
+    let (auth_key_us, auth_jwt_us) = auth_cost()?;
+    writeln!(md, "| target | measured | verdict |\n|---|---|---|")?;
+    writeln!(
+        md,
+        "| p50 added ≤ 0.5 ms at moderate load (c=8, batching off) | {:.3} ms ({:.3} vs {:.3}) | {} |",
+        g8.r.p50_ms - d8.r.p50_ms,
+        g8.r.p50_ms,
+        d8.r.p50_ms,
+        verdict(g8.r.p50_ms - d8.r.p50_ms <= 0.5)
+    )?;
+    writeln!(
+        md,
+        "| p99 added ≤ 2 ms at moderate load (c=8, batching off) | {:.3} ms ({:.3} vs {:.3}) | {} |",
+        g8.r.p99_ms - d8.r.p99_ms,
+        g8.r.p99_ms,
+        d8.r.p99_ms,
+        verdict(g8.r.p99_ms - d8.r.p99_ms <= 2.0)
+    )?;
+    writeln!(
+        md,
+        "| saturated throughput through the gateway ≥ 80% of direct (c=32) | {:.0}/s vs {:.0}/s = {:.1}% | {} |",
+        g32.r.rps,
+        d32.r.rps,
+        g32.r.rps / d32.r.rps * 100.0,
+        verdict(g32.r.rps >= 0.8 * d32.r.rps)
+    )?;
+    writeln!(
+        md,
+        "| 64 clients: batching on ≥ 1.25× off | {:.0}/s vs {:.0}/s = {:.2}× | {} |",
+        on64.r.rps,
+        off64.r.rps,
+        on64.r.rps / off64.r.rps,
+        verdict(on64.r.rps >= 1.25 * off64.r.rps)
+    )?;
+    writeln!(
+        md,
+        "| c=1: batching on never below off | {:.0}/s vs {:.0}/s | {} |",
+        on1.r.rps,
+        off1.r.rps,
+        verdict(on1.r.rps >= off1.r.rps)
+    )?;
+    writeln!(
+        md,
+        "| auth cost per call | API key {auth_key_us:.2} µs, JWT (HS256) {auth_jwt_us:.2} µs | measured |\n"
+    )?;
+    Ok(())
+}
+
+/// Median µs to authenticate one call: API key (SHA-256 + constant-time compare) and HS256 JWT.
+fn auth_cost() -> anyhow::Result<(f64, f64)> {
+    use marquee_gateway::config::{ApiKey, AuthSettings, Tenant};
+    let dir = tempfile_dir()?;
+    let secret = dir.join("hs256");
+    std::fs::write(&secret, b"a-benchmark-secret-that-is-32-bytes-or-more")?;
+    let mut tenants = std::collections::BTreeMap::new();
+    tenants.insert("bench".to_string(), Tenant::default());
+    let mut auth = AuthSettings::default();
+    auth.api_keys = (0..8)
+        .map(|i| ApiKey {
+            sha256: marquee_gateway::auth::hash_key(&format!("key-{i}")),
+            tenant: "bench".into(),
+            scopes: vec!["vision:infer".into()],
+        })
+        .collect();
+    auth.jwt.hs256_secret_file = Some(secret);
+    let authn = marquee_gateway::auth::Authenticator::new(&auth, &tenants)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"tenant": "bench", "scope": "vision:infer", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-benchmark-secret-that-is-32-bytes-or-more")?,
+    )?;
+    let time = |headers: http::HeaderMap| -> f64 {
+        let mut per_run = Vec::new();
+        for _ in 0..5 {
+            let n = 20_000;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                let p = authn.authenticate(&headers).expect("valid credential");
+                std::hint::black_box(p);
+            }
+            per_run.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        }
+        median(per_run)
+    };
+    let mut key_headers = http::HeaderMap::new();
+    key_headers.insert("x-api-key", "key-7".parse()?);
+    let mut jwt_headers = http::HeaderMap::new();
+    jwt_headers.insert("authorization", format!("Bearer {token}").parse()?);
+    Ok((time(key_headers), time(jwt_headers)))
 }

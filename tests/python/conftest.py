@@ -13,7 +13,9 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import os
 import re
 import selectors
@@ -34,8 +36,10 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_TIMEOUT_S = 30.0
 LISTEN_RE = re.compile(
-    r"^marquee-vision listening grpc=(?P<grpc>\S+:\d+) admin=(?P<admin>\S+:\d+)$"
+    r"^marquee-\w+ listening grpc=(?P<grpc>\S+:\d+) admin=(?P<admin>\S+:\d+)$"
 )
+# The API key the gateway fixture accepts (configured by its SHA-256 only).
+GATEWAY_KEY = "python-test-key-4f2a9c"
 
 
 @dataclass(frozen=True)
@@ -102,31 +106,27 @@ def _read_listen_line(proc: subprocess.Popen, timeout_s: float, log_path: Path) 
     )
 
 
-@pytest.fixture(scope="session")
-def server() -> Server:
-    binary = _bin_dir() / "marquee-vision"
+@contextlib.contextmanager
+def _run_binary(name: str, env_overrides: dict[str, str], args: list[str] | None = None):
+    """Start a Marquee binary on ephemeral ports, yield it once it listens, SIGTERM it after
+    and require a clean exit."""
+    binary = _bin_dir() / name
     if not binary.is_file():
-        pytest.fail(f"server binary not found: {binary} (set MARQUEE_BIN_DIR)")
-    model_repo = _model_repo()
-    if not model_repo.is_dir():
-        pytest.fail(f"model repository not found: {model_repo} (set MARQUEE_MODEL_REPO)")
-
+        pytest.fail(f"binary not found: {binary} (set MARQUEE_BIN_DIR)")
     log_dir = Path(tempfile.mkdtemp(prefix="marquee-e2e-"))
-    log_path = log_dir / "marquee-vision.stderr.log"
+    log_path = log_dir / f"{name}.stderr.log"
     env = dict(os.environ)
     env.update(
         {
             "MARQUEE__SERVER__GRPC_ADDR": "127.0.0.1:0",
             "MARQUEE__SERVER__ADMIN_ADDR": "127.0.0.1:0",
-            "MARQUEE__REPOSITORY__PATH": str(model_repo),
-            "MARQUEE__REPOSITORY__THREADS": "1",
-            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
             "NO_COLOR": "1",
+            **env_overrides,
         }
     )
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [str(binary)],
+            [str(binary), *(args or [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log_file,
@@ -144,7 +144,7 @@ def server() -> Server:
     srv = Server(
         grpc_addr=m.group("grpc"),
         admin_addr=m.group("admin"),
-        model_repo=model_repo,
+        model_repo=_model_repo(),
         process=proc,
         log_path=log_path,
     )
@@ -160,15 +160,53 @@ def server() -> Server:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-                pytest.fail(
-                    f"marquee-vision did not exit within {SHUTDOWN_TIMEOUT_S}s of SIGTERM\n"
-                    f"{srv.log_tail()}"
-                )
+                pytest.fail(f"{name} did not exit within {SHUTDOWN_TIMEOUT_S}s of SIGTERM\n{srv.log_tail()}")
         else:
             code = proc.returncode
         if proc.stdout is not None:
             proc.stdout.close()
-        assert code == 0, f"marquee-vision exit code {code} after SIGTERM\n{srv.log_tail()}"
+        assert code == 0, f"{name} exit code {code} after SIGTERM\n{srv.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def server() -> Server:
+    model_repo = _model_repo()
+    if not model_repo.is_dir():
+        pytest.fail(f"model repository not found: {model_repo} (set MARQUEE_MODEL_REPO)")
+    with _run_binary(
+        "marquee-vision",
+        {
+            "MARQUEE__REPOSITORY__PATH": str(model_repo),
+            "MARQUEE__REPOSITORY__THREADS": "1",
+            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
+        },
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def gateway(server: Server) -> Server:
+    """The real gateway in front of the vision server, accepting GATEWAY_KEY (tenant `py`)."""
+    cfg_dir = Path(tempfile.mkdtemp(prefix="marquee-gw-"))
+    cfg = cfg_dir / "gateway.toml"
+    key_hash = hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()
+    cfg.write_text(
+        f"""
+[tenants.py]
+weight = 1
+
+[[auth.api_keys]]
+sha256 = "{key_hash}"
+tenant = "py"
+scopes = ["vision:infer"]
+
+[backends.vision]
+kind = "vision"
+endpoints = ["{server.grpc_addr}"]
+"""
+    )
+    with _run_binary("marquee-gateway", {}, ["--config", str(cfg)]) as gw:
+        yield gw
 
 
 # ---------------------------------------------------------------------------

@@ -92,10 +92,13 @@ pub struct WarmupReport {
 pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupReport, String> {
     let started = Instant::now();
     let (ready_tx, ready_rx) = mpsc::channel();
+    // Profiling waits until every lane is warm, so the other lanes' warm-up does not skew it.
+    let warm = Arc::new(std::sync::Barrier::new(cfg.lanes));
     for lane in 0..cfg.lanes {
         let cfg = cfg.clone();
         let queue = queue.clone();
         let ready_tx = ready_tx.clone();
+        let warm = warm.clone();
         let name = format!("lane-{}-{lane}", queue.config().model);
         std::thread::Builder::new()
             .name(name)
@@ -106,11 +109,13 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
                     match TchExecutor::load(&cfg.model_path, cfg.device, cfg.input_dims.clone()) {
                         Ok(e) => e,
                         Err(e) => {
+                            // Still meet the others at the barrier so none waits forever.
+                            warm.wait();
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
-                let report = warm_up(&mut exec, &queue, cfg.profile && lane == 0);
+                let report = warm_up(&mut exec, &queue, &warm, cfg.profile && lane == 0);
                 let failed = report.is_err();
                 let _ = ready_tx.send(report);
                 drop(ready_tx);
@@ -151,14 +156,16 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
 fn warm_up(
     exec: &mut TchExecutor,
     queue: &BatchQueue,
+    warm: &std::sync::Barrier,
     profile: bool,
 ) -> Result<Option<WarmupReport>, String> {
     let cfg = queue.config();
     let item = vec![0f32; cfg.item_len];
     // The first calls pay for graph optimisation and allocation; never let a client pay them.
-    for _ in 0..3 {
-        exec.execute(&item, 1)?;
-    }
+    let warmed = (0..3).try_for_each(|_| exec.execute(&item, 1).map(drop));
+    // Every lane reaches the barrier, failed or not, so none waits forever.
+    warm.wait();
+    warmed?;
     if !profile {
         return Ok(None);
     }

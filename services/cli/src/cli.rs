@@ -56,7 +56,7 @@ pub enum Command {
     Classify(ClassifyArgs),
     /// Check that the server, and optionally some models, are serving. Exits 1 when not.
     Health(HealthArgs),
-    /// Show models' versions, platform and input/output tensors.
+    /// Show models' versions, platform and input/output tensors (all models by default).
     Models(ModelsArgs),
 }
 
@@ -85,8 +85,8 @@ pub struct HealthArgs {
 
 #[derive(Args)]
 pub struct ModelsArgs {
-    /// A model to describe (repeatable).
-    #[arg(long = "model", value_name = "NAME", required = true)]
+    /// A model to describe (repeatable); without it, every model the server lists.
+    #[arg(long = "model", value_name = "NAME")]
     pub models: Vec<String>,
 }
 
@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn usage_errors_are_reported_by_clap() {
         assert!(Cli::try_parse_from(["marquee", "classify", "x.png", "--top-k", "0"]).is_err());
-        assert!(Cli::try_parse_from(["marquee", "models"]).is_err());
+        assert!(Cli::try_parse_from(["marquee", "models", "--model"]).is_err());
         assert!(Cli::try_parse_from(["marquee", "generate"]).is_err());
     }
 }

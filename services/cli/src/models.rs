@@ -1,10 +1,12 @@
-//! `marquee models`: the Open Inference Protocol's `ModelMetadata` for each named model.
+//! `marquee models`: the Open Inference Protocol's `ModelMetadata` for each named model, or for
+//! every model in the server's `RepositoryIndex`.
 
 use std::fmt::Write as _;
 
-use marquee_proto::inference::ModelMetadataRequest;
-use marquee_proto::inference::ModelMetadataResponse;
 use marquee_proto::inference::model_metadata_response::TensorMetadata;
+use marquee_proto::inference::{
+    ModelMetadataRequest, ModelMetadataResponse, RepositoryIndexRequest,
+};
 use serde_json::{Value, json};
 
 use crate::cli::ModelsArgs;
@@ -13,8 +15,15 @@ use crate::output::Outcome;
 
 pub async fn run(conn: &Connection, args: ModelsArgs, json: bool) -> anyhow::Result<Outcome> {
     let mut oip = conn.inference();
-    let mut models = Vec::with_capacity(args.models.len());
-    for name in args.models {
+    let names = if args.models.is_empty() {
+        let request = conn.request(RepositoryIndexRequest::default());
+        let index = conn.call(oip.repository_index(request)).await?;
+        index.models.into_iter().map(|m| m.name).collect()
+    } else {
+        args.models
+    };
+    let mut models = Vec::with_capacity(names.len());
+    for name in names {
         let request = ModelMetadataRequest {
             name,
             version: String::new(),

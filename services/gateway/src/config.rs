@@ -323,3 +323,42 @@ pub fn validate_key(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_replaces_the_default_backend_endpoints() {
+        let dir = std::env::temp_dir().join(format!("marquee-gw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("g.toml");
+        std::fs::write(
+            &file,
+            "[tenants.t]\n[[auth.api_keys]]\nsha256 = \"".to_string()
+                + &"ab".repeat(32)
+                + "\"\ntenant = \"t\"\nscopes = [\"vision:infer\"]\n[backends.vision]\nendpoints = [\"10.0.0.1:1\", \"10.0.0.2:1\"]\n",
+        )
+        .unwrap();
+        let s: Settings = marquee_core::config::load_from(Some(&file), std::iter::empty()).unwrap();
+        assert_eq!(s.backends["vision"].endpoints, ["10.0.0.1:1", "10.0.0.2:1"]);
+        assert_eq!(
+            s.backends["vision"].max_in_flight_per_endpoint, 64,
+            "defaults fill the rest"
+        );
+        assert_eq!(s.auth.api_keys[0].tenant, "t");
+    }
+
+    #[test]
+    fn keys_for_unknown_tenants_and_scopes_are_reported_together() {
+        let mut s = Settings::default();
+        s.auth.api_keys.push(ApiKey {
+            sha256: "xyz".into(),
+            tenant: "ghost".into(),
+            scopes: vec!["vision:everything".into()],
+        });
+        let mut errors = Vec::new();
+        s.validate(&mut errors);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+}
