@@ -159,7 +159,12 @@ scopes = ["admin"]
 kind = "vision"
 endpoints = ["$(dial "${grpc_of[marquee-vision]}")"]
 CFG
+# The gateway has its own settings: MARQUEE__* variables meant for the vision service (say
+# MARQUEE__REPOSITORY__MODELS) must not reach it.
+unset_vision_env=()
+for v in $(compgen -e | grep '^MARQUEE__' || true); do unset_vision_env+=(-u "$v"); done
 start_service marquee-gateway \
+  "${unset_vision_env[@]}" \
   MARQUEE_CONFIG="$gateway_config" \
   MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_GATEWAY_GRPC_ADDR:-127.0.0.1:8000}" \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_GATEWAY_ADMIN_ADDR:-127.0.0.1:9000}"

@@ -786,3 +786,254 @@ async fn a_model_added_to_a_backend_becomes_routable_without_a_restart() {
     gw.shutdown.cancel();
     backend.shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_row_model_infer_calls_are_merged_and_split_back() {
+    use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use marquee_proto::inference::model_infer_request::InferInputTensor;
+    use marquee_proto::inference::*;
+    let backend = start(fashion_backend_settings()).await;
+    let gw = start_gateway(gateway_settings(&[backend.grpc_addr])).await;
+    let (images, _) = fashion_test_set(32);
+    let row = |px: &[u8]| -> Vec<u8> {
+        px.iter()
+            .flat_map(|p| ((*p as f32 / 255.0 - 0.286) / 0.353).to_le_bytes())
+            .collect()
+    };
+    let request = |id: usize, raw: Vec<u8>| ModelInferRequest {
+        model_name: "fashion_cnn".into(),
+        id: format!("req-{id}"),
+        inputs: vec![InferInputTensor {
+            name: "image".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 1, 28, 28],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    };
+    let logits = |r: &ModelInferResponse| -> Vec<f32> {
+        r.raw_output_contents[0]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    // What each row gives on its own, straight from the backend.
+    let mut direct = backend.oip().await;
+    let mut want = Vec::new();
+    for (i, px) in images.iter().enumerate() {
+        want.push(logits(
+            &direct
+                .model_infer(request(i, row(px)))
+                .await
+                .unwrap()
+                .into_inner(),
+        ));
+    }
+    let infer_rpcs = |s: &TestServer| {
+        s.metric(
+            "marquee_grpc_requests_total",
+            &[("method", "/inference.GRPCInferenceService/ModelInfer")],
+        )
+    };
+    let channel = gw.channel().await;
+    let run = |bad: Option<usize>| {
+        let mut nan_row = row(&images[0]);
+        nan_row[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let calls = images.iter().enumerate().map(|(i, px)| {
+            let mut c = GrpcInferenceServiceClient::new(channel.clone());
+            let raw = if Some(i) == bad {
+                nan_row.clone()
+            } else {
+                row(px)
+            };
+            let req = with_key(request(i, raw), ACME_KEY);
+            async move { c.model_infer(req).await.map(|r| r.into_inner()) }
+        });
+        join_all(calls)
+    };
+    let check = |results: &[Result<ModelInferResponse, tonic::Status>], bad: Option<usize>| {
+        for (i, r) in results.iter().enumerate() {
+            if Some(i) == bad {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.code(), Code::InvalidArgument);
+                assert!(e.message().contains("NaN"), "{}", e.message());
+                continue;
+            }
+            let r = r.as_ref().unwrap_or_else(|e| panic!("caller {i}: {e:?}"));
+            assert_eq!(
+                r.id,
+                format!("req-{i}"),
+                "each caller gets its own response id"
+            );
+            assert_eq!(r.outputs[0].shape, vec![1, 10]);
+            let got = logits(r);
+            assert!(
+                got.iter().zip(&want[i]).all(|(a, b)| (a - b).abs() < 1e-4),
+                "caller {i}: {got:?} vs {:?}",
+                want[i]
+            );
+        }
+    };
+    // 32 concurrent single-row calls reach the backend as fewer, larger calls.
+    let before = infer_rpcs(&backend);
+    check(&run(None).await, None);
+    let rpcs = infer_rpcs(&backend) - before;
+    assert!(
+        rpcs < 32.0,
+        "32 callers reached the backend as {rpcs} ModelInfer RPCs: no merging"
+    );
+    // A caller with a NaN in its row fails alone; everyone merged with it still gets an answer.
+    check(&run(Some(5)).await, Some(5));
+    gw.shutdown.cancel();
+    backend.shutdown.cancel();
+}
+
+/// A throwaway CA with a server certificate for 127.0.0.1 and a client certificate.
+fn test_pki() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                &p("ca.key"),
+                "-out",
+                &p("ca.pem"),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=marquee-test-ca",
+            ][..],
+        ]
+        .concat(),
+    );
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(p(&format!("{name}.ext")), ext).unwrap();
+        openssl(
+            &[
+                &["req"][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    &p(&format!("{name}.key")),
+                    "-out",
+                    &p(&format!("{name}.csr")),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ][..],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p(&format!("{name}.csr")),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p(&format!("{name}.pem")),
+            "-days",
+            "1",
+            "-extfile",
+            &p(&format!("{name}.ext")),
+        ]);
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_at_the_gateway_and_mutual_tls_to_the_backend() {
+    use marquee_core::config::ServerTls;
+    use marquee_gateway::config::ClientTls;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let pki = test_pki();
+    let f = |n: &str| pki.path().join(n);
+    let mut bs = fashion_backend_settings();
+    bs.server.tls = Some(ServerTls {
+        cert_file: f("server.pem"),
+        key_file: f("server.key"),
+        client_ca_file: Some(f("ca.pem")),
+    });
+    let backend = start(bs).await;
+    let mut s = gateway_settings(&[backend.grpc_addr]);
+    s.server.tls = Some(ServerTls {
+        cert_file: f("server.pem"),
+        key_file: f("server.key"),
+        client_ca_file: None,
+    });
+    s.backends.get_mut("vision").unwrap().tls = Some(ClientTls {
+        ca_file: f("ca.pem"),
+        domain: None,
+        cert_file: Some(f("client.pem")),
+        key_file: Some(f("client.key")),
+    });
+    let gw = start_gateway(s).await;
+    let ca = Certificate::from_pem(std::fs::read(f("ca.pem")).unwrap());
+    let tls = ClientTlsConfig::new().ca_certificate(ca.clone());
+    let channel = Channel::from_shared(format!("https://{}", gw.grpc_addr))
+        .unwrap()
+        .tls_config(tls.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (images, labels) = fashion_test_set(1);
+    let r = ImageServiceClient::new(channel)
+        .classify(with_key(fashion(&images[0]), ACME_KEY))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.into_inner().labels[0].index,
+        labels[0] as u32,
+        "client → TLS gateway → mTLS backend"
+    );
+    // Plaintext to the gateway is refused.
+    let plain = Channel::from_shared(format!("http://{}", gw.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        ImageServiceClient::new(plain)
+            .classify(with_key(fashion(&images[0]), ACME_KEY))
+            .await
+            .is_err()
+    );
+    // The backend refuses a client without a certificate.
+    let anonymous = Channel::from_shared(format!("https://{}", backend.grpc_addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match anonymous {
+        Err(_) => true,
+        Ok(ch) => ImageServiceClient::new(ch)
+            .classify(fashion(&images[0]))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "mutual TLS: no client certificate, no call");
+    gw.shutdown.cancel();
+    backend.shutdown.cancel();
+}

@@ -98,6 +98,21 @@ pub struct ServerSettings {
     pub drain_delay_ms: u64,
     /// After the listener closes: how long in-flight calls get to finish.
     pub shutdown_grace_ms: u64,
+    /// Serve gRPC over TLS (and require client certificates with `client_ca_file`: mTLS).
+    pub tls: Option<ServerTls>,
+}
+
+/// TLS for a gRPC listener. Files are PEM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// Certificate chain presented to clients.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -113,6 +128,7 @@ impl Default for ServerSettings {
             max_timeout_ms: 300_000,
             drain_delay_ms: 0,
             shutdown_grace_ms: 30_000,
+            tls: None,
         }
     }
 }
@@ -133,6 +149,18 @@ impl Validate for ServerSettings {
                 "`server.default_timeout_ms` must be in 1..=`server.max_timeout_ms` ({}), got {}",
                 self.max_timeout_ms, self.default_timeout_ms
             ));
+        }
+        if let Some(tls) = &self.tls {
+            let files = [
+                Some(&tls.cert_file),
+                Some(&tls.key_file),
+                tls.client_ca_file.as_ref(),
+            ];
+            for f in files.into_iter().flatten() {
+                if !f.is_file() {
+                    errors.push(format!("`server.tls`: `{}` does not exist", f.display()));
+                }
+            }
         }
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.admin_addr {
             errors.push(format!(

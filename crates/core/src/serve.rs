@@ -114,7 +114,11 @@ pub async fn serve(
     let incoming = TcpIncoming::from(grpc)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(server_tls(tls)?)?;
+    }
+    let server = builder
         // Image tensors are hundreds of KiB: windows that hold a whole request avoid stalling
         // on WINDOW_UPDATE round trips mid-message.
         .initial_stream_window_size(Some(4 << 20))
@@ -141,6 +145,20 @@ pub async fn serve(
         admin_addr,
         task,
     })
+}
+
+/// The rustls configuration of `server.tls`.
+fn server_tls(tls: &crate::config::ServerTls) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| anyhow::anyhow!("`server.tls`: `{}`: {e}", p.display()))
+    };
+    let identity =
+        tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    let mut cfg = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(cfg)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -17,7 +17,9 @@ use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServic
 use opentelemetry::propagation::Injector;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity,
+};
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -26,7 +28,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::config::Backend as BackendConfig;
+use crate::config::{Backend as BackendConfig, ClientTls};
 use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::quota::{FairQueue, Quotas, Slot};
@@ -39,10 +41,31 @@ pub struct Endpoint {
     healthy: AtomicBool,
 }
 
+/// The rustls client configuration of a backend's `tls` settings.
+fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, String> {
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("`{}`: {e}", p.display()));
+    let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
+    if let Some(domain) = &tls.domain {
+        cfg = cfg.domain_name(domain.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        cfg = cfg.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(cfg)
+}
+
 impl Endpoint {
-    fn new(addr: &str) -> Result<Self, String> {
-        let channel = TonicEndpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("endpoint `{addr}`: {e}"))?
+    fn new(addr: &str, tls: Option<&ClientTls>) -> Result<Self, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = TonicEndpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| format!("endpoint `{addr}`: {e}"))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(client_tls(tls)?)
+                .map_err(|e| format!("endpoint `{addr}`: {e}"))?;
+        }
+        let channel = endpoint
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(1))
             .initial_stream_window_size(Some(4 << 20))
@@ -91,7 +114,7 @@ impl BackendPool {
         let endpoints = cfg
             .endpoints
             .iter()
-            .map(|a| Endpoint::new(a).map(Arc::new))
+            .map(|a| Endpoint::new(a, cfg.tls.as_ref()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let pool = Arc::new(Self {
             name: name.to_string(),
@@ -306,7 +329,7 @@ impl BackendPool {
                 known
                     .get(a.as_str())
                     .map(|e| (*e).clone())
-                    .or_else(|| Endpoint::new(a).ok().map(Arc::new))
+                    .or_else(|| Endpoint::new(a, self.cfg.tls.as_ref()).ok().map(Arc::new))
             })
             .collect();
         tracing::info!(backend = %self.name, replicas = next.len(), "replica set changed");

@@ -181,6 +181,25 @@ pub struct Backend {
     pub max_in_flight_per_endpoint: usize,
     /// How often to refresh the model → backend table from the replicas' repository index.
     pub models_refresh_ms: u64,
+    /// Call the replicas over TLS (mutual TLS with `cert_file` + `key_file`).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS to a backend. Files are PEM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// CA that signed the replicas' certificates.
+    pub ca_file: PathBuf,
+    /// Name the replicas' certificates are checked against (defaults to the endpoint host).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Client certificate for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for Backend {
@@ -194,16 +213,31 @@ impl Default for Backend {
             // Enough to keep a backend's lanes fed; beyond it the backend only queues.
             max_in_flight_per_endpoint: 64,
             models_refresh_ms: 5_000,
+            tls: None,
         }
     }
 }
 
 /// Per-API settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Routes {
     pub vision: Route,
     pub inference: Route,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self {
+            vision: Route::default(),
+            inference: Route {
+                // Merged `ModelInfer` rows must fit the backend model's `max_batch_size`; 16 fits
+                // the models built here. A merge the backend refuses is resent call by call.
+                max_batch: 16,
+                ..Route::default()
+            },
+        }
+    }
 }
 
 /// Limits and batching for one API.
@@ -259,6 +293,26 @@ impl Validate for Settings {
                 errors.push(format!(
                     "`backends.{name}.max_in_flight_per_endpoint` must be at least 1, got 0"
                 ));
+            }
+            if let Some(tls) = &b.tls {
+                if tls.cert_file.is_some() != tls.key_file.is_some() {
+                    errors.push(format!(
+                        "`backends.{name}.tls`: set both `cert_file` and `key_file`, or neither"
+                    ));
+                }
+                let files = [
+                    Some(&tls.ca_file),
+                    tls.cert_file.as_ref(),
+                    tls.key_file.as_ref(),
+                ];
+                for f in files.into_iter().flatten() {
+                    if !f.is_file() {
+                        errors.push(format!(
+                            "`backends.{name}.tls`: `{}` does not exist",
+                            f.display()
+                        ));
+                    }
+                }
             }
             if b.health_interval_ms == 0 {
                 errors.push(format!(

@@ -41,7 +41,10 @@ pub struct Gateway {
     last_refresh_ms: AtomicU64,
     started: Instant,
     pub quotas: Arc<quota::Quotas>,
-    pub coalescers: batch::Coalescers,
+    /// `Classify` coalescers by (model, top_k).
+    pub classify_batches: batch::Coalescers<(String, u32), batch::ClassifyDispatch>,
+    /// `ModelInfer` coalescers by input layout.
+    pub infer_batches: batch::Coalescers<batch::InferKey, batch::InferDispatch>,
     pub metrics: metrics::GatewayMetrics,
 }
 
@@ -169,7 +172,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     }
     let quotas = Arc::new(quota::Quotas::new(&settings.tenants));
     let gateway = Arc::new(Gateway {
-        coalescers: batch::Coalescers::new(settings.routes.vision.clone(), gm.clone()),
+        classify_batches: batch::Coalescers::new(settings.routes.vision.clone(), gm.clone()),
+        infer_batches: batch::Coalescers::new(settings.routes.inference.clone(), gm.clone()),
         settings: settings.clone(),
         backends,
         table: ArcSwap::from_pointee(HashMap::new()),

@@ -41,6 +41,11 @@ fn main() {
                 std::process::exit(EXIT_CONFIG);
             }
         };
+    // Key files are part of the configuration: unreadable or invalid ones are a config error.
+    if let Err(errors) = marquee_gateway::auth::Authenticator::new(&settings.auth, &settings.tenants) {
+        eprintln!("invalid configuration:\n  - {}", errors.join("\n  - "));
+        std::process::exit(EXIT_CONFIG);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

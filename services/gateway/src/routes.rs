@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::principal;
 use crate::backend::outgoing;
+use crate::batch::{ClassifyDispatch, InferDispatch, InferKey};
 use crate::config::BackendKind;
 use crate::error::GatewayError;
 use crate::{Gateway, check_size, deadline};
@@ -61,9 +62,16 @@ impl VisionRoute {
             .admit(&self.gw.quotas, &who.tenant, deadline)
             .await?;
         if route.batching {
-            let coalescer = self.gw.coalescers.get(&req.model, req.top_k, &backend);
+            let (model, top_k) = (req.model.clone(), req.top_k);
+            let coalescer = self
+                .gw
+                .classify_batches
+                .get((model.clone(), top_k), &backend, || ClassifyDispatch {
+                    model,
+                    top_k,
+                });
             let (labels, model_version) = coalescer
-                .classify(req.image.unwrap_or_default(), deadline)
+                .call(req.image.unwrap_or_default(), deadline)
                 .await?;
             return Ok(ClassifyResponse {
                 model: req.model,
@@ -271,13 +279,32 @@ impl GrpcInferenceService for InferenceRoute {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        self.forward(
-            req,
-            |r| r.model_name.clone(),
-            "inference.GRPCInferenceService/ModelInfer",
-            |mut c, r| async move { c.model_infer(r).await },
-        )
-        .await
+        let route = &self.gw.settings.routes.inference;
+        let key = route
+            .batching
+            .then(|| InferKey::of(req.get_ref()))
+            .flatten();
+        let Some(key) = key else {
+            return self
+                .forward(
+                    req,
+                    |r| r.model_name.clone(),
+                    "inference.GRPCInferenceService/ModelInfer",
+                    |mut c, r| async move { c.model_infer(r).await },
+                )
+                .await;
+        };
+        let who = principal(&req)?;
+        let deadline = deadline(req.metadata(), route);
+        let req = req.into_inner();
+        check_size("inference", route, req.encoded_len())?;
+        let backend = self.gw.backend_for(&req.model_name, None).await?;
+        who.require(backend.cfg.kind.scope())?;
+        let _slot = backend
+            .admit(&self.gw.quotas, &who.tenant, deadline)
+            .await?;
+        let coalescer = self.gw.infer_batches.get(key, &backend, || InferDispatch);
+        Ok(Response::new(coalescer.call(req, deadline).await?))
     }
 
     async fn repository_index(
