@@ -16,7 +16,10 @@ pub fn tune_allocator() -> bool {
         let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1
             || libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1;
         let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1;
-        mmap && trim
+        // With trimming off, every thread arena keeps its high-water mark; two arenas bound
+        // that (measured: EfficientNet server after encoded load, 456 → 383 MiB resident).
+        let arenas = libc::mallopt(libc::M_ARENA_MAX, 2) == 1;
+        mmap && trim && arenas
     }
 }
 

@@ -100,6 +100,13 @@ pub struct ServerSettings {
     pub shutdown_grace_ms: u64,
     /// Serve gRPC over TLS (and require client certificates with `client_ca_file`: mTLS).
     pub tls: Option<ServerTls>,
+    /// Async runtime threads for network work (models run on their own lane threads); 0 means
+    /// one per core. Default 1: measured on 2 cores, one thread beats two (gateway CPU per call
+    /// 70 vs 89 µs at c=8; vision at c=64 14.1k vs 12.9k calls/s), because the lanes occupy
+    /// the cores and cross-thread wake-ups cost more than they give.
+    pub worker_threads: usize,
+    /// Threads for blocking work such as image decoding; more than the cores only adds memory.
+    pub blocking_threads: usize,
 }
 
 /// TLS for a gRPC listener. Files are PEM.
@@ -129,6 +136,8 @@ impl Default for ServerSettings {
             drain_delay_ms: 0,
             shutdown_grace_ms: 30_000,
             tls: None,
+            worker_threads: 1,
+            blocking_threads: 4,
         }
     }
 }

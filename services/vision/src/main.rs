@@ -28,10 +28,12 @@ fn main() {
             }
         };
     marquee_core::alloc::tune_allocator();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if settings.server.worker_threads > 0 {
+        runtime.worker_threads(settings.server.worker_threads);
+    }
+    runtime.max_blocking_threads(settings.server.blocking_threads.max(1));
+    let runtime = runtime.enable_all().build().expect("building the tokio runtime");
     let code = runtime.block_on(async {
         let _telemetry =
             match marquee_core::telemetry::init(&settings.telemetry, marquee_vision::NAME) {
