@@ -1,7 +1,7 @@
 //! The dynamic batcher: one bounded queue per model version, drained by its lanes.
 //!
 //! A lane (an OS thread owning one copy of the model) takes whatever is queued, up to the
-//! batch cap. It waits up to `max_queue_delay` for more items only when every other lane is
+//! batch cap (only its share when other lanes are idle). It waits up to `max_queue_delay` for more items only when every other lane is
 //! busy: with an idle lane there is nothing to gain by holding a lone request back, so batching
 //! adds no latency at low load and fills batches at high load. Items whose deadline passed or
 //! whose caller left are dropped before compute. A full queue refuses at once with a retry hint.
@@ -184,7 +184,11 @@ impl BatchQueue {
         let max = self.max_batch();
         let mut batch = Vec::new();
         let mut rows = 0;
-        take(&mut st, &mut batch, &mut rows, max);
+        // With other lanes idle, split what is queued between them instead of running it all
+        // on this lane while they wait (measured: at c=8 on fashion_cnn, taking everything ran
+        // 7.3k calls/s against 7.8k for one item per lane).
+        let share = st.rows.div_ceil(st.idle_lanes + 1).clamp(1, max);
+        take(&mut st, &mut batch, &mut rows, share);
         // Waiting only pays when no other lane could run these items right now.
         if rows < max && !self.cfg.max_queue_delay.is_zero() && st.idle_lanes == 0 {
             let until = batch[0].enqueued + self.cfg.max_queue_delay;

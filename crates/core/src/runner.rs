@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -94,11 +95,15 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
     let (ready_tx, ready_rx) = mpsc::channel();
     // Profiling waits until every lane is warm, so the other lanes' warm-up does not skew it.
     let warm = Arc::new(std::sync::Barrier::new(cfg.lanes));
+    let profile = cfg
+        .profile
+        .then(|| Arc::new(Profile::new(cfg.lanes, queue.config().max_batch_size)));
     for lane in 0..cfg.lanes {
         let cfg = cfg.clone();
         let queue = queue.clone();
         let ready_tx = ready_tx.clone();
         let warm = warm.clone();
+        let profile = profile.clone();
         let name = format!("lane-{}-{lane}", queue.config().model);
         std::thread::Builder::new()
             .name(name)
@@ -109,13 +114,16 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
                     match TchExecutor::load(&cfg.model_path, cfg.device, cfg.input_dims.clone()) {
                         Ok(e) => e,
                         Err(e) => {
-                            // Still meet the others at the barrier so none waits forever.
+                            // Still meet the others at every barrier so none waits forever.
                             warm.wait();
+                            if let Some(p) = &profile {
+                                p.abstain();
+                            }
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
-                let report = warm_up(&mut exec, &queue, &warm, cfg.profile && lane == 0);
+                let report = warm_up(&mut exec, &queue, &warm, profile.as_deref(), lane == 0);
                 let failed = report.is_err();
                 let _ = ready_tx.send(report);
                 drop(ready_tx);
@@ -151,13 +159,48 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
     Ok(report)
 }
 
-/// Runs the model until its timings settle; with `profile`, measures throughput at batch sizes
-/// 1, 2, 4, … up to the configured maximum and picks the best.
+/// What the lanes measure together while profiling: items and time at each batch size.
+struct Profile {
+    sizes: Vec<usize>,
+    barrier: std::sync::Barrier,
+    items: Vec<AtomicU64>,
+    nanos: Vec<AtomicU64>,
+    failed: AtomicBool,
+}
+
+impl Profile {
+    fn new(lanes: usize, max_batch: usize) -> Self {
+        let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
+            .take_while(|n| *n < max_batch)
+            .collect();
+        sizes.push(max_batch);
+        Self {
+            barrier: std::sync::Barrier::new(lanes),
+            items: sizes.iter().map(|_| AtomicU64::new(0)).collect(),
+            nanos: sizes.iter().map(|_| AtomicU64::new(0)).collect(),
+            failed: AtomicBool::new(false),
+            sizes,
+        }
+    }
+
+    /// Marks profiling failed and meets the other lanes at every barrier, so none waits forever.
+    fn abstain(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+        for _ in 0..self.sizes.len() * 2 {
+            self.barrier.wait();
+        }
+    }
+}
+
+/// Runs the model until its timings settle; with a `profile`, every lane then runs batch sizes
+/// 1, 2, 4, … up to the configured maximum at the same time (as they will when serving), and
+/// `report` (lane 0) picks the size with the best aggregate throughput.
 fn warm_up(
     exec: &mut TchExecutor,
     queue: &BatchQueue,
     warm: &std::sync::Barrier,
-    profile: bool,
+    profile: Option<&Profile>,
+    report: bool,
 ) -> Result<Option<WarmupReport>, String> {
     let cfg = queue.config();
     let item = vec![0f32; cfg.item_len];
@@ -165,28 +208,50 @@ fn warm_up(
     let warmed = (0..3).try_for_each(|_| exec.execute(&item, 1).map(drop));
     // Every lane reaches the barrier, failed or not, so none waits forever.
     warm.wait();
-    warmed?;
-    if !profile {
+    let Some(p) = profile else {
+        return warmed.map(|()| None);
+    };
+    if let Err(e) = warmed {
+        p.abstain();
+        return Err(e);
+    }
+    let mut error = None;
+    for (i, &n) in p.sizes.iter().enumerate() {
+        let input = vec![0f32; cfg.item_len * n];
+        p.barrier.wait();
+        if !p.failed.load(Ordering::Relaxed) {
+            // Enough repetitions for a stable figure without making warm-up slow for big models.
+            let budget = Duration::from_millis(150);
+            let t0 = Instant::now();
+            let mut runs = 0;
+            while runs < 3 || (t0.elapsed() < budget && runs < 50) {
+                if let Err(e) = exec.execute(&input, n) {
+                    p.failed.store(true, Ordering::Relaxed);
+                    error = Some(e);
+                    break;
+                }
+                runs += 1;
+            }
+            p.items[i].fetch_add((n * runs) as u64, Ordering::Relaxed);
+            p.nanos[i].fetch_max(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        p.barrier.wait();
+    }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if !report || p.failed.load(Ordering::Relaxed) {
         return Ok(None);
     }
-    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
-        .take_while(|n| *n < cfg.max_batch_size)
+    let throughput: Vec<(usize, f64)> = p
+        .sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let secs = p.nanos[i].load(Ordering::Relaxed) as f64 / 1e9;
+            (n, p.items[i].load(Ordering::Relaxed) as f64 / secs.max(1e-9))
+        })
         .collect();
-    sizes.push(cfg.max_batch_size);
-    let mut throughput = Vec::new();
-    for &n in &sizes {
-        let input = vec![0f32; cfg.item_len * n];
-        exec.execute(&input, n)?;
-        // Enough repetitions for a stable figure without making warm-up slow for big models.
-        let budget = Duration::from_millis(150);
-        let t0 = Instant::now();
-        let mut runs = 0;
-        while runs < 3 || (t0.elapsed() < budget && runs < 50) {
-            exec.execute(&input, n)?;
-            runs += 1;
-        }
-        throughput.push((n, (n * runs) as f64 / t0.elapsed().as_secs_f64()));
-    }
     // Smallest batch within 3% of the best: larger batches that do not raise throughput only add
     // latency.
     let top = throughput.iter().map(|(_, t)| *t).fold(0.0, f64::max);
