@@ -1,7 +1,6 @@
 //! Hot reload and graceful shutdown, end to end.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -113,31 +112,9 @@ async fn a_new_version_is_swapped_in_without_failing_a_request() {
     server.shutdown.cancel();
 }
 
-fn binary() -> PathBuf {
-    // target/debug/deps/lifecycle-… → target/debug/marquee-vision (built by `make test`).
-    let dir = std::env::var_os("MARQUEE_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::current_exe()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .to_path_buf()
-        });
-    let bin = dir.join("marquee-vision");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build --bins` first",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_reports_not_serving_finishes_in_flight_calls_then_refuses_new_ones() {
-    let mut child = Command::new(binary())
+    let mut child = Command::new(workspace_binary("marquee-vision"))
         .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
         .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
         .env("MARQUEE__SERVER__DRAIN_DELAY_MS", "300")

@@ -249,7 +249,10 @@ fn warm_up(
         .enumerate()
         .map(|(i, &n)| {
             let secs = p.nanos[i].load(Ordering::Relaxed) as f64 / 1e9;
-            (n, p.items[i].load(Ordering::Relaxed) as f64 / secs.max(1e-9))
+            (
+                n,
+                p.items[i].load(Ordering::Relaxed) as f64 / secs.max(1e-9),
+            )
         })
         .collect();
     // Smallest batch within 3% of the best: larger batches that do not raise throughput only add

@@ -42,7 +42,9 @@ fn main() {
             }
         };
     // Key files are part of the configuration: unreadable or invalid ones are a config error.
-    if let Err(errors) = marquee_gateway::auth::Authenticator::new(&settings.auth, &settings.tenants) {
+    if let Err(errors) =
+        marquee_gateway::auth::Authenticator::new(&settings.auth, &settings.tenants)
+    {
         eprintln!("invalid configuration:\n  - {}", errors.join("\n  - "));
         std::process::exit(EXIT_CONFIG);
     }
@@ -51,7 +53,10 @@ fn main() {
         runtime.worker_threads(settings.server.worker_threads);
     }
     runtime.max_blocking_threads(settings.server.blocking_threads.max(1));
-    let runtime = runtime.enable_all().build().expect("building the tokio runtime");
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
     let code = runtime.block_on(async {
         let _telemetry =
             match marquee_core::telemetry::init(&settings.telemetry, marquee_gateway::NAME) {

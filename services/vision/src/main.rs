@@ -33,7 +33,10 @@ fn main() {
         runtime.worker_threads(settings.server.worker_threads);
     }
     runtime.max_blocking_threads(settings.server.blocking_threads.max(1));
-    let runtime = runtime.enable_all().build().expect("building the tokio runtime");
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
     let code = runtime.block_on(async {
         let _telemetry =
             match marquee_core::telemetry::init(&settings.telemetry, marquee_vision::NAME) {
