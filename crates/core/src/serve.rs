@@ -176,3 +176,68 @@ pub async fn termination_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// What a service's `start` reports back to [`run_binary`].
+pub struct Started {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The body of every Marquee binary after its config is loaded: builds the runtime, initialises
+/// telemetry, starts the service, prints the one `NAME listening grpc=… admin=…` line scripts and
+/// tests read, waits for SIGTERM or Ctrl-C, drains, and returns the exit code.
+pub fn run_binary<F, Fut>(
+    name: &'static str,
+    server: &ServerSettings,
+    telemetry: &crate::config::TelemetrySettings,
+    start: F,
+) -> i32
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<Started>>,
+{
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if server.worker_threads > 0 {
+        runtime.worker_threads(server.worker_threads);
+    }
+    runtime.max_blocking_threads(server.blocking_threads.max(1));
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    runtime.block_on(async {
+        let _telemetry = match crate::telemetry::init(telemetry, name) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("telemetry: {e}");
+                return crate::config::EXIT_CONFIG;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let running = match start(shutdown.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("start failed: {e:#}");
+                return 1;
+            }
+        };
+        println!(
+            "{name} listening grpc={} admin={}",
+            running.grpc_addr, running.admin_addr
+        );
+        termination_signal().await;
+        shutdown.cancel();
+        match running.task.await {
+            Ok(Ok(())) => 0,
+            Ok(Err(e)) => {
+                tracing::error!("server failed: {e:#}");
+                1
+            }
+            Err(e) => {
+                tracing::error!("server task panicked: {e}");
+                1
+            }
+        }
+    })
+}
