@@ -14,6 +14,7 @@ use marquee_proto::vision::image_service_server::{ImageService, ImageServiceServ
 use marquee_proto::vision::*;
 use prost::Message;
 use tonic::service::Routes;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::access::principal;
@@ -85,12 +86,7 @@ impl VisionRoute {
                 deadline,
                 |ch, t| {
                     let req = req.clone();
-                    async move {
-                        ImageServiceClient::new(ch)
-                            .max_decoding_message_size(MAX_BACKEND_MESSAGE)
-                            .classify(outgoing(req, t))
-                            .await
-                    }
+                    async move { vision_client(ch).classify(outgoing(req, t)).await }
                 },
             )
             .await
@@ -112,63 +108,78 @@ impl ImageService for VisionRoute {
         req: Request<ClassifyBatchRequest>,
     ) -> Result<Response<ClassifyBatchResponse>, Status> {
         let route = &self.gw.settings.routes.vision;
-        let who = principal(&req)?;
-        who.require(BackendKind::Vision.scope())?;
-        let deadline = deadline(req.metadata(), route);
-        let req = req.into_inner();
-        check_size("vision", route, req.encoded_len())?;
-        let backend = self
-            .gw
-            .backend_for(&req.model, Some(BackendKind::Vision))
-            .await?;
-        let _slot = backend
-            .admit(&self.gw.quotas, &who.tenant, deadline)
-            .await?;
-        let resp = backend
-            .call(
-                "marquee.vision.v1.ImageService/ClassifyBatch",
-                deadline,
-                |ch, t| {
-                    let req = req.clone();
-                    async move {
-                        ImageServiceClient::new(ch)
-                            .max_decoding_message_size(MAX_BACKEND_MESSAGE)
-                            .classify_batch(outgoing(req, t))
-                            .await
-                    }
-                },
-            )
-            .await?;
-        Ok(resp)
+        let method = "marquee.vision.v1.ImageService/ClassifyBatch";
+        routed(
+            &self.gw,
+            "vision",
+            route,
+            Some(BackendKind::Vision),
+            req,
+            |r| r.model.clone(),
+            method,
+            |ch, r| async move { vision_client(ch).classify_batch(r).await },
+        )
+        .await
     }
 
     async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
         let route = &self.gw.settings.routes.vision;
-        let who = principal(&req)?;
-        who.require(BackendKind::Vision.scope())?;
-        let deadline = deadline(req.metadata(), route);
-        let req = req.into_inner();
-        check_size("vision", route, req.encoded_len())?;
-        let backend = self
-            .gw
-            .backend_for(&req.model, Some(BackendKind::Vision))
-            .await?;
-        let _slot = backend
-            .admit(&self.gw.quotas, &who.tenant, deadline)
-            .await?;
-        let resp = backend
-            .call("marquee.vision.v1.ImageService/Embed", deadline, |ch, t| {
-                let req = req.clone();
-                async move {
-                    ImageServiceClient::new(ch)
-                        .max_decoding_message_size(MAX_BACKEND_MESSAGE)
-                        .embed(outgoing(req, t))
-                        .await
-                }
-            })
-            .await?;
-        Ok(resp)
+        let method = "marquee.vision.v1.ImageService/Embed";
+        routed(
+            &self.gw,
+            "vision",
+            route,
+            Some(BackendKind::Vision),
+            req,
+            |r| r.model.clone(),
+            method,
+            |ch, r| async move { vision_client(ch).embed(r).await },
+        )
+        .await
     }
+}
+
+fn vision_client(ch: Channel) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(ch).max_decoding_message_size(MAX_BACKEND_MESSAGE)
+}
+
+fn oip_client(ch: Channel) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::new(ch).max_decoding_message_size(MAX_BACKEND_MESSAGE)
+}
+
+/// The common path of a routed unary call: the caller's principal and deadline, the route's
+/// size limit, the model's backend (of `kind`, if given) and the scope it needs, a fair slot,
+/// then the call with retries and the remaining deadline.
+#[allow(clippy::too_many_arguments)]
+async fn routed<Req, Resp, F, Fut>(
+    gw: &Gateway,
+    route_name: &str,
+    route: &crate::config::Route,
+    kind: Option<BackendKind>,
+    req: Request<Req>,
+    model: impl Fn(&Req) -> String,
+    method: &'static str,
+    call: F,
+) -> Result<Response<Resp>, Status>
+where
+    Req: Message + Clone,
+    F: Fn(Channel, Request<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+{
+    let who = principal(&req)?;
+    if let Some(k) = kind {
+        who.require(k.scope())?;
+    }
+    let deadline = deadline(req.metadata(), route);
+    let req = req.into_inner();
+    check_size(route_name, route, req.encoded_len())?;
+    let backend = gw.backend_for(&model(&req), kind).await?;
+    who.require(backend.cfg.kind.scope())?;
+    let _slot = backend.admit(&gw.quotas, &who.tenant, deadline).await?;
+    let resp = backend
+        .call(method, deadline, |ch, t| call(ch, outgoing(req.clone(), t)))
+        .await?;
+    Ok(resp)
 }
 
 // === impl InferenceRoute ===
@@ -178,8 +189,7 @@ pub struct InferenceRoute {
 }
 
 impl InferenceRoute {
-    /// Routes a per-model OIP call: the model's backend, the scope it needs, a fair slot, then
-    /// the call with retries.
+    /// Routes a per-model OIP call to the model's backend.
     async fn forward<Req, Resp, F, Fut>(
         &self,
         req: Request<Req>,
@@ -189,27 +199,21 @@ impl InferenceRoute {
     ) -> Result<Response<Resp>, Status>
     where
         Req: Message + Clone,
-        F: Fn(GrpcInferenceServiceClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        F: Fn(GrpcInferenceServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
         let route = &self.gw.settings.routes.inference;
-        let who = principal(&req)?;
-        let deadline = deadline(req.metadata(), route);
-        let req = req.into_inner();
-        check_size("inference", route, req.encoded_len())?;
-        let backend = self.gw.backend_for(&model(&req), None).await?;
-        who.require(backend.cfg.kind.scope())?;
-        let _slot = backend
-            .admit(&self.gw.quotas, &who.tenant, deadline)
-            .await?;
-        let resp = backend
-            .call(method, deadline, |ch, t| {
-                let client = GrpcInferenceServiceClient::new(ch)
-                    .max_decoding_message_size(MAX_BACKEND_MESSAGE);
-                call(client, outgoing(req.clone(), t))
-            })
-            .await?;
-        Ok(resp)
+        routed(
+            &self.gw,
+            "inference",
+            route,
+            None,
+            req,
+            model,
+            method,
+            |ch, r| call(oip_client(ch), r),
+        )
+        .await
     }
 }
 
