@@ -17,17 +17,13 @@ into this interpreter, and ``npm ci --prefix clients/node``.
 from __future__ import annotations
 
 import json
-import contextlib
 import hashlib
 import os
 import re
-import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -35,92 +31,24 @@ import pytest
 
 import marquee_client
 
+# The server launcher shared with tests/python (kept there, imported from here).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
+from marquee_servers import bin_dir, model_repo, run_binary  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COFFEE = REPO_ROOT / "tests" / "fixtures" / "coffee.png"
 NODE_CLASSIFY = REPO_ROOT / "clients" / "node" / "classify.js"
 ESPRESSO = 967
 
-STARTUP_TIMEOUT_S = 120.0
-SHUTDOWN_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 60.0
-LISTEN_RE = re.compile(r"^marquee-\w+ listening grpc=(\S+:\d+) admin=(\S+:\d+)$")
 # The key the gateway started below accepts (configured by its SHA-256 only).
 GATEWAY_KEY = "clients-test-key-b81f3e"
-
-
-def _bin_dir() -> Path:
-    return Path(os.environ.get("MARQUEE_BIN_DIR", REPO_ROOT / "target" / "debug"))
 
 
 def _api_key() -> str | None:
     if os.environ.get("MARQUEE_TEST_GRPC_ADDR"):
         return os.environ.get("MARQUEE_TEST_API_KEY") or None
     return GATEWAY_KEY
-
-
-def _wait_for_listen_line(proc: subprocess.Popen, log_path: Path) -> str:
-    """The gRPC address from the server's one 'listening' stdout line."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=1.0):
-                if proc.poll() is not None:
-                    break
-                continue
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
-                m = LISTEN_RE.match(line.strip())
-                if m:
-                    return m.group(1)
-    proc.kill()
-    proc.wait(timeout=10)
-    raise RuntimeError(
-        f"marquee-vision did not start (exit {proc.returncode}); stdout={buf!r}\n"
-        f"{log_path.read_text(errors='replace')[-4000:]}"
-    )
-
-
-@contextlib.contextmanager
-def _started(name: str, env_overrides: dict[str, str], args: list[str]):
-    """A Marquee binary on ephemeral ports, stopped with SIGTERM afterwards."""
-    binary = _bin_dir() / name
-    if not binary.is_file():
-        pytest.fail(f"binary not found: {binary} (set MARQUEE_BIN_DIR or MARQUEE_TEST_GRPC_ADDR)")
-    log_path = Path(tempfile.mkdtemp(prefix="marquee-clients-")) / f"{name}.stderr.log"
-    env = dict(os.environ)
-    env.update(
-        {
-            "MARQUEE__SERVER__GRPC_ADDR": "127.0.0.1:0",
-            "MARQUEE__SERVER__ADMIN_ADDR": "127.0.0.1:0",
-            "NO_COLOR": "1",
-            **env_overrides,
-        }
-    )
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(binary), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=env,
-            cwd=str(REPO_ROOT),
-        )
-    try:
-        yield _wait_for_listen_line(proc, log_path)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        proc.stdout.close()
 
 
 @pytest.fixture(scope="session")
@@ -131,24 +59,24 @@ def grpc_addr():
     if addr:
         yield addr.removeprefix("http://")
         return
-    model_repo = Path(os.environ.get("MARQUEE_MODEL_REPO", REPO_ROOT / "model-repository"))
-    if not model_repo.is_dir():
-        pytest.fail(f"model repository not found: {model_repo} (set MARQUEE_MODEL_REPO)")
+    repo = model_repo()
+    if not repo.is_dir():
+        pytest.fail(f"model repository not found: {repo} (set MARQUEE_MODEL_REPO)")
     vision_env = {
-        "MARQUEE__REPOSITORY__PATH": str(model_repo),
+        "MARQUEE__REPOSITORY__PATH": str(repo),
         "MARQUEE__REPOSITORY__THREADS": "1",
         "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
     }
-    with _started("marquee-vision", vision_env, []) as vision:
+    with run_binary("marquee-vision", vision_env) as vision:
         cfg = Path(tempfile.mkdtemp(prefix="marquee-clients-gw-")) / "gateway.toml"
         cfg.write_text(
             "[tenants.clients]\n\n[[auth.api_keys]]\n"
             f'sha256 = "{hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()}"\n'
             'tenant = "clients"\nscopes = ["vision:infer"]\n\n'
-            f'[backends.vision]\nendpoints = ["{vision}"]\n'
+            f'[backends.vision]\nendpoints = ["{vision.grpc_addr}"]\n'
         )
-        with _started("marquee-gateway", {}, ["--config", str(cfg)]) as gateway:
-            yield gateway
+        with run_binary("marquee-gateway", {}, ["--config", str(cfg)]) as gateway:
+            yield gateway.grpc_addr
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +166,7 @@ def test_node_client_exits_nonzero_with_the_grpc_status(grpc_addr):
 
 
 def _cli(*args: str, endpoint: str) -> subprocess.CompletedProcess:
-    binary = _bin_dir() / "marquee"
+    binary = bin_dir() / "marquee"
     if not binary.is_file():
         pytest.fail(f"CLI binary not found: {binary} (cargo build -p marquee-cli)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARQUEE_")}

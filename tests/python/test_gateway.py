@@ -1,7 +1,6 @@
 """tritonclient (a real client no one here wrote) through the gateway: routing by model,
 API-key auth sent as a header, and the gateway's own statuses."""
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException

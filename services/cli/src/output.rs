@@ -1,7 +1,7 @@
 //! What a command hands back to `main`, and the conversions shared by every command's output.
 
+use marquee_proto::code_name;
 use serde_json::Value;
-use tonic::Code;
 
 /// The text a command prints on stdout, and whether the process should exit 0.
 pub struct Outcome {
@@ -23,29 +23,6 @@ impl Outcome {
             .expect("serialising a serde_json::Value cannot fail; this is a bug");
         stdout.push('\n');
         Self { stdout, success }
-    }
-}
-
-/// The canonical upper-case name of a gRPC status code, as in the gRPC spec and grpcurl.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -94,6 +71,7 @@ pub fn score_json(score: f32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     #[test]
     fn status_errors_name_the_code() {
