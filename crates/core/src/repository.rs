@@ -315,6 +315,24 @@ impl Repository {
     }
 }
 
+/// Models this loader serves: a `forward` over batched tensors. A repository also holds models
+/// other services own (`kind = "causal_lm"`, `"recommender"`), which need their own runtime.
+const TENSOR_KINDS: &[&str] = &["classifier", "tensor"];
+
+/// Whether `model.toml` declares a kind this loader serves; no `kind` means `classifier`.
+fn is_tensor_model(manifest: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(manifest) else {
+        return true; // unreadable: let the loader report it with its path
+    };
+    match text.parse::<toml::Table>() {
+        Ok(table) => match table.get("kind").and_then(|k| k.as_str()) {
+            Some(kind) => TENSOR_KINDS.contains(&kind),
+            None => true,
+        },
+        Err(_) => true,
+    }
+}
+
 /// `(name, dir, newest version)` of each model directory that has a `model.toml` and at least
 /// one complete version. A version directory counts once its `model.pt` exists, so writers
 /// should move a finished version directory into place.
@@ -328,6 +346,9 @@ fn scan(root: &Path, only: &[String]) -> anyhow::Result<Vec<(String, PathBuf, u6
             continue;
         };
         if !dir.join("model.toml").is_file() || (!only.is_empty() && !only.contains(&name)) {
+            continue;
+        }
+        if !is_tensor_model(&dir.join("model.toml")) {
             continue;
         }
         let newest = std::fs::read_dir(&dir)?

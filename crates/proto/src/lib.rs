@@ -15,6 +15,16 @@ pub mod marquee {
             tonic::include_proto!("marquee.vision.v1");
         }
     }
+    pub mod language {
+        pub mod v1 {
+            tonic::include_proto!("marquee.language.v1");
+        }
+    }
+    pub mod recommendation {
+        pub mod v1 {
+            tonic::include_proto!("marquee.recommendation.v1");
+        }
+    }
 }
 
 /// The Open Inference Protocol (KServe V2), package `inference`.
@@ -23,6 +33,8 @@ pub mod inference {
 }
 
 pub use marquee::common::v1 as common;
+pub use marquee::language::v1 as language;
+pub use marquee::recommendation::v1 as recommendation;
 pub use marquee::vision::v1 as vision;
 
 /// The canonical upper-case name of a gRPC status code, as in the gRPC spec and grpcurl; used

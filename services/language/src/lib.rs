@@ -1,0 +1,1 @@
+//! Being written (issue language); see the issue tracker.

@@ -1,0 +1,1 @@
+//! Being written (issue recommendation); see the issue tracker.
