@@ -1,0 +1,360 @@
+#!/usr/bin/env python3
+"""Writes deploy/helm/marquee/values.schema.json.
+
+The schema is generated because the four components share most of their shape and JSON Schema's
+`additionalProperties: false` does not see through `allOf`: each object is spelled out whole
+here instead of by hand four times. Every object closes with `additionalProperties: false`, so
+a misspelt key fails `helm install` instead of being silently ignored.
+
+    python deploy/helm/gen_schema.py          # rewrite the schema
+    python deploy/helm/gen_schema.py --check  # exit 1 if the committed schema is stale
+
+Service config keys mirror docs/CONFIG.md; keys the chart sets itself (listen addresses, the
+model repository path, the device, backend discovery, secret file paths) are not accepted here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "marquee" / "values.schema.json"
+
+BACKENDS = ("vision", "language", "recommendation")
+COMPONENTS = ("gateway", *BACKENDS)
+
+
+def obj(props: dict, required: list[str] | None = None, description: str | None = None) -> dict:
+    o = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        o["required"] = required
+    if description:
+        o["description"] = description
+    return o
+
+
+def map_of(value: dict, description: str | None = None) -> dict:
+    """An object whose keys are names and whose values all have one shape."""
+    o = {"type": "object", "additionalProperties": value}
+    if description:
+        o["description"] = description
+    return o
+
+
+def integer(minimum: int | None = 0, maximum: int | None = None) -> dict:
+    s: dict = {"type": "integer"}
+    if minimum is not None:
+        s["minimum"] = minimum
+    if maximum is not None:
+        s["maximum"] = maximum
+    return s
+
+
+def number(minimum: float | None = 0) -> dict:
+    s: dict = {"type": "number"}
+    if minimum is not None:
+        s["minimum"] = minimum
+    return s
+
+
+STRING = {"type": "string"}
+BOOL = {"type": "boolean"}
+STRING_MAP = map_of(STRING)
+STRING_LIST = {"type": "array", "items": STRING}
+# Kubernetes objects passed through verbatim (tolerations, affinity, env, peers): the API server
+# validates their inside; here only their outer type is checked.
+K8S_OBJECT = {"type": "object"}
+K8S_LIST = {"type": "array", "items": {"type": "object"}}
+QUANTITY = {"anyOf": [{"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"}, {"type": "number", "minimum": 0}]}
+LABEL_SELECTOR = obj(
+    {"matchLabels": STRING_MAP, "matchExpressions": K8S_LIST},
+)
+
+SERVER = obj(
+    {
+        "max_message_bytes": integer(1024),
+        "max_concurrent_requests": integer(1),
+        "default_timeout_ms": integer(1),
+        "max_timeout_ms": integer(1),
+        "drain_delay_ms": integer(0),
+        "shutdown_grace_ms": integer(0),
+        "worker_threads": integer(0),
+        "blocking_threads": integer(1),
+    },
+    description="`[server]` (docs/CONFIG.md); the chart sets `grpc_addr` and `admin_addr` from `ports`.",
+)
+
+REPOSITORY = obj(
+    {
+        "models": STRING_LIST,
+        "poll_interval_ms": integer(0),
+        "profile_batching": BOOL,
+        "batching": BOOL,
+        "lanes": integer(1),
+        "threads": integer(1),
+    },
+    description="`[repository]`; the chart sets `path` from `modelStorage` and `device` from `gpu`.",
+)
+
+VISION = obj(
+    {
+        "max_image_bytes": integer(1),
+        "max_pixels": integer(1),
+        "max_batch_items": integer(1),
+    },
+    description="`[vision]` image limits.",
+)
+
+TENANT = obj(
+    {
+        "rate_per_s": number(0),
+        "burst": number(1),
+        "max_in_flight": integer(0),
+        "weight": integer(1),
+        "max_queued": integer(0),
+    }
+)
+
+ROUTE = obj(
+    {
+        "default_timeout_ms": integer(1),
+        "max_timeout_ms": integer(1),
+        "max_request_bytes": integer(1),
+        "batching": BOOL,
+        "max_batch": integer(1),
+        "max_batch_delay_us": integer(0),
+        "max_batches_in_flight": integer(1),
+        "retry_budget_percent": number(0),
+    }
+)
+
+BACKEND_TUNING = obj(
+    {
+        "resolve_interval_ms": integer(1),
+        "health_interval_ms": integer(1),
+        "max_in_flight_per_endpoint": integer(1),
+        "models_refresh_ms": integer(1),
+    },
+    description="Tuning of the gateway's backend; endpoints come from the component's headless Service.",
+)
+
+SCOPES = ["vision:infer", "language:generate", "recommendation:read", "recommendation:write", "admin"]
+API_KEY = obj(
+    {
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "tenant": STRING,
+        "scopes": {"type": "array", "items": {"enum": SCOPES}},
+    },
+    required=["sha256", "tenant", "scopes"],
+)
+
+GATEWAY_CONFIG = obj(
+    {
+        "server": SERVER,
+        "tenants": map_of(TENANT, "Tenants by name (only configured tenants exist)."),
+        "routes": obj({"vision": ROUTE, "inference": ROUTE}),
+        "backends": obj({b: BACKEND_TUNING for b in BACKENDS}),
+        "auth": obj(
+            {
+                "api_keys": {
+                    "type": "array",
+                    "items": API_KEY,
+                    "description": "Inline keys: hashes only. Prefer `secrets.apiKeys`.",
+                },
+                "jwt": obj(
+                    {
+                        "issuer": STRING,
+                        "audience": STRING,
+                        "leeway_s": integer(0),
+                        "tenant_claim": STRING,
+                    }
+                ),
+            }
+        ),
+    },
+    description="The gateway's TOML config (docs/CONFIG.md#marquee-gateway).",
+)
+
+
+def backend_config(name: str) -> dict:
+    props = {"server": SERVER, "repository": REPOSITORY}
+    if name == "vision":
+        props["vision"] = VISION
+    # language and recommendation: their own sections are added with their services.
+    return obj(props, description=f"The {name} service's TOML config (docs/CONFIG.md).")
+
+
+def component(name: str) -> dict:
+    props = {
+        "enabled": BOOL,
+        "replicaCount": integer(0),
+        "image": obj({"repository": STRING, "tag": STRING}, required=["repository"]),
+        "ports": obj({"grpc": integer(1, 65535), "admin": integer(1, 65535)}, required=["grpc", "admin"]),
+        "resources": obj(
+            {
+                "requests": map_of(QUANTITY),
+                "limits": map_of(QUANTITY),
+            },
+            required=["requests", "limits"],
+        ),
+        "probes": obj(
+            {"startupSeconds": integer(1), "periodSeconds": integer(1, 300)},
+            required=["startupSeconds", "periodSeconds"],
+        ),
+        "preStopSleepSeconds": integer(0, 300),
+        "terminationGraceMarginSeconds": integer(0),
+        "autoscaling": obj(
+            {
+                "enabled": BOOL,
+                "minReplicas": integer(1),
+                "maxReplicas": integer(1),
+                "targetCPUUtilizationPercentage": integer(1, 100),
+                "queueDepth": obj(
+                    {"enabled": BOOL, "metricName": STRING, "averageValue": QUANTITY}
+                ),
+            }
+        ),
+        "pdb": obj(
+            {
+                "enabled": BOOL,
+                "maxUnavailable": {"anyOf": [integer(0), {"type": "string", "pattern": "^[0-9]+%$"}]},
+            }
+        ),
+        "podAnnotations": STRING_MAP,
+        "podLabels": STRING_MAP,
+        "nodeSelector": STRING_MAP,
+        "tolerations": K8S_LIST,
+        "affinity": K8S_OBJECT,
+        "extraEnv": K8S_LIST,
+    }
+    if name == "gateway":
+        props["service"] = obj(
+            {"type": {"enum": ["ClusterIP", "LoadBalancer", "NodePort"]}, "annotations": STRING_MAP}
+        )
+        props["config"] = GATEWAY_CONFIG
+    else:
+        props["gpu"] = obj(
+            {
+                "enabled": BOOL,
+                "count": integer(1),
+                "resourceName": STRING,
+                "device": {"type": "string", "pattern": "^(cuda|cuda:[0-9]+)$"},
+                "runtimeClassName": STRING,
+                "nodeSelector": STRING_MAP,
+                "tolerations": K8S_LIST,
+            }
+        )
+        props["modelStorage"] = obj(
+            {
+                "type": {"enum": ["image", "pvc"]},
+                "mountPath": {"type": "string", "pattern": "^/"},
+                "image": obj(
+                    {
+                        "repository": STRING,
+                        "tag": STRING,
+                        "path": {"type": "string", "pattern": "^/"},
+                        "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+                    }
+                ),
+                "sizeLimit": QUANTITY,
+                "pvc": obj(
+                    {
+                        "existingClaim": STRING,
+                        "size": QUANTITY,
+                        "storageClassName": STRING,
+                        "accessModes": {
+                            "type": "array",
+                            "items": {"enum": ["ReadOnlyMany", "ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]},
+                        },
+                    }
+                ),
+            },
+            required=["type", "mountPath"],
+        )
+        props["config"] = backend_config(name)
+    return obj(props, required=["enabled", "image", "ports", "resources", "probes"])
+
+
+def schema() -> dict:
+    monitor = obj({"enabled": BOOL, "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m)$"}, "labels": STRING_MAP})
+    props = {
+        "nameOverride": STRING,
+        "fullnameOverride": STRING,
+        "image": obj(
+            {
+                "registry": STRING,
+                "tag": STRING,
+                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+            }
+        ),
+        "imagePullSecrets": {"type": "array", "items": obj({"name": STRING}, required=["name"])},
+        "podSecurity": obj(
+            {"runAsUser": integer(1), "runAsGroup": integer(1), "fsGroup": integer(1)},
+            description="Ids only: non-root is enforced (`runAsUser` ≥ 1).",
+        ),
+        "telemetry": obj(
+            {
+                "otlpEndpoint": {"type": "string", "pattern": "^(|https?://.+)$"},
+                "logFormat": {"enum": ["json", "text"]},
+                "logFilter": STRING,
+            }
+        ),
+        "mesh": obj({"linkerd": obj({"enabled": BOOL}), "istio": obj({"enabled": BOOL})}),
+        "networkPolicy": obj(
+            {
+                "enabled": BOOL,
+                "gatewayFrom": K8S_LIST,
+                "prometheus": obj({"namespaceSelector": LABEL_SELECTOR, "podSelector": LABEL_SELECTOR}),
+            }
+        ),
+        "monitoring": obj(
+            {
+                "serviceMonitor": monitor,
+                "podMonitor": monitor,
+                "prometheusRule": obj({"enabled": BOOL, "labels": STRING_MAP}),
+                "dashboards": obj(
+                    {
+                        "enabled": BOOL,
+                        "label": STRING,
+                        "labelValue": STRING,
+                        "folder": STRING,
+                        "labels": STRING_MAP,
+                    }
+                ),
+            }
+        ),
+        "secrets": obj(
+            {
+                "apiKeys": obj({"existingSecret": STRING, "key": STRING}),
+                "jwt": obj(
+                    {
+                        "existingSecret": STRING,
+                        "hs256Key": STRING,
+                        "publicKeys": STRING_LIST,
+                        "jwksKey": STRING,
+                    }
+                ),
+            }
+        ),
+    }
+    for c in COMPONENTS:
+        props[c] = component(c)
+    s = obj(props)
+    s["$schema"] = "https://json-schema.org/draft-07/schema#"
+    s["title"] = "Marquee Helm chart values"
+    return s
+
+
+def render() -> str:
+    return json.dumps(schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    text = render()
+    if "--check" in sys.argv[1:]:
+        if SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH} is stale: run python {Path(__file__).name}", file=sys.stderr)
+            sys.exit(1)
+    else:
+        SCHEMA_PATH.write_text(text)
