@@ -1,0 +1,440 @@
+"""The Helm chart, rendered offline by Helm's own engine for every ci values file: lint, values
+schema, Kubernetes API validation (1.30-1.32, strict) and the policies Marquee promises (probes,
+resources, pod security, network isolation of backends, drain within the grace period)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import helm_python as helm
+import pytest
+import yaml
+
+from conftest import (
+    BACKENDS,
+    CHART_DIR,
+    CI_VALUES,
+    COMPONENTS,
+    DASHBOARDS,
+    DEPLOY,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    RULES_FILE,
+    by_kind,
+    chart,
+    component_of,
+    config_of,
+    load_values,
+    pod_specs,
+    render,
+    render_ci,
+    strip_meta,
+)
+
+CI_IDS = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
+CRD_GROUP = "monitoring.coreos.com/"
+
+
+def test_the_ci_values_cover_defaults_gpu_mesh_and_a_single_service():
+    assert {"default", "gpu", "mesh", "istio", "single-service"} <= set(CI_IDS)
+
+
+def test_generated_files_are_current():
+    """values.schema.json and the dashboards are written by scripts; the committed files match."""
+    for script in (DEPLOY / "helm" / "gen_schema.py", DEPLOY / "dashboards" / "_generate.py"):
+        r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+# --- lint and schema -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_lint_is_clean(values_file, kube):
+    report = helm.lint(str(CHART_DIR), load_values(values_file), strict=True, namespace=NAMESPACE, kube_version=f"v{kube}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert report["total_charts_linted"] == 1
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+def test_schema_accepts_the_ci_values(values_file):
+    chart().validate_schema(load_values(values_file))
+
+
+def _set(values: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(values)
+    node = out
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return out
+
+
+BAD_VALUES = {
+    "replicas as a string": ("vision.replicaCount", "two", "replicaCount"),
+    "unknown top-level key": ("gatway", {"enabled": True}, "gatway"),
+    "unknown component key": ("vision.replicas", 2, "replicas"),
+    "unknown service setting": ("vision.config.server.grpc_adr", "0.0.0.0:1", "grpc_adr"),
+    "chart-owned setting": ("vision.config.repository.path", "/elsewhere", "path"),
+    "an API key inline": ("secrets.apiKeys.key_value", "mq_secret", "key_value"),
+    "port out of range": ("gateway.ports.grpc", 70000, "grpc"),
+    "drain delay negative": ("gateway.config.server.drain_delay_ms", -1, "drain_delay_ms"),
+    "model storage kind": ("vision.modelStorage.type", "nfs", "type"),
+    "GPU device name": ("vision.gpu.device", "tpu", "device"),
+    "API key hash not hex": ("gateway.config.auth.api_keys", [{"sha256": "abc", "tenant": "t", "scopes": ["admin"]}], "sha256"),
+    "unknown scope": ("gateway.config.auth.api_keys", [{"sha256": "a" * 64, "tenant": "t", "scopes": ["root"]}], "scopes"),
+    "tenant weight type": ("gateway.config.tenants.web", {"weight": "heavy"}, "weight"),
+    "OTLP endpoint without scheme": ("telemetry.otlpEndpoint", "collector:4317", "otlpEndpoint"),
+    "root user": ("podSecurity.runAsUser", 0, "runAsUser"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_schema_rejects_bad_values(case):
+    path, value, named = case
+    bad = _set({}, path, value)
+    with pytest.raises(helm.HelmValuesError) as e:
+        chart().validate_schema(bad)
+    assert named in str(e.value), str(e.value)
+    # Rendering refuses them too (what `helm install` does).
+    with pytest.raises(helm.HelmError):
+        render(bad)
+
+
+# --- Kubernetes API validation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_manifests_validate_strictly(values_file, kube, tmp_path):
+    objects = render_ci(values_file)
+    core = [strip_meta(o) for o in objects if not o["apiVersion"].startswith(CRD_GROUP)]
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump_all(core, sort_keys=False))
+    r = subprocess.run(
+        ["kubernetes-validate", "-k", kube, "--strict", str(manifest)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ERROR" not in r.stdout + r.stderr
+    # Every core object had a schema (a kind without one is only warned about) and passed.
+    assert "Couldn't find schema" not in r.stdout + r.stderr, r.stdout + r.stderr
+    passed = [line for line in r.stdout.splitlines() if line.startswith("INFO") and f"against version {kube[:4]}" in line]
+    assert len(passed) == len(core) >= 5, r.stdout
+
+
+def test_prometheus_operator_objects_have_their_required_shape():
+    """No schema for the CRDs ships offline: check what prometheus-operator needs of them."""
+    objects = render_ci(CHART_DIR / "ci" / "mesh-values.yaml") + render_ci(CHART_DIR / "ci" / "istio-values.yaml")
+    crds = [o for o in objects if o["apiVersion"].startswith(CRD_GROUP)]
+    kinds = {o["kind"] for o in crds}
+    assert kinds == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}, kinds
+    for o in crds:
+        assert o["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(o) - {"__template__"} == {"apiVersion", "kind", "metadata", "spec"}
+        if o["kind"] in ("ServiceMonitor", "PodMonitor"):
+            key = "endpoints" if o["kind"] == "ServiceMonitor" else "podMetricsEndpoints"
+            assert set(o["spec"]) == {"selector", "namespaceSelector", key}
+            (ep,) = o["spec"][key]
+            assert ep["port"] == "admin" and ep["path"] == "/metrics"
+            assert {"targetLabel": "component", "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]} in ep["relabelings"]
+    (rule,) = [o for o in crds if o["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"], "the chart ships the promtool-tested rules"
+
+
+# --- policies -------------------------------------------------------------------------------
+
+
+def all_rendered():
+    return [(p.name.removesuffix("-values.yaml"), render_ci(p)) for p in CI_VALUES]
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+def test_every_container_has_grpc_probes_resources_and_locked_down_security(values_file):
+    objects = render_ci(values_file)
+    specs = pod_specs(objects)
+    assert specs
+    for name, spec in specs:
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, name
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{name}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["privileged"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), where
+        for c in spec["containers"]:
+            grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                # Native gRPC health on the serving port, server-wide status (service ""),
+                # which turns NOT_SERVING when a drain starts.
+                assert c[probe]["grpc"] == {"port": grpc_port, "service": ""}, f"{name} {probe}"
+            start = c["startupProbe"]
+            assert start["periodSeconds"] * start["failureThreshold"] >= (60 if "gateway" in name else 600), (
+                f"{name}: start-up probe must allow for model warm-up"
+            )
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+def test_grace_period_covers_prestop_drain_and_in_flight_calls(values_file):
+    objects = render_ci(values_file)
+    for d in by_kind(objects, "Deployment"):
+        comp = component_of(d)
+        spec = d["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        server = config_of(objects, comp)["server"]
+        # What the service will actually do on SIGTERM, from the config the pod reads.
+        drain_s = (server.get("drain_delay_ms", 0) + server.get("shutdown_grace_ms", 30000)) / 1000
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert pre_stop >= 1, f"{comp}: preStop sleep lets endpoint removal propagate"
+        assert spec["terminationGracePeriodSeconds"] >= pre_stop + math.ceil(drain_s), comp
+        assert server.get("drain_delay_ms", 0) > 0, f"{comp}: reports NOT_SERVING before closing"
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+def test_only_the_gateway_is_reachable_from_outside_the_release(values_file):
+    objects = render_ci(values_file)
+    values = load_values(values_file)
+    policies = {component_of(p): p for p in by_kind(objects, "NetworkPolicy")}
+    deployments = {component_of(d): d for d in by_kind(objects, "Deployment")}
+    assert set(policies) == set(deployments), "every component is covered by a policy"
+    gateway_labels = {
+        "app.kubernetes.io/name": "marquee",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "gateway",
+    }
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    for comp, pol in policies.items():
+        spec = pol["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        assert spec["podSelector"]["matchLabels"] == deployments[comp]["spec"]["selector"]["matchLabels"]
+        c = deployments[comp]["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        open_ports = set()
+        for rule in spec["ingress"]:
+            rule_ports = {p["port"] for p in rule["ports"]}
+            open_ports |= rule_ports
+            peers = rule.get("from")
+            if ports["admin"] in rule_ports:
+                assert rule_ports.isdisjoint({ports["grpc"]}), "admin and gRPC never share a rule"
+                assert peers == [prometheus], f"{comp}: only Prometheus scrapes the admin port"
+            elif comp == "gateway":
+                assert ports["grpc"] in rule_ports
+                assert peers == (values.get("networkPolicy", {}).get("gatewayFrom") or None)
+            else:
+                assert ports["grpc"] in rule_ports
+                # Backends: the gRPC port (and a mesh proxy's inbound port) only from this
+                # release's gateway pods: no namespace selector, no IP block, no open rule.
+                assert peers == [{"podSelector": {"matchLabels": gateway_labels}}], f"{comp}: {peers}"
+        assert {ports["grpc"], ports["admin"]} <= open_ports
+
+
+def test_backends_get_headless_services_that_the_gateway_config_resolves(default_objects):
+    services = {component_of(s): s for s in by_kind(default_objects, "Service")}
+    assert services["gateway"]["spec"]["type"] == "ClusterIP"
+    gateway = config_of(default_objects, "gateway")
+    for b in BACKENDS:
+        svc = services[b]
+        assert svc["spec"]["clusterIP"] == "None", f"{b}: headless, so DNS returns every pod"
+        grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        assert gateway["backends"][b] == {
+            "kind": b,
+            "dns": f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{grpc}",
+        }
+
+
+def test_each_service_reads_its_rendered_config_and_listens_where_its_ports_say(default_objects):
+    for d in by_kind(default_objects, "Deployment"):
+        comp = component_of(d)
+        spec = d["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        cfg = config_of(default_objects, comp)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert cfg["server"]["grpc_addr"] == f"0.0.0.0:{ports['grpc']}"
+        assert cfg["server"]["admin_addr"] == f"0.0.0.0:{ports['admin']}"
+        assert c["args"] == ["--config", "/etc/marquee/config/config.toml"]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+        assert mount["mountPath"] == "/etc/marquee/config" and mount["readOnly"]
+        vol = next(v for v in spec["volumes"] if v["name"] == "config")
+        assert vol["configMap"]["name"] == f"{RELEASE}-marquee-{comp}-config"
+        # A changed config rolls the pods.
+        assert len(d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]) == 64
+        if comp != "gateway":
+            models = next(m for m in c["volumeMounts"] if m["name"] == "models")
+            assert cfg["repository"]["path"] == models["mountPath"] and models["readOnly"]
+
+
+def test_values_reach_the_config_as_typed_toml(default_objects):
+    gw = config_of(default_objects, "gateway")
+    assert gw["tenants"]["web"] == {"weight": 2, "rate_per_s": 200, "burst": 400}
+    assert isinstance(gw["tenants"]["web"]["weight"], int), "integers stay integers (Helm's toToml writes 2.0)"
+    assert gw["routes"]["vision"]["max_batch"] == 16
+    assert gw["telemetry"] == {"log_format": "json", "log_filter": "info"}
+    vision = config_of(default_objects, "vision")
+    assert vision["repository"]["models"] == ["efficientnet_lite0", "fashion_cnn"]
+    assert vision["vision"] == {"max_batch_items": 64}
+    for comp in ("language", "recommendation"):
+        cfg = config_of(default_objects, comp)
+        assert set(cfg) == {"server", "repository", "telemetry"}, "their own sections arrive with their services"
+
+
+def test_secrets_are_referenced_never_written(default_objects):
+    assert not by_kind(default_objects, "Secret"), "the chart creates no Secret"
+    gw = next(d for d in by_kind(default_objects, "Deployment") if component_of(d) == "gateway")
+    spec = gw["spec"]["template"]["spec"]
+    vol = next(v for v in spec["volumes"] if v["name"] == "api-keys")
+    assert vol["secret"]["secretName"] == "marquee-api-keys"
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "api-keys")
+    assert mount["readOnly"]
+    cfg = config_of(default_objects, "gateway")
+    assert cfg["auth"]["api_keys_file"] == f"{mount['mountPath']}/api-keys.toml"
+    assert cfg["auth"]["api_keys"] == []
+
+
+def test_jwt_keys_come_from_a_secret():
+    objects = render_ci(CHART_DIR / "ci" / "mesh-values.yaml")
+    cfg = config_of(objects, "gateway")["auth"]["jwt"]
+    assert cfg["public_key_files"] == ["/etc/marquee/secrets/jwt/issuer-rs256.pem"]
+    assert cfg["jwks_file"] == "/etc/marquee/secrets/jwt/jwks.json"
+    assert cfg["issuer"] == "https://auth.example.com/" and "hs256_secret_file" not in cfg
+    gw = next(d for d in by_kind(objects, "Deployment") if component_of(d) == "gateway")
+    vol = next(v for v in gw["spec"]["template"]["spec"]["volumes"] if v["name"] == "jwt")
+    assert vol["secret"]["secretName"] == "marquee-jwt"
+
+
+def test_otlp_endpoint_is_passed_as_the_standard_variable():
+    with_otlp = render_ci(CHART_DIR / "ci" / "default-values.yaml")
+    without = render_ci(CHART_DIR / "ci" / "mesh-values.yaml")
+    for objects, expected in ((with_otlp, "http://otel-collector.observability:4317"), (without, None)):
+        for _, spec in pod_specs(objects):
+            env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+            assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == expected
+
+
+def test_gpu_values_request_gpus_and_select_gpu_nodes():
+    objects = render_ci(CHART_DIR / "ci" / "gpu-values.yaml")
+    deps = {component_of(d): d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment")}
+    for comp, device in (("vision", "cuda"), ("language", "cuda:0")):
+        spec = deps[comp]
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert config_of(objects, comp)["repository"]["device"] == device
+    assert deps["vision"]["runtimeClassName"] == "nvidia"
+    assert "nvidia.com/gpu" not in deps["recommendation"]["containers"][0]["resources"]["limits"]
+    assert "device" not in config_of(objects, "recommendation")["repository"]
+    # Model storage: a created claim for language, an existing one for recommendation.
+    claims = by_kind(objects, "PersistentVolumeClaim")
+    assert [c["metadata"]["name"] for c in claims] == [f"{RELEASE}-marquee-language-models"]
+    assert claims[0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    vol = next(v for v in deps["recommendation"]["volumes"] if v["name"] == "models")
+    assert vol["persistentVolumeClaim"] == {"claimName": "recommendation-models", "readOnly": True}
+    assert "initContainers" not in deps["language"]
+    # Queue depth autoscaling.
+    hpa = next(h for h in by_kind(objects, "HorizontalPodAutoscaler") if component_of(h) == "vision")
+    pods_metric = next(m for m in hpa["spec"]["metrics"] if m["type"] == "Pods")
+    assert pods_metric["pods"]["metric"]["name"] == "marquee_batcher_queue_depth"
+
+
+def test_models_are_copied_from_a_model_image_by_default(default_objects):
+    vision = next(d for d in by_kind(default_objects, "Deployment") if component_of(d) == "vision")
+    spec = vision["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["image"] == "ghcr.io/marquee/models-vision:0.1.0"
+    assert init["command"] == ["cp", "-RL", "/model-repository/.", "/models/"]
+    vol = next(v for v in spec["volumes"] if v["name"] == "models")
+    assert "emptyDir" in vol
+
+
+def test_mesh_annotations_and_proxy_ports():
+    linkerd = render_ci(CHART_DIR / "ci" / "mesh-values.yaml")
+    for d in by_kind(linkerd, "Deployment"):
+        ann = d["spec"]["template"]["metadata"]["annotations"]
+        assert ann["linkerd.io/inject"] == "enabled"
+        grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert int(ann["config.alpha.linkerd.io/proxy-wait-before-exit-seconds"]) <= grace
+    for pol in by_kind(linkerd, "NetworkPolicy"):
+        ports = [{p["port"] for p in r["ports"]} for r in pol["spec"]["ingress"]]
+        assert any(4143 in p for p in ports) and any(4191 in p for p in ports)
+    istio = render_ci(CHART_DIR / "ci" / "istio-values.yaml")
+    for d in by_kind(istio, "Deployment"):
+        meta = d["spec"]["template"]["metadata"]
+        assert meta["labels"]["sidecar.istio.io/inject"] == "true"
+        assert json.loads(meta["annotations"]["proxy.istio.io/config"])["holdApplicationUntilProxyStarts"] is True
+    # No mesh: no mesh annotations.
+    for d in render_ci(CHART_DIR / "ci" / "default-values.yaml"):
+        if d["kind"] == "Deployment":
+            assert not any("linkerd" in k or "istio" in k for k in d["spec"]["template"]["metadata"]["annotations"])
+
+
+def test_autoscaling_and_disruption_budgets(default_objects):
+    hpas = {component_of(h): h for h in by_kind(default_objects, "HorizontalPodAutoscaler")}
+    pdbs = {component_of(p): p for p in by_kind(default_objects, "PodDisruptionBudget")}
+    for d in by_kind(default_objects, "Deployment"):
+        comp = component_of(d)
+        assert "replicas" not in d["spec"], f"{comp}: the HPA owns the replica count"
+        cpu = hpas[comp]["spec"]["metrics"][0]
+        assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"
+        assert hpas[comp]["spec"]["scaleTargetRef"]["name"] == d["metadata"]["name"]
+        assert pdbs[comp]["spec"]["selector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+        assert d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    istio = render_ci(CHART_DIR / "ci" / "istio-values.yaml")
+    gw = next(d for d in by_kind(istio, "Deployment") if component_of(d) == "gateway")
+    assert gw["spec"]["replicas"] == 3
+    assert "gateway" not in {component_of(h) for h in by_kind(istio, "HorizontalPodAutoscaler")}
+
+
+def test_a_single_service_renders_alone():
+    objects = render_ci(CHART_DIR / "ci" / "single-service-values.yaml")
+    comps = {component_of(o) for o in objects if "app.kubernetes.io/component" in o["metadata"].get("labels", {})}
+    assert comps == {"vision"}
+    assert not [o for o in objects if o["kind"] == "ConfigMap" and "dashboard" in o["metadata"]["name"]]
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"], kinds
+
+
+def test_dashboards_are_provisioned_for_the_grafana_sidecar(default_objects):
+    maps = [o for o in by_kind(default_objects, "ConfigMap") if "-dashboard-" in o["metadata"]["name"]]
+    assert len(maps) == len(DASHBOARDS) >= 3
+    files = {p.name: json.loads(p.read_text()) for p in DASHBOARDS}
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["annotations"]["grafana_folder"] == "Marquee"
+        ((name, text),) = cm["data"].items()
+        assert json.loads(text) == files[name]
+    uids = [b["uid"] for b in files.values()]
+    assert len(set(uids)) == len(uids)
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
+def test_objects_are_namespaced_labelled_and_uniquely_named(values_file):
+    objects = render_ci(values_file)
+    seen = set()
+    for o in objects:
+        meta = o["metadata"]
+        key = (o["kind"], meta["name"])
+        assert key not in seen, key
+        seen.add(key)
+        assert meta["namespace"] == NAMESPACE, key
+        assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE, key
+        assert len(meta["name"]) <= 63, key
+    assert {c for c in COMPONENTS} >= {component_of(o) for o in objects if "app.kubernetes.io/component" in o["metadata"]["labels"]}
