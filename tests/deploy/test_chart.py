@@ -258,6 +258,7 @@ def test_backends_get_headless_services_that_the_gateway_config_resolves(default
         grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
         assert gateway["backends"][b] == {
             "kind": b,
+            "endpoints": [],
             "dns": f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{grpc}",
         }
 

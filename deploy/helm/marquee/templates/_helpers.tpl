@@ -123,6 +123,8 @@ chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
       {{- $entry := deepCopy (index $tuning $b | default dict) -}}
       {{- $_ := set $entry "kind" $b -}}
       {{- $_ := set $entry "dns" (include "marquee.backendDns" (list $root $b)) -}}
+      {{- /* Replaces the gateway's built-in default (127.0.0.1:8001): only DNS finds replicas. */ -}}
+      {{- $_ := set $entry "endpoints" list -}}
       {{- $_ := set $backends $b $entry -}}
     {{- end -}}
   {{- end -}}

@@ -1,0 +1,410 @@
+"""The real services, started with the configs the chart renders: every metric the dashboards
+and alerts read is exported (scraped from the admin ports after real calls), the exposition
+passes `promtool check metrics`, and one call through the gateway to vision arrives at a real
+OTLP receiver as one connected trace.
+
+The binaries read the chart's ConfigMap TOML unchanged; environment variables override only
+what differs outside Kubernetes (the same way an operator would): listen addresses (ephemeral
+ports), the model repository path, the backend's DNS name and the API-key file path.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.resources
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from conftest import (
+    CHART_DIR,
+    EXTERNAL_METRICS,
+    REPO_ROOT,
+    config_text_of,
+    load_values,
+    recorded_names,
+    render,
+    used_metric_names,
+)
+from marquee_servers import bin_dir, model_repo, run_binary
+
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+API_KEY = "mq_deploy-test-key-7c41e0"
+API_KEY_SHA = hashlib.sha256(API_KEY.encode()).hexdigest()
+TENANT = "web"
+
+# Names the services register but only export after a rare event this suite does not provoke.
+# Each is proven exported by the test named here, and must at least be compiled into the binary.
+EVENT_ONLY = {
+    "marquee_gateway_retries_total": (
+        "marquee-gateway",
+        "tests/tests/gateway.rs kills a replica under load and asserts marquee_gateway_retries_total",
+    ),
+}
+
+
+# --- OTLP receiver ----------------------------------------------------------------------------
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace collector endpoint that keeps every span it is sent."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.spans: list[tuple[str, trace_pb2.Span]] = []
+        self.resources: list = []
+
+    def Export(self, request, context):
+        with self.cv:
+            for rs in request.resource_spans:
+                attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+                self.resources.append(rs.resource)
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        self.spans.append((attrs.get("service.name", ""), s))
+            self.cv.notify_all()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def wait_for(self, predicate, timeout_s: float = 60.0):
+        with self.cv:
+            ok = self.cv.wait_for(lambda: predicate(list(self.spans)), timeout=timeout_s)
+            return ok, list(self.spans)
+
+
+@pytest.fixture(scope="session")
+def receiver():
+    rec = Receiver()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(rec, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    rec.endpoint = f"http://127.0.0.1:{port}"
+    yield rec
+    server.stop(grace=None)
+
+
+# --- generated vision stubs -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vision_pb():
+    """Python stubs for marquee.vision.v1, generated from proto/ by grpcio-tools (only the
+    vision and common packages: tritonclient owns package `inference` in this process)."""
+    from grpc_tools import protoc
+
+    out = Path(tempfile.mkdtemp(prefix="marquee-deploy-pb-"))
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{REPO_ROOT / 'proto'}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            "marquee/common/v1/common.proto",
+            "marquee/vision/v1/vision.proto",
+        ]
+    )
+    assert rc == 0, "protoc failed"
+    sys.path.insert(0, str(out))
+    from marquee.vision.v1 import vision_pb2, vision_pb2_grpc
+
+    return vision_pb2, vision_pb2_grpc
+
+
+# --- the services, from the chart's configs -----------------------------------------------------
+
+
+def chart_configs() -> dict[str, str]:
+    """The TOML the chart writes for vision and the gateway with the default ci values (language
+    and recommendation off: those binaries are not built yet)."""
+    values = load_values(CHART_DIR / "ci" / "default-values.yaml")
+    values["language"] = {"enabled": False}
+    values["recommendation"] = {"enabled": False}
+    objects = render(values)
+    return {c: config_text_of(objects, c) for c in ("vision", "gateway")}
+
+
+def live_repository(root: Path) -> Path:
+    """The real models; efficientnet_lite0 with one lane and batches of one (a copy of its
+    model.toml), so a short deadline deterministically expires in its queue."""
+    src = model_repo()
+    repo = root / "models"
+    repo.mkdir()
+    (repo / "fashion_cnn").symlink_to((src / "fashion_cnn").resolve())
+    eff = repo / "efficientnet_lite0"
+    eff.mkdir()
+    for entry in (src / "efficientnet_lite0").resolve().iterdir():
+        if entry.name != "model.toml":
+            (eff / entry.name).symlink_to(entry.resolve())
+    toml = (src / "efficientnet_lite0" / "model.toml").read_text()
+    toml = re.sub(r"(?m)^max_batch_size = \d+$", "max_batch_size = 1", toml)
+    toml = re.sub(r"(?m)^lanes = \d+$", "lanes = 1", toml)
+    assert "max_batch_size = 1" in toml and "lanes = 1" in toml
+    (eff / "model.toml").write_text(toml)
+    return repo
+
+
+def otel_env(receiver) -> dict[str, str]:
+    # The variable the chart sets (telemetry.otlpEndpoint); a short export delay for the test.
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+
+@pytest.fixture(scope="session")
+def services(receiver):
+    root = Path(tempfile.mkdtemp(prefix="marquee-deploy-"))
+    configs = chart_configs()
+    (root / "vision.toml").write_text(configs["vision"])
+    (root / "gateway.toml").write_text(configs["gateway"])
+    keys = root / "api-keys.toml"
+    keys.write_text(
+        f'[[api_keys]]\nsha256 = "{API_KEY_SHA}"\ntenant = "{TENANT}"\nscopes = ["vision:infer"]\n'
+    )
+    repo = live_repository(root)
+    with run_binary(
+        "marquee-vision",
+        {
+            "MARQUEE__REPOSITORY__PATH": str(repo),
+            "MARQUEE__REPOSITORY__THREADS": "1",
+            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
+            **otel_env(receiver),
+        },
+        ["--config", str(root / "vision.toml")],
+    ) as vision:
+        with run_binary(
+            "marquee-gateway",
+            {
+                "MARQUEE__BACKENDS__VISION__DNS": vision.grpc_addr,
+                "MARQUEE__AUTH__API_KEYS_FILE": str(keys),
+                **otel_env(receiver),
+            },
+            ["--config", str(root / "gateway.toml")],
+        ) as gateway:
+            yield {"vision": vision, "gateway": gateway}
+
+
+def scrape(server) -> str:
+    with urllib.request.urlopen(f"http://{server.admin_addr}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def wait_metric(server, name: str, minimum: float, timeout_s: float = 60.0, **labels) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = sample(scrape(server), name, **labels)
+        if v >= minimum or time.monotonic() > deadline:
+            return v
+        time.sleep(0.02)
+
+
+def classify_request(vision_pb, model: str, photo: str, top_k: int = 3):
+    pb2, _ = vision_pb
+    return pb2.ClassifyRequest(model=model, image=pb2.ImageInput(encoded=(FIXTURES / photo).read_bytes()), top_k=top_k)
+
+
+@pytest.fixture(scope="session")
+def exercised(services, vision_pb):
+    """Real calls that make every labelled series appear; returns the scrapes."""
+    pb2, pb2_grpc = vision_pb
+    gw, vs = services["gateway"], services["vision"]
+    key = (("x-api-key", API_KEY),)
+    with grpc.insecure_channel(gw.grpc_addr) as ch:
+        stub = pb2_grpc.ImageServiceStub(ch)
+        # The gateway finds vision through its DNS name, then health-checks it.
+        assert wait_metric(gw, "marquee_gateway_endpoints_healthy", 1, backend="vision") == 1
+        # ...and learns its models from its repository index (`models_refresh_ms`).
+        coffee = None
+        deadline = time.monotonic() + 60
+        while coffee is None:
+            try:
+                coffee = stub.Classify(classify_request(vision_pb, "efficientnet_lite0", "coffee.png"), metadata=key, timeout=60)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert coffee.labels[0].name == "espresso", coffee.labels
+        # Concurrent single-image calls: coalesced by the gateway into ClassifyBatch calls.
+        req = classify_request(vision_pb, "fashion_cnn", "chelsea.png", top_k=1)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda _: stub.Classify(req, metadata=key, timeout=60), range(32)))
+        assert all(len(r.labels) == 1 for r in results)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Classify(req, timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A deadline that expires in the (one-lane, batch-of-one) efficientnet queue: dropped before
+    # compute, counted in marquee_batcher_rejected_total.
+    with grpc.insecure_channel(vs.grpc_addr) as ch:
+        stub = pb2_grpc.ImageServiceStub(ch)
+        image = pb2.ImageInput(encoded=(FIXTURES / "chelsea.png").read_bytes())
+        busy = stub.ClassifyBatch.future(
+            pb2.ClassifyBatchRequest(model="efficientnet_lite0", images=[image] * 8, top_k=1), timeout=120
+        )
+        assert wait_metric(vs, "marquee_batcher_queue_depth", 4, model="efficientnet_lite0") >= 4
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Classify(classify_request(vision_pb, "efficientnet_lite0", "chelsea.png", 1), timeout=0.2)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(busy.result().items) == 8
+        assert wait_metric(vs, "marquee_batcher_rejected_total", 1, model="efficientnet_lite0") >= 1
+    return {"gateway": scrape(gw), "vision": scrape(vs)}
+
+
+def sample_names(text: str) -> set[str]:
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_metric_the_dashboards_and_alerts_read_is_exported(exercised):
+    exported = sample_names(exercised["gateway"]) | sample_names(exercised["vision"])
+    used = used_metric_names()
+    ours = {n for n in used if n not in EXTERNAL_METRICS and n not in recorded_names()}
+    missing = {n: sorted(used[n]) for n in ours - exported - set(EVENT_ONLY)}
+    assert not missing, f"used but not exported by vision or the gateway: {missing}"
+    assert len(ours) >= 20
+    for name, (binary, proof) in EVENT_ONLY.items():
+        assert name in used and name not in exported, f"{name}: remove it from EVENT_ONLY"
+        assert name.encode() in (bin_dir() / binary).read_bytes(), f"{name} is not registered by {binary} ({proof})"
+
+
+def test_labels_the_queries_group_by_are_on_the_series(exercised):
+    gw, vs = exercised["gateway"], exercised["vision"]
+    assert sample(gw, "marquee_gateway_requests_total", tenant=TENANT, code="OK", route="/marquee.vision.v1.ImageService/Classify") == 33
+    assert sample(gw, "marquee_gateway_auth_failures_total") >= 1
+    assert sample(gw, "marquee_gateway_batch_size_count", route="vision.classify") >= 1
+    assert sample(gw, "marquee_gateway_backend_requests_total", backend="vision", code="OK") >= 1
+    # The latency SLO reads the 1 s bucket by its exact `le` value.
+    buckets = [l for l in vs.splitlines() if l.startswith("marquee_grpc_request_duration_seconds_bucket")]
+    assert any('le="1"' in l for l in buckets), buckets[:20]
+    for model in ("efficientnet_lite0", "fashion_cnn"):
+        assert sample(vs, "marquee_model_ready", model=model) == 1
+        assert sample(vs, "marquee_batcher_batches_total", model=model) >= 1
+    assert sample(vs, "marquee_batcher_effective_max_batch", model="efficientnet_lite0") == 1
+
+
+@pytest.mark.parametrize("service", ["gateway", "vision"])
+def test_promtool_check_metrics_on_the_exposition(exercised, service):
+    r = subprocess.run(
+        [shutil.which("promtool") or "/usr/bin/promtool", "check", "metrics"],
+        input=exercised[service],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- tracing ----------------------------------------------------------------------------------
+
+
+def span_id_hex(b: bytes) -> str:
+    return b.hex()
+
+
+def test_one_call_through_the_gateway_is_one_connected_trace(services, vision_pb, receiver, exercised):
+    _, pb2_grpc = vision_pb
+    pb2 = vision_pb[0]
+    trace_id = os.urandom(16).hex()
+    client_span = os.urandom(8).hex()
+    image_bytes = (FIXTURES / "coffee.png").read_bytes()
+    with grpc.insecure_channel(services["gateway"].grpc_addr) as ch:
+        stub = pb2_grpc.ImageServiceStub(ch)
+        resp = stub.ClassifyBatch(
+            pb2.ClassifyBatchRequest(
+                model="efficientnet_lite0", images=[pb2.ImageInput(encoded=image_bytes)], top_k=1
+            ),
+            metadata=(("x-api-key", API_KEY), ("traceparent", f"00-{trace_id}-{client_span}-01")),
+            timeout=60,
+        )
+    assert resp.items[0].classification.labels[0].name == "espresso"
+
+    def ours(spans):
+        return [(svc, s) for svc, s in spans if s.trace_id.hex() == trace_id]
+
+    def complete(spans):
+        mine = ours(spans)
+        vision_ids = {s.span_id for svc, s in mine if svc == "marquee-vision"}
+        linked = any(
+            svc == "marquee-vision" and s.name == "batch" and any(l.span_id in vision_ids for l in s.links)
+            for svc, s in spans
+        )
+        return {svc for svc, _ in mine} == {"marquee-gateway", "marquee-vision"} and linked
+
+    ok, spans = receiver.wait_for(complete)
+    mine = ours(spans)
+    assert ok, f"incomplete trace: {[(svc, s.name) for svc, s in mine]}"
+    by_id = {s.span_id.hex(): (svc, s) for svc, s in mine}
+
+    def one(service, name, kind):
+        found = [s for svc, s in mine if svc == service and s.name == name and s.kind == kind]
+        assert len(found) == 1, f"{service} {name}: {[(svc, s.name, s.kind) for svc, s in mine]}"
+        return found[0]
+
+    method = "marquee.vision.v1.ImageService/ClassifyBatch"
+    gw_server = one("marquee-gateway", method, trace_pb2.Span.SPAN_KIND_SERVER)
+    vs_server = one("marquee-vision", method, trace_pb2.Span.SPAN_KIND_SERVER)
+    clients = [s for svc, s in mine if svc == "marquee-gateway" and s.kind == trace_pb2.Span.SPAN_KIND_CLIENT]
+    assert len(clients) == 1, clients
+    gw_client = clients[0]
+    # The caller's traceparent is the gateway server span's parent.
+    assert gw_server.parent_span_id.hex() == client_span
+    # The gateway's backend call descends from its server span...
+    node, chain = gw_client, []
+    while node.parent_span_id.hex() in by_id and node.span_id != gw_server.span_id:
+        node = by_id[node.parent_span_id.hex()][1]
+        chain.append(node.name)
+    assert node.span_id == gw_server.span_id, f"client span does not descend from the server span: {chain}"
+    # ...and W3C trace context carries the hop: vision's server span is the client span's child.
+    assert vs_server.parent_span_id == gw_client.span_id
+    # Every span of this call is in this one trace and hangs off it (no orphans).
+    for svc, s in mine:
+        if s.span_id != gw_server.span_id:
+            assert s.parent_span_id.hex() in by_id, f"{svc} {s.name} has a parent outside the trace"
+    # The batch that computed the image: its own root span, linked to the request span(s).
+    vision_ids = {s.span_id for svc, s in mine if svc == "marquee-vision"}
+    batches = [s for svc, s in spans if svc == "marquee-vision" and s.name == "batch" and any(l.span_id in vision_ids for l in s.links)]
+    assert len(batches) == 1, "one image, batches of one: one batch"
+    (batch,) = batches
+    (link,) = [l for l in batch.links if l.trace_id.hex() == trace_id]
+    assert link.span_id in vision_ids
+    assert batch.parent_span_id == b"", "a batch serves many traces: it is a root span, linked, not parented"
+    attrs = {a.key: a.value for a in batch.attributes}
+    assert attrs["model"].string_value == "efficientnet_lite0" and attrs["rows"].int_value == 1
+
+    # No payloads, credentials or raw user ids anywhere in what was exported.
+    forbidden = [API_KEY, API_KEY_SHA, image_bytes[:64].hex(), "x-api-key"]
+    for svc, s in spans:
+        values = [a.value for a in s.attributes]
+        values += [a.value for e in s.events for a in e.attributes]
+        values += [a.value for l in s.links for a in l.attributes]
+        for v in values:
+            assert not v.HasField("bytes_value"), f"{svc} {s.name}: a bytes attribute"
+            text = str(v)
+            assert len(text) < 512, f"{svc} {s.name}: an attribute of {len(text)} chars looks like a payload"
+            for f in forbidden:
+                assert f not in text, f"{svc} {s.name} carries {f!r}"
+    for res in receiver.resources:
+        for a in res.attributes:
+            assert API_KEY not in str(a.value)
