@@ -158,7 +158,6 @@ class Block(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.scale = 1.0 / math.sqrt(head_dim)
         self.ln1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * num_heads * head_dim)
         self.proj = nn.Linear(num_heads * head_dim, d_model)
@@ -190,11 +189,12 @@ class Block(nn.Module):
         # into the service's preallocated cache (a narrowed view of a bigger tensor).
         k_cache.transpose(1, 2).index_put_([rows, positions], k)
         v_cache.transpose(1, 2).index_put_([rows, positions], v)
-        scores = torch.matmul(k_cache, q.unsqueeze(-1)).squeeze(-1) * self.scale  # [B, H, S]
+        # Attend over slots 0..=positions[b]; later slots hold stale or padding values.
+        # SDPA with a boolean mask measured 234 us per layer at batch 16 and 201 slots,
+        # against 733 us for matmul + masked softmax (batched gemv is slow on CPU).
         slots = torch.arange(k_cache.shape[2], device=x.device)
-        future = (slots.unsqueeze(0) > positions.unsqueeze(1)).unsqueeze(1)  # [B, 1, S]
-        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        y = torch.matmul(weights.unsqueeze(-2), v_cache).squeeze(-2)  # [B, H, D]
+        visible = (slots.unsqueeze(0) <= positions.unsqueeze(1)).view(b, 1, 1, k_cache.shape[2])
+        y = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=visible).squeeze(2)
         x = x + self.proj(y.reshape(b, self.num_heads * self.head_dim))
         return x + self.mlp(x)
 
