@@ -439,3 +439,38 @@ def test_objects_are_namespaced_labelled_and_uniquely_named(values_file):
         assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE, key
         assert len(meta["name"]) <= 63, key
     assert {c for c in COMPONENTS} >= {component_of(o) for o in objects if "app.kubernetes.io/component" in o["metadata"]["labels"]}
+
+
+# Values that are Kubernetes objects passed through verbatim: the API server (and
+# kubernetes-validate above) checks their inside.
+K8S_PASSTHROUGH = {"affinity", "tolerations.items", "extraEnv.items", "gatewayFrom.items", "matchExpressions.items"}
+
+
+def test_the_schema_closes_every_object():
+    """Every object in values.schema.json either lists its keys with `additionalProperties:
+    false` or types every value of a name-keyed map; only raw Kubernetes objects are open."""
+    open_paths = []
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "object":
+            ap = node.get("additionalProperties")
+            tail = ".".join(path[-2:]) if path and path[-1] == "items" else (path[-1] if path else "")
+            if ap is None or ap is True:
+                if tail not in K8S_PASSTHROUGH:
+                    open_paths.append(".".join(path))
+            elif ap is not False:
+                walk(ap, path + ["*"])
+        for key, sub in node.get("properties", {}).items():
+            walk(sub, path + [key])
+        if "items" in node:
+            walk(node["items"], path + ["items"])
+        for alt in node.get("anyOf", []):
+            walk(alt, path)
+
+    schema = chart().schema
+    schema = json.loads(schema) if isinstance(schema, (str, bytes)) else schema
+    walk(schema, [])
+    assert schema["additionalProperties"] is False
+    assert not open_paths, open_paths
