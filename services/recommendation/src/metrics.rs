@@ -1,0 +1,188 @@
+//! Recommendation metrics on the server's registry: pipeline stage latency, cold starts,
+//! feedback, forgotten users, and the exposure measures over every served list (catalogue
+//! coverage, Gini of item exposure, long-tail share), computed when Prometheus scrapes.
+//! No label ever carries a user or item id.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::engine::OutItem;
+use crate::model::ModelData;
+use crate::rerank::{ExposureStats, exposure_stats};
+
+/// Stage latency buckets: 50 µs .. 1 s.
+const STAGE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Served exposure counts.
+#[derive(Default)]
+struct Exposure {
+    counts: Vec<u64>,
+    long_tail_slots: u64,
+    slots: u64,
+}
+
+/// Every recommendation metric.
+#[derive(Clone)]
+pub struct RecMetrics {
+    stages: HistogramVec,
+    pub exact_fallbacks: IntCounter,
+    pub cold_starts: IntCounter,
+    pub served_items: IntCounter,
+    pub feedback: IntCounterVec,
+    pub forgotten: IntCounter,
+    pub log_dropped_bytes: IntCounter,
+    exposure: Arc<Mutex<Exposure>>,
+}
+
+/// Computes the exposure gauges at scrape time (a Gini over the catalogue is a sort: cheap
+/// per scrape, too dear per request on a large catalogue).
+struct ExposureCollector {
+    exposure: Arc<Mutex<Exposure>>,
+    coverage: Gauge,
+    gini: Gauge,
+    long_tail: Gauge,
+    descs: Vec<Desc>,
+}
+
+impl Collector for ExposureCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let stats = {
+            let e = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+            exposure_stats(&e.counts, e.long_tail_slots, e.slots)
+        };
+        self.coverage.set(stats.coverage);
+        self.gini.set(stats.gini);
+        self.long_tail.set(stats.long_tail_share);
+        let mut out = self.coverage.collect();
+        out.extend(self.gini.collect());
+        out.extend(self.long_tail.collect());
+        out
+    }
+}
+
+impl RecMetrics {
+    /// Creates the metrics and registers them on `registry`; `num_items` sizes the exposure
+    /// counts.
+    pub fn new(registry: &Registry, num_items: usize) -> anyhow::Result<Self> {
+        let counter = |name: &str, help: &str| -> anyhow::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let stages = HistogramVec::new(
+            HistogramOpts::new(
+                "marquee_recommendation_stage_seconds",
+                "Time of one pipeline stage (retrieve, filter, rank, rerank, explain).",
+            )
+            .buckets(STAGE_BUCKETS.to_vec()),
+            &["stage"],
+        )?;
+        registry.register(Box::new(stages.clone()))?;
+        let feedback = IntCounterVec::new(
+            Opts::new(
+                "marquee_recommendation_feedback_events_total",
+                "Feedback events recorded durably, by event type.",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(feedback.clone()))?;
+        let exposure = Arc::new(Mutex::new(Exposure {
+            counts: vec![0; num_items + 1],
+            ..Exposure::default()
+        }));
+        let coverage = Gauge::new(
+            "marquee_recommendation_catalog_coverage_ratio",
+            "Distinct items served since start / catalogue size.",
+        )?;
+        let gini = Gauge::new(
+            "marquee_recommendation_exposure_gini",
+            "Gini coefficient of item exposure over the catalogue since start (0 = equal).",
+        )?;
+        let long_tail = Gauge::new(
+            "marquee_recommendation_long_tail_share_ratio",
+            "Share of served recommendation slots that went to long-tail items.",
+        )?;
+        let descs = [&coverage, &gini, &long_tail]
+            .iter()
+            .flat_map(|g| g.desc().into_iter().cloned())
+            .collect();
+        registry.register(Box::new(ExposureCollector {
+            exposure: exposure.clone(),
+            coverage,
+            gini,
+            long_tail,
+            descs,
+        }))?;
+        Ok(Self {
+            stages,
+            exact_fallbacks: counter(
+                "marquee_recommendation_exact_fallback_total",
+                "Retrievals that fell back to exact search because filters left too few candidates.",
+            )?,
+            cold_starts: counter(
+                "marquee_recommendation_cold_start_total",
+                "Recommendations served to subjects without history.",
+            )?,
+            served_items: counter(
+                "marquee_recommendation_served_items_total",
+                "Items returned by Recommend.",
+            )?,
+            feedback,
+            forgotten: counter(
+                "marquee_recommendation_users_forgotten_total",
+                "ForgetUser calls completed.",
+            )?,
+            log_dropped_bytes: counter(
+                "marquee_recommendation_feedback_log_dropped_bytes_total",
+                "Bytes of torn or corrupt feedback-log tail cut off at start.",
+            )?,
+            exposure,
+        })
+    }
+
+    /// A registry of its own (tools and benches).
+    pub fn standalone(num_items: usize) -> Self {
+        Self::new(&Registry::new(), num_items).expect("fresh registry, this is a bug")
+    }
+
+    /// Observes the time since `start` for `stage`.
+    pub fn stage(&self, stage: &str, start: Instant) {
+        self.stages
+            .with_label_values(&[stage])
+            .observe(start.elapsed().as_secs_f64());
+    }
+
+    /// Counts one served list.
+    pub fn record_served(&self, data: &ModelData, items: &[OutItem], cold: bool) {
+        if cold {
+            self.cold_starts.inc();
+        }
+        self.served_items.inc_by(items.len() as u64);
+        let mut e = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+        for it in items {
+            if let Some(c) = e.counts.get_mut(it.index as usize) {
+                *c += 1;
+            }
+            if data.catalog.items[it.index as usize].long_tail {
+                e.long_tail_slots += 1;
+            }
+            e.slots += 1;
+        }
+    }
+
+    /// The exposure measures now.
+    pub fn exposure(&self) -> ExposureStats {
+        let e = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+        exposure_stats(&e.counts, e.long_tail_slots, e.slots)
+    }
+}

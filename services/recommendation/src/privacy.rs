@@ -1,0 +1,121 @@
+//! User ids are personal data: everything past the gRPC handler (memory, the feedback log,
+//! logs, spans) knows a user only by a keyed hash (HMAC-SHA256 under a secret key, truncated
+//! to 128 bits). Without the key the hash cannot be linked back to an id by trying ids.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The secret key of the user-id hash.
+#[derive(Clone)]
+pub struct UserKey(Vec<u8>);
+
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserKey(..)")
+    }
+}
+
+/// A keyed hash of a user id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserHash(pub [u8; 16]);
+
+impl std::fmt::Display for UserHash {
+    /// The first 8 bytes in hex: enough to correlate log lines, useless without the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for UserHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UserHash({self})")
+    }
+}
+
+/// Smallest accepted key: 128 bits.
+pub const MIN_KEY_BYTES: usize = 16;
+
+impl UserKey {
+    pub fn from_bytes(key: Vec<u8>) -> Self {
+        Self(key)
+    }
+
+    /// Reads the key file, or creates it (32 random bytes, mode 0600, fsync'd) when missing:
+    /// the key must survive restarts because the feedback log stores hashes.
+    pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
+        if path.exists() {
+            let key = std::fs::read(path)?;
+            if key.len() < MIN_KEY_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "user id key `{}` has {} bytes, at least {MIN_KEY_BYTES} are required",
+                        path.display(),
+                        key.len()
+                    ),
+                ));
+            }
+            return Ok(Self(key));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut key = vec![0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(path)?;
+        f.write_all(&key)?;
+        f.sync_all()?;
+        if let Some(dir) = path.parent() {
+            crate::feedback::sync_dir(dir)?;
+        }
+        Ok(Self(key))
+    }
+
+    /// The keyed hash of a user id.
+    pub fn hash(&self, user_id: i64) -> UserHash {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length, this is a bug");
+        mac.update(&user_id.to_le_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        UserHash(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_keyed_and_stable() {
+        let a = UserKey::from_bytes(vec![1; 32]);
+        let b = UserKey::from_bytes(vec![2; 32]);
+        assert_eq!(a.hash(42), a.hash(42));
+        assert_ne!(a.hash(42), a.hash(43));
+        assert_ne!(a.hash(42), b.hash(42), "another key gives other hashes");
+        assert!(!a.hash(42).to_string().contains("42"));
+        assert_eq!(a.hash(42).to_string().len(), 16);
+    }
+
+    #[test]
+    fn key_file_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/user.key");
+        let k1 = UserKey::load_or_create(&path).unwrap();
+        let k2 = UserKey::load_or_create(&path).unwrap();
+        assert_eq!(k1.hash(7), k2.hash(7));
+        std::fs::write(&path, b"short").unwrap();
+        assert!(UserKey::load_or_create(&path).is_err());
+    }
+}

@@ -1,0 +1,548 @@
+//! The `marquee.recommendation.v1.Recommender` handlers: parse each request into a checked
+//! query (every bad field named with its limit and value), look the user up by keyed hash, run
+//! the engine, and turn [`RecError`] into a `Status` in one place.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use marquee_core::ServeError;
+use marquee_proto::common::ItemError;
+use marquee_proto::recommendation as pb;
+use marquee_proto::recommendation::recommender_server::Recommender as RecommenderApi;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::Instrument;
+
+use crate::RecommendationSettings;
+use crate::engine::{Engine, EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, ValidFilter};
+use crate::feedback::{EventKind, FeedbackLog, Record};
+use crate::model::Catalog;
+use crate::privacy::UserKey;
+use crate::users::{Subject, Users};
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RecError {
+    /// A field is wrong; the message names it, the limit and the value received.
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    /// Ids that are not in the catalogue, all listed.
+    #[error("{message}")]
+    NotFound { field: String, message: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Writing or compacting the feedback log failed; the event was not acknowledged.
+    #[error("feedback log: {0}")]
+    Log(String),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> RecError {
+    RecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl RecError {
+    /// The request field this error is about, if any.
+    fn field(&self) -> &str {
+        match self {
+            Self::Invalid { field, .. } | Self::NotFound { field, .. } => field,
+            _ => "",
+        }
+    }
+
+    fn prefixed(self, prefix: &str) -> Self {
+        match self {
+            Self::Invalid { field, message } => Self::Invalid {
+                field: format!("{prefix}{field}"),
+                message,
+            },
+            Self::NotFound { field, message } => Self::NotFound {
+                field: format!("{prefix}{field}"),
+                message,
+            },
+            e => e,
+        }
+    }
+}
+
+/// The one conversion of recommendation errors into gRPC statuses.
+impl From<RecError> for Status {
+    fn from(e: RecError) -> Self {
+        match e {
+            RecError::Invalid { field, message } => {
+                ServeError::InvalidArgument { field, message }.into()
+            }
+            RecError::NotFound { field, message } => Status::with_error_details(
+                Code::NotFound,
+                message.clone(),
+                ErrorDetails::with_resource_info("item", field, "", message),
+            ),
+            RecError::Engine(EngineError::Overloaded(n)) => ServeError::Overloaded {
+                message: format!("the recommendation queue is full ({n} waiting); retry later"),
+                retry_after: Duration::from_millis(50),
+            }
+            .into(),
+            RecError::Engine(EngineError::Stopped) => {
+                ServeError::Unavailable("the recommender is shutting down".into()).into()
+            }
+            RecError::Engine(EngineError::Model(m)) => ServeError::Internal(m).into(),
+            RecError::Log(m) => ServeError::Internal(format!("feedback log: {m}")).into(),
+        }
+    }
+}
+
+/// The service state behind the handlers.
+#[derive(Clone)]
+pub struct Recommender {
+    engine: Engine,
+    users: Arc<RwLock<Users>>,
+    log: Arc<Mutex<FeedbackLog>>,
+    key: UserKey,
+    settings: RecommendationSettings,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn unit_interval(field: &str, v: Option<f32>, default: f32) -> Result<f32, RecError> {
+    match v {
+        None => Ok(default),
+        Some(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        Some(x) => Err(invalid(
+            field,
+            format!("`{field}` must be in [0, 1], got {x}"),
+        )),
+    }
+}
+
+/// Catalogue indices of `ids`, or NOT_FOUND listing every unknown id.
+fn item_indices(catalog: &Catalog, field: &str, ids: &[i64]) -> Result<Vec<u32>, RecError> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut unknown = Vec::new();
+    for &id in ids {
+        match catalog.index_of(id) {
+            Some(i) => out.push(i),
+            None => unknown.push(id),
+        }
+    }
+    if unknown.is_empty() {
+        Ok(out)
+    } else {
+        Err(RecError::NotFound {
+            field: field.into(),
+            message: format!(
+                "`{field}`: {} item id(s) not in the catalogue: {unknown:?}",
+                unknown.len()
+            ),
+        })
+    }
+}
+
+impl Recommender {
+    pub fn new(
+        engine: Engine,
+        users: Users,
+        log: FeedbackLog,
+        key: UserKey,
+        settings: RecommendationSettings,
+    ) -> Self {
+        Self {
+            engine,
+            users: Arc::new(RwLock::new(users)),
+            log: Arc::new(Mutex::new(log)),
+            key,
+            settings,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn catalog(&self) -> &Catalog {
+        &self.engine.shared.data.catalog
+    }
+
+    fn check_k(&self, field: &str, k: u32) -> Result<usize, RecError> {
+        let max = self.settings.max_k;
+        if k == 0 || k as usize > max {
+            return Err(invalid(
+                field,
+                format!("`{field}` must be in 1..={max}, got {k}"),
+            ));
+        }
+        Ok(k as usize)
+    }
+
+    fn check_filter(&self, f: Option<&pb::Filter>) -> Result<ValidFilter, RecError> {
+        let Some(f) = f else {
+            return Ok(ValidFilter::default());
+        };
+        let max = self.settings.max_filter_values;
+        let counts = [
+            ("filter.exclude_item_ids", f.exclude_item_ids.len()),
+            ("filter.exclude_genres", f.exclude_genres.len()),
+            ("filter.require_genres", f.require_genres.len()),
+        ];
+        for (field, n) in counts {
+            if n > max {
+                return Err(invalid(
+                    field,
+                    format!("`{field}` holds at most {max} values, got {n}"),
+                ));
+            }
+        }
+        let genres = |field: &str, names: &[String]| -> Result<u64, RecError> {
+            let mut mask = 0;
+            for (i, name) in names.iter().enumerate() {
+                match self.catalog().genre_bit(name) {
+                    Some(b) => mask |= b,
+                    None => {
+                        return Err(invalid(
+                            format!("{field}[{i}]"),
+                            format!(
+                                "`{field}[{i}]` must be one of the model's genres ({}), got `{name}`",
+                                self.catalog().genre_names.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(mask)
+        };
+        let exclude_genres = genres("filter.exclude_genres", &f.exclude_genres)?;
+        let require_genres = genres("filter.require_genres", &f.require_genres)?;
+        if let (Some(lo), Some(hi)) = (f.min_year, f.max_year)
+            && lo > hi
+        {
+            return Err(invalid(
+                "filter.min_year",
+                format!("`filter.min_year` ({lo}) must not exceed `filter.max_year` ({hi})"),
+            ));
+        }
+        if require_genres & exclude_genres == require_genres && require_genres != 0 {
+            return Err(invalid(
+                "filter.require_genres",
+                "`filter.require_genres` are all in `filter.exclude_genres`: no item can pass",
+            ));
+        }
+        let exclude_items: HashSet<u32> = item_indices(
+            self.catalog(),
+            "filter.exclude_item_ids",
+            &f.exclude_item_ids,
+        )?
+        .into_iter()
+        .collect();
+        Ok(ValidFilter {
+            exclude_items,
+            exclude_genres,
+            require_genres,
+            min_year: f.min_year,
+            max_year: f.max_year,
+        })
+    }
+
+    /// Parses a `RecommendRequest` and looks its subject up.
+    fn check_recommend(&self, r: &pb::RecommendRequest) -> Result<RecQuery, RecError> {
+        let k = self.check_k("k", r.k)?;
+        let diversity = unit_interval("diversity", r.diversity, self.settings.default_diversity)?;
+        let long_tail_floor = unit_interval(
+            "long_tail_floor",
+            r.long_tail_floor,
+            self.settings.long_tail_floor,
+        )?;
+        let filter = self.check_filter(r.filter.as_ref())?;
+        let subject = match &r.subject {
+            Some(pb::recommend_request::Subject::UserId(id)) => {
+                let hash = self.key.hash(*id);
+                self.users
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .subject(hash)
+            }
+            Some(pb::recommend_request::Subject::Anonymous(ctx)) => {
+                let max = self.settings.max_filter_values;
+                if ctx.recent_item_ids.len() > max {
+                    return Err(invalid(
+                        "anonymous.recent_item_ids",
+                        format!(
+                            "`anonymous.recent_item_ids` holds at most {max} ids, got {}",
+                            ctx.recent_item_ids.len()
+                        ),
+                    ));
+                }
+                Subject::anonymous(item_indices(
+                    self.catalog(),
+                    "anonymous.recent_item_ids",
+                    &ctx.recent_item_ids,
+                )?)
+            }
+            None => Subject::default(),
+        };
+        Ok(RecQuery {
+            subject,
+            k,
+            filter,
+            diversity,
+            long_tail_floor,
+            explain: r.explain,
+        })
+    }
+
+    fn item_message(&self, it: &OutItem) -> pb::RecommendedItem {
+        let cat = self.catalog();
+        let item = &cat.items[it.index as usize];
+        pb::RecommendedItem {
+            item_id: item.item_id,
+            title: item.title.clone(),
+            year: item.year,
+            genres: cat.genre_list(item.genres),
+            score: it.score,
+            retrieval_score: it.retrieval,
+            long_tail: item.long_tail,
+            explanation: it.explanation.as_ref().map(|e| pb::Explanation {
+                because_of: e
+                    .because_of
+                    .iter()
+                    .map(|&(h, sim)| pb::HistoryContribution {
+                        item_id: cat.items[h as usize].item_id,
+                        title: cat.items[h as usize].title.clone(),
+                        similarity: sim,
+                    })
+                    .collect(),
+                features: e
+                    .features
+                    .iter()
+                    .map(|(n, c)| pb::FeatureContribution {
+                        name: n.clone(),
+                        contribution: *c,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    fn response(&self, out: RecOutput) -> pb::RecommendResponse {
+        pb::RecommendResponse {
+            items: out.items.iter().map(|i| self.item_message(i)).collect(),
+            cold_start: out.cold_start,
+            candidates_retrieved: out.retrieved as u32,
+            candidates_ranked: out.ranked as u32,
+            model_version: self.engine.shared.data.version.clone(),
+        }
+    }
+
+    /// One `Recommend`, with the user id only as a keyed hash in the span.
+    pub async fn recommend_one(
+        &self,
+        r: &pb::RecommendRequest,
+    ) -> Result<pb::RecommendResponse, RecError> {
+        let user = match &r.subject {
+            Some(pb::recommend_request::Subject::UserId(id)) => self.key.hash(*id).to_string(),
+            Some(pb::recommend_request::Subject::Anonymous(_)) => "anonymous".into(),
+            None => "none".into(),
+        };
+        let span = tracing::debug_span!("recommend", user = %user, k = r.k);
+        async {
+            let q = self.check_recommend(r)?;
+            let out = self.engine.recommend(q).await?;
+            Ok(self.response(out))
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn check_feedback(&self, r: &pb::RecordFeedbackRequest) -> Result<Record, RecError> {
+        let event = u8::try_from(r.event)
+            .ok()
+            .and_then(EventKind::from_u8)
+            .ok_or_else(|| {
+                invalid(
+                    "event",
+                    format!(
+                        "`event` must be one of FEEDBACK_EVENT_CLICK (1), _WATCH (2), _LIKE (3), \
+                         _DISLIKE (4), got {}",
+                        r.event
+                    ),
+                )
+            })?;
+        let now = now_ms();
+        let skew = self.settings.max_clock_skew_ms as i64;
+        let timestamp_ms = match r.timestamp_ms {
+            0 => now,
+            t if t < 0 => {
+                return Err(invalid(
+                    "timestamp_ms",
+                    format!("`timestamp_ms` must be >= 0 (0 = now), got {t}"),
+                ));
+            }
+            t if t > now + skew => {
+                return Err(invalid(
+                    "timestamp_ms",
+                    format!(
+                        "`timestamp_ms` must be at most now + {skew} ms ({}), got {t} ({} ms in the future)",
+                        now + skew,
+                        t - now
+                    ),
+                ));
+            }
+            t => t,
+        };
+        item_indices(self.catalog(), "item_id", &[r.item_id])?;
+        Ok(Record::Feedback {
+            user: self.key.hash(r.user_id),
+            item_id: r.item_id,
+            event,
+            timestamp_ms,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl RecommenderApi for Recommender {
+    async fn recommend(
+        &self,
+        request: Request<pb::RecommendRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
+        Ok(Response::new(self.recommend_one(request.get_ref()).await?))
+    }
+
+    async fn recommend_batch(
+        &self,
+        request: Request<pb::RecommendBatchRequest>,
+    ) -> Result<Response<pb::RecommendBatchResponse>, Status> {
+        let reqs = &request.get_ref().requests;
+        let max = self.settings.max_batch_requests;
+        if reqs.len() > max {
+            return Err(invalid(
+                "requests",
+                format!(
+                    "`requests` holds at most {max} requests, got {}",
+                    reqs.len()
+                ),
+            )
+            .into());
+        }
+        // Concurrently: the engine queue spreads them over the workers.
+        let results = futures::future::join_all(reqs.iter().map(|r| self.recommend_one(r))).await;
+        let mut items = Vec::with_capacity(results.len());
+        for (i, r) in results.into_iter().enumerate() {
+            let result = match r {
+                Ok(resp) => pb::recommend_batch_item::Result::Response(resp),
+                Err(e @ RecError::Engine(_)) | Err(e @ RecError::Log(_)) => {
+                    // Server-side trouble fails the whole call, as it would each request.
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    let e = e.prefixed(&format!("requests[{i}]."));
+                    let code = match &e {
+                        RecError::NotFound { .. } => Code::NotFound,
+                        _ => Code::InvalidArgument,
+                    };
+                    pb::recommend_batch_item::Result::Error(ItemError {
+                        code: code as i32,
+                        field: e.field().to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            items.push(pb::RecommendBatchItem {
+                result: Some(result),
+            });
+        }
+        Ok(Response::new(pb::RecommendBatchResponse { items }))
+    }
+
+    async fn similar_items(
+        &self,
+        request: Request<pb::SimilarItemsRequest>,
+    ) -> Result<Response<pb::SimilarItemsResponse>, Status> {
+        let r = request.get_ref();
+        let k = self.check_k("k", r.k)?;
+        let item = item_indices(self.catalog(), "item_id", &[r.item_id])?[0];
+        let filter = self.check_filter(r.filter.as_ref())?;
+        let out = self
+            .engine
+            .similar(SimilarQuery { item, k, filter })
+            .await
+            .map_err(RecError::from)?;
+        Ok(Response::new(pb::SimilarItemsResponse {
+            items: out.iter().map(|i| self.item_message(i)).collect(),
+            model_version: self.engine.shared.data.version.clone(),
+        }))
+    }
+
+    async fn record_feedback(
+        &self,
+        request: Request<pb::RecordFeedbackRequest>,
+    ) -> Result<Response<pb::RecordFeedbackResponse>, Status> {
+        let record = self.check_feedback(request.get_ref())?;
+        let span = tracing::debug_span!("record_feedback", user = %record.user());
+        let (log, users) = (self.log.clone(), self.users.clone());
+        let catalog_owner = self.engine.shared.clone();
+        let event_name = match &record {
+            Record::Feedback { event, .. } => event.name(),
+            Record::Forget { .. } => "forget",
+        };
+        // fsync blocks: off the async runtime.
+        let (sequence, history) = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = log
+                .append(&record)
+                .map_err(|e| RecError::Log(e.to_string()))?;
+            // Under the log lock: memory applies events in log order.
+            let len = users
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(&record, &catalog_owner.data.catalog);
+            Ok::<_, RecError>((seq, len))
+        })
+        .await
+        .map_err(|e| RecError::Log(format!("writer task failed: {e}")))??;
+        self.engine
+            .shared
+            .metrics
+            .feedback
+            .with_label_values(&[event_name])
+            .inc();
+        Ok(Response::new(pb::RecordFeedbackResponse {
+            sequence,
+            history_length: history as u32,
+        }))
+    }
+
+    async fn forget_user(
+        &self,
+        request: Request<pb::ForgetUserRequest>,
+    ) -> Result<Response<pb::ForgetUserResponse>, Status> {
+        let user = self.key.hash(request.get_ref().user_id);
+        let span = tracing::info_span!("forget_user", user = %user);
+        let (log, users) = (self.log.clone(), self.users.clone());
+        let (removed_log, removed_mem) = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = log.forget(user).map_err(|e| RecError::Log(e.to_string()))?;
+            let mem = users
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(user);
+            tracing::info!(log_records = removed, history = mem, "user forgotten");
+            Ok::<_, RecError>((removed, mem))
+        })
+        .await
+        .map_err(|e| RecError::Log(format!("compaction task failed: {e}")))??;
+        self.engine.shared.metrics.forgotten.inc();
+        Ok(Response::new(pb::ForgetUserResponse {
+            history_removed: removed_mem as u32,
+            log_records_removed: removed_log,
+        }))
+    }
+}
