@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".")
+        // Undecodable requests are INVALID_ARGUMENT naming the field, not INTERNAL.
+        .codec_path("crate::codec::ProstCodec")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())

@@ -393,3 +393,49 @@ impl Drop for ChildServer {
         self.kill();
     }
 }
+
+/// Settings for a test language server: ephemeral ports, one intra-op thread.
+pub fn language_settings() -> marquee_language::Settings {
+    let mut s = marquee_language::Settings::default();
+    s.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    s.server.admin_addr = "127.0.0.1:0".parse().unwrap();
+    s.language.repository = model_repo();
+    s.language.threads = Some(1);
+    s
+}
+
+/// Starts a language server on the current runtime and returns once it is ready.
+pub async fn start_language(settings: marquee_language::Settings) -> TestServer {
+    let shutdown = CancellationToken::new();
+    let running = marquee_language::start(settings, shutdown.clone())
+        .await
+        .expect("language server starts");
+    TestServer {
+        grpc_addr: running.grpc_addr,
+        admin_addr: running.admin_addr,
+        metrics: running.metrics,
+        shutdown,
+    }
+}
+
+/// One language server per test binary, on its own runtime so it outlives each test's.
+pub fn shared_language() -> &'static TestServer {
+    static SHARED: OnceLock<TestServer> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let server = start_language(language_settings()).await;
+                let done = server.shutdown.clone();
+                tx.send(server).unwrap();
+                done.cancelled().await;
+            });
+        });
+        rx.recv().expect("shared language server starts")
+    })
+}

@@ -1,5 +1,7 @@
 //! Generated gRPC messages, clients and servers for every Marquee protocol.
 
+pub mod codec;
+
 /// The encoded `FileDescriptorSet` of every proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/marquee_descriptor.bin"));

@@ -1,0 +1,829 @@
+//! The generation engine: one OS thread owns the TorchScript module, the KV cache and the
+//! running batch (continuous, iteration-level batching).
+//!
+//! Each iteration:
+//! 1. sequences whose caller went away or whose deadline passed leave, freeing their cache
+//!    slot at once;
+//! 2. every `decode_steps_per_prefill` decode steps (or at once when nothing runs), waiting
+//!    requests are admitted in arrival order while the batch has a free slot, the token budget
+//!    (prompt + `max_new_tokens` of every running sequence against `max_total_tokens`) holds
+//!    and the prefill stays within `max_prefill_tokens`; they are prefilled together;
+//! 3. one decode step advances every running sequence by one token.
+//!
+//! The KV cache is two preallocated buffers `[layers, max_batch, heads, context, head_dim]`.
+//! Running sequences occupy slots `0..n` contiguously (a leaving sequence's slot is refilled
+//! by copying the last one into it), so a decode step passes `narrow` views of the buffers and
+//! the module writes the new keys and values in place: no per-step copy or allocation.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use marquee_core::ServeError;
+use tch::{CModule, Device, IValue, Kind, Tensor};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::LanguageMetrics;
+use crate::model::{ModelFiles, Vocab};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::text::{Delta, TextStream};
+
+/// Scheduler settings, validated by [`crate::Settings`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_batch: usize,
+    pub max_total_tokens: usize,
+    pub queue_capacity: usize,
+    pub decode_steps_per_prefill: usize,
+    pub max_prefill_tokens: usize,
+    pub threads: usize,
+    pub device: Device,
+}
+
+/// One generation request, validated and tokenized.
+pub struct Job {
+    /// Prompt token ids, BOS first.
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Sized to hold every event of the request, so the engine never blocks on a slow reader.
+    pub events: mpsc::Sender<Event>,
+    pub arrived: Instant,
+    pub deadline: Instant,
+}
+
+impl Job {
+    /// Capacity the job's event channel needs: one message per token at most, plus the end.
+    pub fn channel_capacity(params: &SamplingParams) -> usize {
+        params.max_new_tokens + 2
+    }
+
+    fn budget(&self) -> usize {
+        self.prompt.len() + self.params.max_new_tokens
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    Stop,
+    Eos,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+            Self::Eos => "eos",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub seed: u64,
+    pub queue: Duration,
+    pub time_to_first_token: Duration,
+    pub total: Duration,
+    pub mean_inter_token: Duration,
+}
+
+/// What the engine tells a request, in order: any number of `Tokens`, then exactly one
+/// `Finished` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Tokens {
+        text: String,
+        ids: Vec<u32>,
+        logprobs: Vec<f32>,
+    },
+    Finished(Summary),
+    Failed(ServeError),
+}
+
+/// Full-recompute logits for raw token ids (the OIP path and the cache-free reference).
+struct ForwardJob {
+    ids: Vec<i64>,
+    batch: usize,
+    len: usize,
+    reply: oneshot::Sender<Result<Vec<f32>, ServeError>>,
+}
+
+enum Work {
+    Generate(Job),
+    Forward(ForwardJob),
+}
+
+struct Queue {
+    items: VecDeque<Work>,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+/// The fixed shape of the model, from `model.toml`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub context: usize,
+    pub vocab: usize,
+    pub eos: u32,
+}
+
+/// Handle to the engine thread. Dropping the last handle lets the thread finish what runs and
+/// exit.
+pub struct Engine {
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+    pub shape: Shape,
+    metrics: LanguageMetrics,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.shared.queue.lock() {
+            q.closed = true;
+        }
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Engine {
+    /// Loads the module on a new thread, warms it up, and returns once it is ready.
+    pub fn start(
+        files: &ModelFiles,
+        vocab: Arc<Vocab>,
+        cfg: EngineConfig,
+        metrics: LanguageMetrics,
+    ) -> anyhow::Result<Self> {
+        let spec = &files.manifest.language;
+        let shape = Shape {
+            layers: spec.num_layers,
+            heads: spec.num_heads,
+            head_dim: spec.head_dim,
+            context: spec.context_length,
+            vocab: spec.vocab_size,
+            eos: spec.eos_token_id,
+        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let weights = files.weights.clone();
+        let thread_shared = shared.clone();
+        let thread_cfg = cfg.clone();
+        let thread_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name(format!("lm-{}", files.manifest.name))
+            .spawn(move || {
+                tch::set_num_threads(thread_cfg.threads as i32);
+                let _guard = tch::no_grad_guard();
+                let setup = Worker::new(
+                    &weights,
+                    shape,
+                    thread_cfg,
+                    vocab,
+                    thread_shared,
+                    thread_metrics,
+                );
+                match setup {
+                    Ok(mut worker) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker.run();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the engine thread died while loading the model"))??;
+        Ok(Self {
+            shared,
+            cfg,
+            shape,
+            metrics,
+        })
+    }
+
+    /// Queues a generation; refused at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), ServeError> {
+        self.push(Work::Generate(job))
+    }
+
+    /// Full-recompute logits `[batch, len, vocab]` for `ids` (`batch * len` token ids).
+    pub async fn forward(
+        &self,
+        ids: Vec<i64>,
+        batch: usize,
+        len: usize,
+    ) -> Result<Vec<f32>, ServeError> {
+        let (reply, rx) = oneshot::channel();
+        self.push(Work::Forward(ForwardJob {
+            ids,
+            batch,
+            len,
+            reply,
+        }))?;
+        rx.await
+            .map_err(|_| ServeError::Unavailable("the language engine stopped".into()))?
+    }
+
+    fn push(&self, work: Work) -> Result<(), ServeError> {
+        let mut q = self
+            .shared
+            .queue
+            .lock()
+            .map_err(|_| ServeError::Internal("engine queue poisoned".into()))?;
+        if q.closed {
+            return Err(ServeError::Unavailable(
+                "the language engine is shutting down".into(),
+            ));
+        }
+        if q.items.len() >= self.cfg.queue_capacity {
+            self.metrics
+                .core
+                .rejected
+                .with_label_values(&[&self.metrics.model, "queue_full"])
+                .inc();
+            return Err(ServeError::Overloaded {
+                message: format!(
+                    "the generation queue is full ({} requests waiting, `language.queue_capacity` = {}); retry later",
+                    q.items.len(),
+                    self.cfg.queue_capacity
+                ),
+                retry_after: Duration::from_millis(200),
+            });
+        }
+        q.items.push_back(work);
+        self.metrics
+            .core
+            .queue_depth
+            .with_label_values(&[&self.metrics.model])
+            .set(q.items.len() as i64);
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// A running sequence in cache slot `i` (its index in `Worker::running`).
+struct Seq {
+    job: Job,
+    sampler: Sampler,
+    text: TextStream,
+    generated: usize,
+    /// Positions whose keys/values are in the cache.
+    cached: usize,
+    /// The newest token, fed to the next decode step.
+    last: u32,
+    pending_ids: Vec<u32>,
+    pending_logprobs: Vec<f32>,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    last_token: Instant,
+    /// Finished (or its caller is gone); removed after the step.
+    done: bool,
+}
+
+struct Worker {
+    module: CModule,
+    shape: Shape,
+    cfg: EngineConfig,
+    vocab: Arc<Vocab>,
+    shared: Arc<Shared>,
+    metrics: LanguageMetrics,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    running: Vec<Seq>,
+    /// Token budget held by running sequences.
+    used_tokens: usize,
+}
+
+impl Worker {
+    fn new(
+        weights: &std::path::Path,
+        shape: Shape,
+        cfg: EngineConfig,
+        vocab: Arc<Vocab>,
+        shared: Arc<Shared>,
+        metrics: LanguageMetrics,
+    ) -> anyhow::Result<Self> {
+        let mut module = CModule::load_on_device(weights, cfg.device)
+            .map_err(|e| anyhow::anyhow!("cannot load `{}`: {e}", weights.display()))?;
+        module.set_eval();
+        let dims = [
+            shape.layers as i64,
+            cfg.max_batch as i64,
+            shape.heads as i64,
+            shape.context as i64,
+            shape.head_dim as i64,
+        ];
+        let k_cache = Tensor::zeros(dims, (Kind::Float, cfg.device));
+        let v_cache = Tensor::zeros(dims, (Kind::Float, cfg.device));
+        let mut worker = Self {
+            module,
+            shape,
+            cfg,
+            vocab,
+            shared,
+            metrics,
+            k_cache,
+            v_cache,
+            running: Vec::new(),
+            used_tokens: 0,
+        };
+        worker.warm_up()?;
+        Ok(worker)
+    }
+
+    /// Runs prefill and decode at a few shapes so that TorchScript's profiling executor has
+    /// optimised them before the first request, and checks the module's output shapes.
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let widest = self.cfg.max_batch.min(4);
+        for (batch, len) in [(1usize, 4usize), (2.min(widest), 8), (1, 16), (widest, 8)] {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|b| (0..len - b % 2).map(|i| (i % 7 + 1) as u32).collect())
+                .collect();
+            let logits = self.prefill_into(&prompts, 0).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                logits.len() == batch * self.shape.vocab,
+                "prefill returned {} logits for {batch} prompts, expected {} (vocab_size {})",
+                logits.len(),
+                batch * self.shape.vocab,
+                self.shape.vocab
+            );
+            let mut positions: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+            for _ in 0..4 {
+                let tokens = vec![1i64; batch];
+                let logits = self
+                    .decode(&tokens, &positions)
+                    .map_err(anyhow::Error::msg)?;
+                anyhow::ensure!(
+                    logits.len() == batch * self.shape.vocab,
+                    "decode returned {} logits for {batch} sequences",
+                    logits.len()
+                );
+                positions.iter_mut().for_each(|p| *p += 1);
+            }
+        }
+        let probe = self
+            .forward_logits(&[1, 2, 3], 1, 3)
+            .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            probe.len() == 3 * self.shape.vocab,
+            "forward returned {} logits for 3 tokens",
+            probe.len()
+        );
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "language model warmed up"
+        );
+        Ok(())
+    }
+
+    fn run(&mut self) {
+        let mut steps_since_prefill = usize::MAX;
+        loop {
+            self.reap();
+            let admit_now =
+                self.running.is_empty() || steps_since_prefill >= self.cfg.decode_steps_per_prefill;
+            let (jobs, forwards, closed) = self.take_work(admit_now);
+            for f in forwards {
+                let out = self.forward_logits(&f.ids, f.batch, f.len);
+                let _ = f.reply.send(out);
+            }
+            if !jobs.is_empty() {
+                self.admit(jobs);
+                steps_since_prefill = 0;
+            }
+            if !self.running.is_empty() {
+                self.step();
+                steps_since_prefill = steps_since_prefill.saturating_add(1);
+            } else if closed {
+                return;
+            }
+        }
+    }
+
+    /// Takes forward jobs and, when `admit` is set, the generation jobs that fit; blocks while
+    /// there is nothing at all to do.
+    fn take_work(&mut self, admit: bool) -> (Vec<Job>, Vec<ForwardJob>, bool) {
+        let Ok(mut q) = self.shared.queue.lock() else {
+            return (Vec::new(), Vec::new(), true);
+        };
+        while self.running.is_empty() && q.items.is_empty() && !q.closed {
+            q = match self.shared.wake.wait(q) {
+                Ok(q) => q,
+                Err(_) => return (Vec::new(), Vec::new(), true),
+            };
+        }
+        let mut forwards = Vec::new();
+        let mut jobs = Vec::new();
+        let mut slots = self.cfg.max_batch - self.running.len();
+        let mut tokens = self.used_tokens;
+        let mut prefill_tokens = 0usize;
+        let mut kept = VecDeque::with_capacity(q.items.len());
+        let mut blocked = !admit;
+        while let Some(work) = q.items.pop_front() {
+            match work {
+                Work::Forward(f) => forwards.push(f),
+                Work::Generate(job) if blocked => kept.push_back(Work::Generate(job)),
+                Work::Generate(job) => {
+                    if job.events.is_closed() {
+                        self.metrics.rejected("cancelled");
+                        continue;
+                    }
+                    if Instant::now() >= job.deadline {
+                        self.metrics.rejected("deadline");
+                        let _ = job
+                            .events
+                            .try_send(Event::Failed(ServeError::DeadlineExceeded(
+                                "the deadline passed while the request waited for a slot".into(),
+                            )));
+                        continue;
+                    }
+                    let fits = slots > 0
+                        && tokens + job.budget() <= self.cfg.max_total_tokens
+                        && (jobs.is_empty()
+                            || prefill_tokens + job.prompt.len() <= self.cfg.max_prefill_tokens);
+                    if fits {
+                        slots -= 1;
+                        tokens += job.budget();
+                        prefill_tokens += job.prompt.len();
+                        jobs.push(job);
+                    } else {
+                        // Arrival order: a request that does not fit blocks those behind it,
+                        // so a long prompt is never starved by a stream of short ones.
+                        blocked = true;
+                        kept.push_back(Work::Generate(job));
+                    }
+                }
+            }
+        }
+        q.items = kept;
+        self.metrics
+            .core
+            .queue_depth
+            .with_label_values(&[&self.metrics.model])
+            .set(q.items.len() as i64);
+        (jobs, forwards, q.closed)
+    }
+
+    /// Removes sequences whose caller cancelled or whose deadline passed.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        for i in (0..self.running.len()).rev() {
+            let seq = &self.running[i];
+            if seq.job.events.is_closed() {
+                self.metrics.rejected("cancelled");
+                self.remove(i);
+            } else if now >= seq.job.deadline {
+                self.metrics.rejected("deadline");
+                let _ = seq
+                    .job
+                    .events
+                    .try_send(Event::Failed(ServeError::DeadlineExceeded(format!(
+                        "the deadline passed after {} generated tokens",
+                        seq.generated
+                    ))));
+                self.remove(i);
+            }
+        }
+    }
+
+    /// Frees slot `i`, moving the last sequence into it so slots stay contiguous.
+    fn remove(&mut self, i: usize) {
+        let last = self.running.len() - 1;
+        if i != last {
+            let len = self.running[last].cached.max(1) as i64;
+            for cache in [&self.k_cache, &self.v_cache] {
+                let src = cache.narrow(1, last as i64, 1).narrow(3, 0, len);
+                cache.narrow(1, i as i64, 1).narrow(3, 0, len).copy_(&src);
+            }
+        }
+        let seq = self.running.swap_remove(i);
+        self.used_tokens -= seq.job.budget();
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.running
+            .with_label_values(&[&m.model])
+            .set(self.running.len() as i64);
+        let cached: usize = self.running.iter().map(|s| s.cached).sum();
+        m.kv_used.with_label_values(&[&m.model]).set(cached as i64);
+        m.budget_used
+            .with_label_values(&[&m.model])
+            .set(self.used_tokens as i64);
+    }
+
+    /// Prefills `jobs` into the next free slots and samples each one's first token.
+    fn admit(&mut self, jobs: Vec<Job>) {
+        let now = Instant::now();
+        let first_slot = self.running.len();
+        let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
+        let started = Instant::now();
+        let result = self.prefill_into(&prompts, first_slot);
+        self.metrics
+            .observe_step("prefill", started.elapsed(), jobs.len());
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for job in jobs {
+                    let _ = job
+                        .events
+                        .try_send(Event::Failed(ServeError::Internal(e.clone())));
+                }
+                return;
+            }
+        };
+        for job in &jobs {
+            self.metrics
+                .core
+                .queue_wait
+                .with_label_values(&[&self.metrics.model])
+                .observe(now.duration_since(job.arrived).as_secs_f64());
+            self.metrics
+                .prompt_tokens
+                .with_label_values(&[&self.metrics.model])
+                .inc_by(job.prompt.len() as u64);
+        }
+        let vocab = self.shape.vocab;
+        for (i, job) in jobs.into_iter().enumerate() {
+            let sampler = Sampler::new(job.params.clone(), &job.prompt, vocab, self.shape.eos);
+            let text = TextStream::new(job.params.stop.clone());
+            self.used_tokens += job.budget();
+            let cached = job.prompt.len();
+            self.running.push(Seq {
+                job,
+                sampler,
+                text,
+                generated: 0,
+                cached,
+                last: 0,
+                pending_ids: Vec::new(),
+                pending_logprobs: Vec::new(),
+                admitted: now,
+                first_token: None,
+                last_token: now,
+                done: false,
+            });
+            let mut row = logits[i * vocab..(i + 1) * vocab].to_vec();
+            let slot = first_slot + i;
+            self.advance(slot, &mut row);
+        }
+        self.finish_done();
+        self.update_gauges();
+    }
+
+    /// One decode step for every running sequence.
+    fn step(&mut self) {
+        let tokens: Vec<i64> = self.running.iter().map(|s| i64::from(s.last)).collect();
+        let positions: Vec<i64> = self.running.iter().map(|s| s.cached as i64).collect();
+        let started = Instant::now();
+        let result = self.decode(&tokens, &positions);
+        self.metrics
+            .observe_step("decode", started.elapsed(), tokens.len());
+        match result {
+            Ok(logits) => {
+                let vocab = self.shape.vocab;
+                for slot in 0..self.running.len() {
+                    self.running[slot].cached += 1;
+                    let mut row = logits[slot * vocab..(slot + 1) * vocab].to_vec();
+                    self.advance(slot, &mut row);
+                }
+            }
+            Err(e) => {
+                for seq in &self.running {
+                    let _ = seq
+                        .job
+                        .events
+                        .try_send(Event::Failed(ServeError::Internal(e.clone())));
+                }
+                while !self.running.is_empty() {
+                    self.remove(self.running.len() - 1);
+                }
+            }
+        }
+        self.finish_done();
+        self.update_gauges();
+    }
+
+    /// Samples the next token of the sequence in `slot` from its logits, emits what text is
+    /// safe to emit, and marks the sequence `done` when it finishes.
+    fn advance(&mut self, slot: usize, row: &mut [f32]) {
+        let now = Instant::now();
+        let seq = &mut self.running[slot];
+        let (token, logprob) = seq.sampler.next(row);
+        seq.generated += 1;
+        let m = &self.metrics;
+        match seq.first_token {
+            None => {
+                seq.first_token = Some(now);
+                m.ttft
+                    .with_label_values(&[&m.model])
+                    .observe(now.duration_since(seq.job.arrived).as_secs_f64());
+            }
+            Some(_) => m
+                .inter_token
+                .with_label_values(&[&m.model])
+                .observe(now.duration_since(seq.last_token).as_secs_f64()),
+        }
+        seq.last_token = now;
+        m.generated_tokens.with_label_values(&[&m.model]).inc();
+        seq.last = token;
+        let (text, finish) = if token == self.shape.eos {
+            (seq.text.finish(), Some(Finish::Eos))
+        } else {
+            seq.pending_ids.push(token);
+            if seq.sampler.params().return_logprobs {
+                seq.pending_logprobs.push(logprob);
+            }
+            match seq.text.push(self.vocab.bytes(token)) {
+                Delta::Stopped(s) => (s, Some(Finish::Stop)),
+                Delta::Text(mut s) => {
+                    if seq.generated >= seq.sampler.params().max_new_tokens {
+                        s.push_str(&seq.text.finish());
+                        (s, Some(Finish::Length))
+                    } else {
+                        (s, None)
+                    }
+                }
+            }
+        };
+        if !text.is_empty() || finish.is_some() {
+            let event = Event::Tokens {
+                text,
+                ids: std::mem::take(&mut seq.pending_ids),
+                logprobs: std::mem::take(&mut seq.pending_logprobs),
+            };
+            if seq.job.events.try_send(event).is_err() {
+                // The caller is gone (the channel is sized so it is never full).
+                seq.done = true;
+                m.rejected("cancelled");
+                return;
+            }
+        }
+        if let Some(finish) = finish {
+            let first = seq.first_token.unwrap_or(now);
+            let after_first = seq.generated.saturating_sub(1).max(1) as u32;
+            let summary = Summary {
+                finish,
+                prompt_tokens: seq.job.prompt.len(),
+                generated_tokens: seq.generated,
+                seed: seq.sampler.params().seed,
+                queue: seq.admitted.duration_since(seq.job.arrived),
+                time_to_first_token: first.duration_since(seq.job.arrived),
+                total: now.duration_since(seq.job.arrived),
+                mean_inter_token: now.duration_since(first) / after_first,
+            };
+            m.finished
+                .with_label_values(&[&m.model, finish.as_str()])
+                .inc();
+            let _ = seq.job.events.try_send(Event::Finished(summary));
+            seq.done = true;
+        }
+    }
+
+    fn finish_done(&mut self) {
+        for i in (0..self.running.len()).rev() {
+            if self.running[i].done {
+                self.remove(i);
+            }
+        }
+    }
+
+    /// Runs `prefill` on right-padded prompts and copies their caches into slots
+    /// `first_slot..`. Returns the logits at each prompt's last token.
+    fn prefill_into(
+        &mut self,
+        prompts: &[Vec<u32>],
+        first_slot: usize,
+    ) -> Result<Vec<f32>, String> {
+        let batch = prompts.len();
+        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = vec![0i64; batch * len];
+        let mut mask = vec![0i64; batch * len];
+        let mut positions = vec![0i64; batch * len];
+        for (b, p) in prompts.iter().enumerate() {
+            for (t, &id) in p.iter().enumerate() {
+                ids[b * len + t] = i64::from(id);
+                mask[b * len + t] = 1;
+                positions[b * len + t] = t as i64;
+            }
+        }
+        let device = self.cfg.device;
+        let shape = [batch as i64, len as i64];
+        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        let out = self
+            .module
+            .method_is(
+                "prefill",
+                &[
+                    IValue::Tensor(tensor(&ids)),
+                    IValue::Tensor(tensor(&mask)),
+                    IValue::Tensor(tensor(&positions)),
+                ],
+            )
+            .map_err(|e| format!("prefill failed: {e}"))?;
+        let IValue::Tuple(mut parts) = out else {
+            return Err("prefill must return (logits, keys, values)".into());
+        };
+        if parts.len() != 3 {
+            return Err(format!(
+                "prefill returned {} values, expected 3",
+                parts.len()
+            ));
+        }
+        let (IValue::Tensor(v), IValue::Tensor(k), IValue::Tensor(logits)) = (
+            parts.pop().unwrap_or(IValue::None),
+            parts.pop().unwrap_or(IValue::None),
+            parts.pop().unwrap_or(IValue::None),
+        ) else {
+            return Err("prefill must return three tensors".into());
+        };
+        for (b, p) in prompts.iter().enumerate() {
+            let n = p.len() as i64;
+            let slot = (first_slot + b) as i64;
+            for (cache, new) in [(&self.k_cache, &k), (&self.v_cache, &v)] {
+                cache
+                    .narrow(1, slot, 1)
+                    .narrow(3, 0, n)
+                    .copy_(&new.narrow(1, b as i64, 1).narrow(3, 0, n));
+            }
+        }
+        to_vec(&logits)
+    }
+
+    /// One `decode` over slots `0..tokens.len()`.
+    fn decode(&mut self, tokens: &[i64], positions: &[i64]) -> Result<Vec<f32>, String> {
+        let n = tokens.len() as i64;
+        let span = positions.iter().copied().max().unwrap_or(0) + 1;
+        let device = self.cfg.device;
+        let k = self.k_cache.narrow(1, 0, n).narrow(3, 0, span);
+        let v = self.v_cache.narrow(1, 0, n).narrow(3, 0, span);
+        let out = self
+            .module
+            .method_is(
+                "decode",
+                &[
+                    IValue::Tensor(Tensor::from_slice(tokens).to_device(device)),
+                    IValue::Tensor(Tensor::from_slice(positions).to_device(device)),
+                    IValue::Tensor(k),
+                    IValue::Tensor(v),
+                ],
+            )
+            .map_err(|e| format!("decode failed: {e}"))?;
+        let IValue::Tensor(logits) = out else {
+            return Err("decode must return a logits tensor".into());
+        };
+        self.metrics
+            .core
+            .batch_size
+            .with_label_values(&[&self.metrics.model])
+            .observe(n as f64);
+        to_vec(&logits)
+    }
+
+    fn forward_logits(
+        &mut self,
+        ids: &[i64],
+        batch: usize,
+        len: usize,
+    ) -> Result<Vec<f32>, ServeError> {
+        let input = Tensor::from_slice(ids)
+            .view([batch as i64, len as i64])
+            .to_device(self.cfg.device);
+        let out = self
+            .module
+            .forward_ts(&[input])
+            .map_err(|e| ServeError::Internal(format!("forward failed: {e}")))?;
+        to_vec(&out).map_err(ServeError::Internal)
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, String> {
+    let flat = t
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .view([-1]);
+    Vec::<f32>::try_from(&flat).map_err(|e| format!("cannot read logits: {e}"))
+}

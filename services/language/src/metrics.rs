@@ -1,0 +1,131 @@
+//! Language metrics, registered in the server's registry next to the core ones. The core's
+//! batcher metrics are reused with the same meaning (`queue_depth`, `queue_wait`, `rejected`,
+//! `batch_size` = sequences per decode step, `model_ready`), so the batching dashboard and the
+//! queue-saturation alert cover this service too.
+
+use std::time::Duration;
+
+use marquee_core::metrics::Metrics;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
+
+/// Token-latency buckets in seconds: 1 ms .. 10 s.
+const TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone)]
+pub struct LanguageMetrics {
+    pub core: Metrics,
+    /// The model label of every series.
+    pub model: String,
+    pub generated_tokens: IntCounterVec,
+    pub prompt_tokens: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub inter_token: HistogramVec,
+    pub step: HistogramVec,
+    pub running: IntGaugeVec,
+    pub kv_used: IntGaugeVec,
+    pub kv_capacity: IntGaugeVec,
+    pub budget_used: IntGaugeVec,
+    pub budget_capacity: IntGaugeVec,
+    pub finished: IntCounterVec,
+}
+
+impl LanguageMetrics {
+    pub fn new(core: &Metrics, model: &str) -> anyhow::Result<Self> {
+        let r = &core.registry;
+        let counter = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> anyhow::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["model"])?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<HistogramVec> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(TOKEN_BUCKETS.to_vec()),
+                labels,
+            )?;
+            r.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        Ok(Self {
+            core: core.clone(),
+            model: model.to_owned(),
+            generated_tokens: counter(
+                "marquee_language_generated_tokens_total",
+                "Tokens generated.",
+                &["model"],
+            )?,
+            prompt_tokens: counter(
+                "marquee_language_prompt_tokens_total",
+                "Prompt tokens prefilled.",
+                &["model"],
+            )?,
+            ttft: histogram(
+                "marquee_language_time_to_first_token_seconds",
+                "From arrival to the first generated token.",
+                &["model"],
+            )?,
+            inter_token: histogram(
+                "marquee_language_inter_token_latency_seconds",
+                "Between consecutive generated tokens of one sequence.",
+                &["model"],
+            )?,
+            step: histogram(
+                "marquee_language_step_seconds",
+                "One model step: `prefill` of admitted prompts or `decode` of the running batch.",
+                &["model", "phase"],
+            )?,
+            running: gauge(
+                "marquee_language_running_sequences",
+                "Sequences in the running batch.",
+            )?,
+            kv_used: gauge(
+                "marquee_language_kv_cache_used_tokens",
+                "Token positions held in the KV cache.",
+            )?,
+            kv_capacity: gauge(
+                "marquee_language_kv_cache_capacity_tokens",
+                "Token positions the KV cache holds (max batch x context).",
+            )?,
+            budget_used: gauge(
+                "marquee_language_token_budget_used",
+                "Prompt + max_new_tokens reserved by running sequences.",
+            )?,
+            budget_capacity: gauge(
+                "marquee_language_token_budget_capacity",
+                "`language.max_total_tokens`.",
+            )?,
+            finished: counter(
+                "marquee_language_finished_total",
+                "Generations finished, by reason (length, stop, eos).",
+                &["model", "reason"],
+            )?,
+        })
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.core
+            .rejected
+            .with_label_values(&[&self.model, reason])
+            .inc();
+    }
+
+    pub fn observe_step(&self, phase: &str, took: Duration, sequences: usize) {
+        self.step
+            .with_label_values(&[&self.model, phase])
+            .observe(took.as_secs_f64());
+        let c = &self.core;
+        c.compute
+            .with_label_values(&[&self.model])
+            .observe(took.as_secs_f64());
+        c.batches.with_label_values(&[&self.model]).inc();
+        c.batch_items
+            .with_label_values(&[&self.model])
+            .inc_by(sequences as u64);
+    }
+}
