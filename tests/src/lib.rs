@@ -439,3 +439,58 @@ pub fn shared_language() -> &'static TestServer {
         rx.recv().expect("shared language server starts")
     })
 }
+
+// === the recommender ===
+
+/// Settings for a test recommender: ephemeral ports, one intra-op thread, feedback log and
+/// user-id key under `state_dir`.
+pub fn recommendation_settings(state_dir: &Path) -> marquee_recommendation::Settings {
+    let mut s = marquee_recommendation::Settings::default();
+    s.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    s.server.admin_addr = "127.0.0.1:0".parse().unwrap();
+    s.repository.path = model_repo();
+    s.repository.threads = Some(1);
+    s.recommendation.state_dir = state_dir.to_path_buf();
+    s
+}
+
+/// A running in-process recommender.
+pub struct TestRecommender {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Metrics,
+    pub service: marquee_recommendation::service::Recommender,
+    pub shutdown: CancellationToken,
+}
+
+impl TestRecommender {
+    pub async fn client(
+        &self,
+    ) -> marquee_proto::recommendation::recommender_client::RecommenderClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("recommender accepts connections");
+        marquee_proto::recommendation::recommender_client::RecommenderClient::new(ch)
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics, name, labels)
+    }
+}
+
+/// Starts a recommender on the current runtime; returns once it is ready.
+pub async fn start_recommendation(settings: marquee_recommendation::Settings) -> TestRecommender {
+    let shutdown = CancellationToken::new();
+    let running = marquee_recommendation::start(settings, shutdown.clone())
+        .await
+        .expect("recommender starts");
+    TestRecommender {
+        grpc_addr: running.grpc_addr,
+        admin_addr: running.admin_addr,
+        metrics: running.metrics,
+        service: running.service,
+        shutdown,
+    }
+}

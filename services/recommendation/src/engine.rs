@@ -189,6 +189,24 @@ pub fn item_embeddings(data: &ModelData) -> Result<Matrix, EngineError> {
     Ok(emb)
 }
 
+/// User embeddings for `subjects` with a freshly loaded user tower (tests and the bench use
+/// them as retrieval queries; the service computes them on its workers).
+pub fn user_embeddings(data: &ModelData, subjects: &[Subject]) -> Result<Matrix, EngineError> {
+    let models = Models {
+        user_tower: load(&data.file("user_tower.pt"))?,
+        ranker: load(&data.file("ranker.pt"))?,
+    };
+    let mut out = Matrix {
+        rows: subjects.len(),
+        cols: data.spec.embedding_dim,
+        data: Vec::with_capacity(subjects.len() * data.spec.embedding_dim),
+    };
+    for s in subjects {
+        out.data.extend(user_embedding_with(&models, data, s)?);
+    }
+    Ok(out)
+}
+
 fn load(path: &std::path::Path) -> Result<CModule, EngineError> {
     let mut m = CModule::load_on_device(path, Device::Cpu)
         .map_err(|e| EngineError::Model(format!("`{}`: {e}", path.display())))?;
@@ -403,7 +421,15 @@ pub fn genre_profile(data: &ModelData, history: &[u32]) -> Vec<f32> {
 
 /// The user embedding for a subject.
 fn user_embedding(models: &Models, shared: &Shared, s: &Subject) -> Result<Vec<f32>, EngineError> {
-    let h = shared.data.spec.history_length;
+    user_embedding_with(models, &shared.data, s)
+}
+
+fn user_embedding_with(
+    models: &Models,
+    data: &ModelData,
+    s: &Subject,
+) -> Result<Vec<f32>, EngineError> {
+    let h = data.spec.history_length;
     let mut window = vec![0i64; h];
     let recent = &s.history[s.history.len().saturating_sub(h)..];
     for (slot, &item) in window[h - recent.len()..].iter_mut().zip(recent) {
@@ -411,7 +437,7 @@ fn user_embedding(models: &Models, shared: &Shared, s: &Subject) -> Result<Vec<f
     }
     let user = Tensor::from_slice(&[s.user_index as i64]);
     let hist = Tensor::from_slice(&window).view([1, h as i64]);
-    let uf = gather(&shared.data.user_features, &[s.user_index]);
+    let uf = gather(&data.user_features, &[s.user_index]);
     let out = tch::no_grad(|| models.user_tower.forward_ts(&[user, hist, uf]))?;
     Ok(Vec::<f32>::try_from(&out.flatten(0, -1))?)
 }

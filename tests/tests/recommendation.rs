@@ -1,0 +1,936 @@
+//! The recommendation service end to end: the real MovieLens-trained models from the model
+//! repository, real gRPC over loopback, a real feedback log on disk.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use marquee_e2e::*;
+use marquee_proto::recommendation as pb;
+use marquee_proto::recommendation::recommend_request::Subject as PbSubject;
+use marquee_recommendation::model::{ModelData, read_histories};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// The model directory as the service reads it.
+fn model() -> &'static ModelData {
+    static M: OnceLock<ModelData> = OnceLock::new();
+    M.get_or_init(|| ModelData::load(&model_repo().join("recommender")).expect("recommender built"))
+}
+
+/// One recommender per test binary (tests use distinct user ids, so they do not interfere).
+fn shared_rec() -> &'static TestRecommender {
+    static S: OnceLock<TestRecommender> = OnceLock::new();
+    S.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let server = start_recommendation(recommendation_settings(dir.path())).await;
+                let done = server.shutdown.clone();
+                tx.send(server).unwrap();
+                done.cancelled().await;
+                drop(dir);
+            });
+        });
+        rx.recv().expect("shared recommender starts")
+    })
+}
+
+fn for_user(user_id: i64, k: u32) -> pb::RecommendRequest {
+    pb::RecommendRequest {
+        subject: Some(PbSubject::UserId(user_id)),
+        k,
+        ..Default::default()
+    }
+}
+
+/// Relevance only: no diversity, no long-tail floor (the build's evaluation protocol).
+fn plain(user_id: i64, k: u32) -> pb::RecommendRequest {
+    pb::RecommendRequest {
+        diversity: Some(0.0),
+        long_tail_floor: Some(0.0),
+        ..for_user(user_id, k)
+    }
+}
+
+fn ids(r: &pb::RecommendResponse) -> Vec<i64> {
+    r.items.iter().map(|i| i.item_id).collect()
+}
+
+/// Item ids of a user's training history.
+fn history_ids(user_id: i64) -> Vec<i64> {
+    let m = model();
+    let idx = m.users[&user_id];
+    m.histories[&idx]
+        .iter()
+        .map(|&(i, _)| m.catalog.items[i as usize].item_id)
+        .collect()
+}
+
+/// The first `n` training users by id.
+fn some_users(n: usize) -> Vec<i64> {
+    let mut u: Vec<i64> = model().users.keys().copied().collect();
+    u.sort_unstable();
+    u.truncate(n);
+    u
+}
+
+#[tokio::test]
+async fn held_out_items_come_back_at_the_rate_the_build_reported() {
+    let m = model();
+    let metrics: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(model_repo().join("recommender/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let reported = metrics["retrieval_ranking"]["recall_at_10"]
+        .as_f64()
+        .unwrap();
+    let holdout = read_histories(&m.file("holdout.json")).unwrap();
+    let by_index: HashMap<u32, i64> = m.users.iter().map(|(&id, &ix)| (ix, id)).collect();
+    let mut users: Vec<(i64, HashSet<i64>)> = holdout
+        .iter()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(ix, h)| {
+            let items = h
+                .iter()
+                .map(|&(i, _)| m.catalog.items[i as usize].item_id)
+                .collect();
+            (by_index[ix], items)
+        })
+        .collect();
+    users.sort_by_key(|u| u.0);
+    let mut client = shared_rec().client().await;
+    let mut recall_sum = 0.0;
+    for chunk in users.chunks(64) {
+        let resp = client
+            .recommend_batch(pb::RecommendBatchRequest {
+                requests: chunk.iter().map(|(u, _)| plain(*u, 10)).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for ((_, held), item) in chunk.iter().zip(resp.items) {
+            let Some(pb::recommend_batch_item::Result::Response(r)) = item.result else {
+                panic!("batch item failed: {item:?}");
+            };
+            let hits = r.items.iter().filter(|i| held.contains(&i.item_id)).count();
+            recall_sum += hits as f64 / held.len() as f64;
+        }
+    }
+    let served = recall_sum / users.len() as f64;
+    eprintln!("held-out recall@10: served {served:.4}, build {reported:.4}");
+    // Same protocol as the build (top 500 with training history excluded, ranked, top 10,
+    // relevance only); the one difference is HNSW instead of exact retrieval, which misses
+    // at most a few of the 500 candidates. 0.01 absolute is ~7% of the build's figure and
+    // about a third of its standard error over 943 users (~0.03), so a real regression in
+    // retrieval, ranking or history handling fails here while ANN noise does not.
+    assert!(
+        (served - reported).abs() <= 0.01,
+        "served recall@10 {served:.4} vs build's {reported:.4} over {} users",
+        users.len()
+    );
+    let popularity = metrics["popularity"]["recall_at_10"].as_f64().unwrap();
+    assert!(
+        served > 1.2 * popularity,
+        "{served} vs popularity {popularity}"
+    );
+}
+
+#[tokio::test]
+async fn seen_items_never_come_back() {
+    let mut client = shared_rec().client().await;
+    for user in some_users(20) {
+        let seen: HashSet<i64> = history_ids(user).into_iter().collect();
+        let r = client
+            .recommend(for_user(user, 100))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.items.len(), 100);
+        assert!(!r.cold_start);
+        for it in &r.items {
+            assert!(
+                !seen.contains(&it.item_id),
+                "user {user} got seen item {}",
+                it.item_id
+            );
+        }
+    }
+    // An item fed back is seen too, at once.
+    let user = some_users(30)[29];
+    let first = client.recommend(plain(user, 5)).await.unwrap().into_inner();
+    let top = first.items[0].item_id;
+    client
+        .record_feedback(pb::RecordFeedbackRequest {
+            user_id: user,
+            item_id: top,
+            event: pb::FeedbackEvent::Dislike as i32,
+            timestamp_ms: 0,
+        })
+        .await
+        .unwrap();
+    let again = client
+        .recommend(plain(user, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ids(&again).contains(&top), "disliked item {top} came back");
+}
+
+#[tokio::test]
+async fn explain_names_real_titles_from_the_users_history() {
+    let m = model();
+    let user = some_users(5)[4];
+    let titles: HashSet<String> = history_ids(user)
+        .iter()
+        .map(|id| {
+            m.catalog.items[m.catalog.index_of(*id).unwrap() as usize]
+                .title
+                .clone()
+        })
+        .collect();
+    let features: HashSet<String> = m
+        .spec
+        .user_feature_names
+        .iter()
+        .chain(&m.spec.item_feature_names)
+        .cloned()
+        .chain(m.spec.genres.iter().map(|g| format!("genre_profile:{g}")))
+        .chain(["user_embedding".to_string(), "item_embedding".to_string()])
+        .collect();
+    let mut client = shared_rec().client().await;
+    let r = client
+        .recommend(pb::RecommendRequest {
+            explain: true,
+            ..for_user(user, 10)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.items.len(), 10);
+    for it in &r.items {
+        let e = it.explanation.as_ref().expect("explanation");
+        assert_eq!(e.because_of.len(), 3);
+        for h in &e.because_of {
+            assert!(
+                titles.contains(&h.title),
+                "`{}` is not in the history",
+                h.title
+            );
+            assert!(!h.title.is_empty() && h.similarity.is_finite());
+        }
+        assert!(
+            e.because_of
+                .windows(2)
+                .all(|w| w[0].similarity >= w[1].similarity)
+        );
+        assert_eq!(e.features.len(), 5);
+        for f in &e.features {
+            assert!(features.contains(&f.name), "unknown feature `{}`", f.name);
+        }
+        assert!(e.features.iter().any(|f| f.contribution != 0.0));
+    }
+    let plain_r = client
+        .recommend(for_user(user, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plain_r.items.iter().all(|i| i.explanation.is_none()));
+}
+
+/// How many of the items carry `genre`.
+fn genre_count(r: &pb::RecommendResponse, genre: &str) -> usize {
+    r.items
+        .iter()
+        .filter(|i| i.genres.iter().any(|g| g == genre))
+        .count()
+}
+
+#[tokio::test]
+async fn feedback_shifts_the_next_list_toward_the_genre_fed_back() {
+    let m = model();
+    let mut client = shared_rec().client().await;
+    // A new user: starts cold, then watches horror films.
+    let user = 5_000_001;
+    let before = client
+        .recommend(plain(user, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(before.cold_start);
+    let horror = m.catalog.genre_bit("Horror").unwrap();
+    let mut horror_items: Vec<&marquee_recommendation::model::Item> = m.catalog.items[1..]
+        .iter()
+        .filter(|i| i.genres & horror != 0)
+        .collect();
+    horror_items.sort_by_key(|i| std::cmp::Reverse(i.popularity));
+    for (n, item) in horror_items.iter().take(8).enumerate() {
+        let ack = client
+            .record_feedback(pb::RecordFeedbackRequest {
+                user_id: user,
+                item_id: item.item_id,
+                event: pb::FeedbackEvent::Watch as i32,
+                timestamp_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ack.history_length as usize, n + 1);
+    }
+    let after = client
+        .recommend(plain(user, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!after.cold_start);
+    let (b, a) = (
+        genre_count(&before, "Horror"),
+        genre_count(&after, "Horror"),
+    );
+    assert!(
+        a >= b + 5,
+        "horror items in the top 20: {b} before, {a} after"
+    );
+    let watched = shared_rec().metric(
+        "marquee_recommendation_feedback_events_total",
+        &[("event", "watch")],
+    );
+    assert!(watched >= 8.0, "{watched}");
+}
+
+#[tokio::test]
+async fn forget_user_makes_them_indistinguishable_from_cold_start_also_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = some_users(12)[11];
+    let stranger = 7_000_001; // never seen
+    let cold_view = |r: &pb::RecommendResponse| {
+        r.items
+            .iter()
+            .map(|i| (i.item_id, i.score.to_bits(), i.retrieval_score.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    let server = start_recommendation(recommendation_settings(dir.path())).await;
+    let mut client = server.client().await;
+    client
+        .record_feedback(pb::RecordFeedbackRequest {
+            user_id: user,
+            item_id: 1,
+            event: pb::FeedbackEvent::Like as i32,
+            timestamp_ms: 0,
+        })
+        .await
+        .unwrap();
+    let known = client
+        .recommend(for_user(user, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    let cold = client
+        .recommend(for_user(stranger, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!known.cold_start && cold.cold_start);
+    assert_ne!(cold_view(&known), cold_view(&cold));
+    let forgot = client
+        .forget_user(pb::ForgetUserRequest { user_id: user })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgot.log_records_removed, 1);
+    assert_eq!(forgot.history_removed as usize, history_ids(user).len() + 1);
+    let after = client
+        .recommend(for_user(user, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.cold_start);
+    assert_eq!(
+        cold_view(&after),
+        cold_view(&cold),
+        "forgotten = cold start"
+    );
+    // The log holds no record of the user but the tombstone.
+    let key =
+        marquee_recommendation::privacy::UserKey::load_or_create(&dir.path().join("user_id.key"))
+            .unwrap();
+    let replay =
+        marquee_recommendation::feedback::read_all(&dir.path().join("feedback.log")).unwrap();
+    assert!(matches!(
+        replay.records.as_slice(),
+        [marquee_recommendation::feedback::Record::Forget { user: u }] if *u == key.hash(user)
+    ));
+    server.shutdown.cancel();
+
+    // A restart replays the tombstone: the training history stays gone.
+    let again = start_recommendation(recommendation_settings(dir.path())).await;
+    let mut client = again.client().await;
+    let r = client
+        .recommend(for_user(user, 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.cold_start);
+    assert_eq!(cold_view(&r), cold_view(&cold));
+    again.shutdown.cancel();
+}
+
+/// Mean number of distinct genres per list.
+fn distinct_genres(lists: &[pb::RecommendResponse]) -> f64 {
+    let total: usize = lists
+        .iter()
+        .map(|r| {
+            r.items
+                .iter()
+                .flat_map(|i| i.genres.iter())
+                .collect::<HashSet<_>>()
+                .len()
+        })
+        .sum();
+    total as f64 / lists.len() as f64
+}
+
+#[tokio::test]
+async fn diversity_one_gives_more_genre_diversity_than_zero() {
+    let mut client = shared_rec().client().await;
+    let users = some_users(60)[40..].to_vec();
+    let mut lists = HashMap::new();
+    for lambda in [0.0f32, 1.0] {
+        let mut out = Vec::new();
+        for &u in &users {
+            let req = pb::RecommendRequest {
+                diversity: Some(lambda),
+                long_tail_floor: Some(0.0),
+                ..for_user(u, 10)
+            };
+            out.push(client.recommend(req).await.unwrap().into_inner());
+        }
+        lists.insert(lambda.to_bits(), out);
+    }
+    let d0 = distinct_genres(&lists[&0.0f32.to_bits()]);
+    let d1 = distinct_genres(&lists[&1.0f32.to_bits()]);
+    eprintln!("distinct genres per 10-item list: λ=0 {d0:.2}, λ=1 {d1:.2}");
+    // "Measurably": at least one more distinct genre per 10-item list on average.
+    assert!(
+        d1 >= d0 + 1.0,
+        "distinct genres per list: λ=0 {d0:.2}, λ=1 {d1:.2}"
+    );
+}
+
+#[tokio::test]
+async fn long_tail_floor_holds_and_exposure_metrics_are_exported() {
+    let server = shared_rec();
+    let mut client = server.client().await;
+    for u in some_users(80)[60..].iter() {
+        let r = client
+            .recommend(pb::RecommendRequest {
+                long_tail_floor: Some(0.5),
+                ..for_user(*u, 10)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let tail = r.items.iter().filter(|i| i.long_tail).count();
+        assert!(tail >= 5, "user {u}: {tail} long-tail items of 10");
+    }
+    let (status, body) = http_get(server.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "marquee_recommendation_catalog_coverage_ratio",
+        "marquee_recommendation_exposure_gini",
+        "marquee_recommendation_long_tail_share_ratio",
+        "marquee_recommendation_stage_seconds_bucket",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+    let coverage = server.metric("marquee_recommendation_catalog_coverage_ratio", &[]);
+    let share = server.metric("marquee_recommendation_long_tail_share_ratio", &[]);
+    let gini = server.metric("marquee_recommendation_exposure_gini", &[]);
+    assert!(coverage > 0.0 && coverage <= 1.0, "{coverage}");
+    assert!(share > 0.0 && share <= 1.0, "{share}");
+    assert!(gini > 0.0 && gini < 1.0, "{gini}");
+    // No user id in any label.
+    assert!(!body.contains("user_id") && !body.contains("user="));
+}
+
+#[tokio::test]
+async fn ann_recall_at_100_is_at_least_095_against_exact_search() {
+    use marquee_recommendation::index::{exact_search, recall};
+    let m = model();
+    let engine = shared_rec().service.engine().clone();
+    let shared = &engine.shared;
+    assert!(shared.index.is_approximate());
+    let subjects: Vec<marquee_recommendation::users::Subject> = some_users(200)
+        .iter()
+        .map(|u| {
+            let idx = m.users[u];
+            let history: Vec<u32> = m.histories[&idx].iter().map(|h| h.0).collect();
+            marquee_recommendation::users::Subject {
+                user_index: idx,
+                exclude: history.clone(),
+                history,
+            }
+        })
+        .collect();
+    let queries = marquee_recommendation::engine::user_embeddings(m, &subjects).unwrap();
+    let mut total = 0.0;
+    for q in 0..queries.rows {
+        let query = queries.row(q);
+        let approx = shared.index.search(&shared.item_emb, query, 100);
+        let exact = exact_search(&shared.item_emb, query, 100, |_| true);
+        total += recall(&approx, &exact);
+    }
+    let mean = total / queries.rows as f64;
+    eprintln!("ANN recall@100 {mean:.4}");
+    assert!(
+        mean >= 0.95,
+        "ANN recall@100 {mean:.4} over {} users",
+        queries.rows
+    );
+}
+
+#[tokio::test]
+async fn cold_start_and_anonymous_context_never_fail() {
+    let m = model();
+    let mut client = shared_rec().client().await;
+    let cold = client
+        .recommend(for_user(9_000_001, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cold.cold_start);
+    assert_eq!(cold.items.len(), 10);
+    let none = client
+        .recommend(pb::RecommendRequest {
+            k: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&none), ids(&cold), "no subject = cold start");
+    // Context: three animated films; the list follows them and skips them.
+    let anim = m.catalog.genre_bit("Animation").unwrap();
+    let recent: Vec<i64> = m.catalog.items[1..]
+        .iter()
+        .filter(|i| i.genres & anim != 0)
+        .take(3)
+        .map(|i| i.item_id)
+        .collect();
+    let ctx = client
+        .recommend(pb::RecommendRequest {
+            subject: Some(PbSubject::Anonymous(pb::AnonymousContext {
+                recent_item_ids: recent.clone(),
+            })),
+            k: 10,
+            diversity: Some(0.0),
+            long_tail_floor: Some(0.0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ctx.cold_start);
+    assert!(ids(&ctx).iter().all(|i| !recent.contains(i)));
+    assert!(
+        genre_count(&ctx, "Animation") + genre_count(&ctx, "Children's")
+            > genre_count(&cold, "Animation") + genre_count(&cold, "Children's")
+    );
+}
+
+#[tokio::test]
+async fn similar_items_and_filters() {
+    let m = model();
+    let mut client = shared_rec().client().await;
+    let query = m.catalog.items[1].item_id;
+    let r = client
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: query,
+            k: 10,
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.items.len(), 10);
+    assert!(r.items.iter().all(|i| i.item_id != query));
+    assert!(r.items.windows(2).all(|w| w[0].score >= w[1].score));
+    // Filters: comedies from the 1990s, no dramas, never item 50.
+    let filter = pb::Filter {
+        exclude_item_ids: vec![m.catalog.items[50].item_id],
+        exclude_genres: vec!["Drama".into()],
+        require_genres: vec!["Comedy".into()],
+        min_year: Some(1990),
+        max_year: Some(1999),
+    };
+    let f = client
+        .recommend(pb::RecommendRequest {
+            filter: Some(filter),
+            ..for_user(some_users(3)[2], 30)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f.items.len(), 30);
+    for it in &f.items {
+        assert!(it.genres.iter().any(|g| g == "Comedy"), "{it:?}");
+        assert!(!it.genres.iter().any(|g| g == "Drama"), "{it:?}");
+        assert!((1990..=1999).contains(&it.year), "{it:?}");
+        assert_ne!(it.item_id, m.catalog.items[50].item_id);
+    }
+}
+
+/// Asserts a status: code, the field in its details, and fragments of the message.
+fn assert_bad(status: tonic::Status, code: Code, field: &str, fragments: &[&str]) {
+    assert_eq!(status.code(), code, "{status:?}");
+    if code == Code::InvalidArgument {
+        let br = status
+            .get_details_bad_request()
+            .expect("BadRequest details");
+        assert_eq!(br.field_violations[0].field, field, "{status:?}");
+    }
+    for f in fragments {
+        assert!(
+            status.message().contains(f),
+            "`{}` lacks `{f}`",
+            status.message()
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_naming_field_limit_and_value() {
+    let mut c = shared_rec().client().await;
+    let user = some_users(1)[0];
+    // k
+    let e = c.recommend(for_user(user, 0)).await.unwrap_err();
+    assert_bad(e, Code::InvalidArgument, "k", &["`k`", "1..=100", "got 0"]);
+    let e = c.recommend(for_user(user, 101)).await.unwrap_err();
+    assert_bad(e, Code::InvalidArgument, "k", &["1..=100", "got 101"]);
+    // λ
+    for bad in [1.5f32, -0.1] {
+        let e = c
+            .recommend(pb::RecommendRequest {
+                diversity: Some(bad),
+                ..for_user(user, 5)
+            })
+            .await
+            .unwrap_err();
+        assert_bad(
+            e,
+            Code::InvalidArgument,
+            "diversity",
+            &["[0, 1]", &format!("got {bad}")],
+        );
+    }
+    let e = c
+        .recommend(pb::RecommendRequest {
+            long_tail_floor: Some(2.0),
+            ..for_user(user, 5)
+        })
+        .await
+        .unwrap_err();
+    assert_bad(e, Code::InvalidArgument, "long_tail_floor", &["got 2"]);
+    // Malformed filters.
+    let with_filter = |f: pb::Filter| pb::RecommendRequest {
+        filter: Some(f),
+        ..for_user(user, 5)
+    };
+    let e = c
+        .recommend(with_filter(pb::Filter {
+            exclude_genres: vec!["Action".into(), "Cartoons".into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_bad(
+        e,
+        Code::InvalidArgument,
+        "filter.exclude_genres[1]",
+        &["got `Cartoons`", "Action"],
+    );
+    let e = c
+        .recommend(with_filter(pb::Filter {
+            min_year: Some(2000),
+            max_year: Some(1990),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_bad(
+        e,
+        Code::InvalidArgument,
+        "filter.min_year",
+        &["2000", "1990"],
+    );
+    // Unknown items: NOT_FOUND listing every one.
+    let e = c
+        .recommend(pb::RecommendRequest {
+            subject: Some(PbSubject::Anonymous(pb::AnonymousContext {
+                recent_item_ids: vec![1, 99_999_999, 2, -5],
+            })),
+            k: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad(e, Code::NotFound, "", &["99999999", "-5", "2 item id(s)"]);
+    let e = c
+        .recommend(with_filter(pb::Filter {
+            exclude_item_ids: vec![123_456_789],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_bad(
+        e,
+        Code::NotFound,
+        "",
+        &["filter.exclude_item_ids", "123456789"],
+    );
+    let e = c
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: 424_242,
+            k: 5,
+            filter: None,
+        })
+        .await
+        .unwrap_err();
+    assert_bad(e, Code::NotFound, "", &["424242"]);
+    let e = c
+        .similar_items(pb::SimilarItemsRequest {
+            item_id: 1,
+            k: 0,
+            filter: None,
+        })
+        .await
+        .unwrap_err();
+    assert_bad(e, Code::InvalidArgument, "k", &["got 0"]);
+    // Feedback: unknown event, future timestamp, negative timestamp, unknown item.
+    let fb = |event: i32, ts: i64, item: i64| pb::RecordFeedbackRequest {
+        user_id: 6_000_001,
+        item_id: item,
+        event,
+        timestamp_ms: ts,
+    };
+    for ev in [0, 99] {
+        let e = c.record_feedback(fb(ev, 0, 1)).await.unwrap_err();
+        assert_bad(
+            e,
+            Code::InvalidArgument,
+            "event",
+            &["FEEDBACK_EVENT_CLICK", &format!("got {ev}")],
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let future = now + 3_600_000;
+    let e = c.record_feedback(fb(2, future, 1)).await.unwrap_err();
+    assert_bad(
+        e,
+        Code::InvalidArgument,
+        "timestamp_ms",
+        &["now + 300000 ms", &format!("got {future}")],
+    );
+    let e = c.record_feedback(fb(2, -1, 1)).await.unwrap_err();
+    assert_bad(e, Code::InvalidArgument, "timestamp_ms", &["got -1"]);
+    let e = c.record_feedback(fb(2, 0, 77_777_777)).await.unwrap_err();
+    assert_bad(e, Code::NotFound, "", &["77777777"]);
+    // A timestamp within the allowed skew is fine.
+    c.record_feedback(fb(2, now + 1_000, 1)).await.unwrap();
+    // Batch: per-item errors with prefixed fields; too many requests fails the call.
+    let r = c
+        .recommend_batch(pb::RecommendBatchRequest {
+            requests: vec![for_user(user, 3), for_user(user, 0)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        r.items[0].result,
+        Some(pb::recommend_batch_item::Result::Response(_))
+    ));
+    let Some(pb::recommend_batch_item::Result::Error(err)) = &r.items[1].result else {
+        panic!("{:?}", r.items[1]);
+    };
+    assert_eq!(err.code, Code::InvalidArgument as i32);
+    assert_eq!(err.field, "requests[1].k");
+    let e = c
+        .recommend_batch(pb::RecommendBatchRequest {
+            requests: vec![for_user(user, 1); 65],
+        })
+        .await
+        .unwrap_err();
+    assert_bad(
+        e,
+        Code::InvalidArgument,
+        "requests",
+        &["at most 64", "got 65"],
+    );
+}
+
+/// Feedback is being written concurrently when the real binary is SIGKILLed; a torn record is
+/// then appended, as a power cut mid-write would leave. After a restart every acknowledged
+/// event is present, the torn tail is gone, and the log is clean.
+#[test]
+fn sigkill_during_feedback_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = |d: &Path| {
+        vec![
+            (
+                "MARQUEE__REPOSITORY__PATH",
+                model_repo().display().to_string(),
+            ),
+            ("MARQUEE__REPOSITORY__THREADS", "1".to_string()),
+            (
+                "MARQUEE__RECOMMENDATION__STATE_DIR",
+                d.display().to_string(),
+            ),
+        ]
+    };
+    let mut child = ChildServer::start("marquee-recommendation", &env(dir.path()));
+    let url = format!("http://{}", child.grpc_addr);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let items: Vec<i64> = model().catalog.items[1..200]
+        .iter()
+        .map(|i| i.item_id)
+        .collect();
+    let acked: Vec<(i64, i64)> = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for w in 0..4i64 {
+            let (url, tx, items) = (url.clone(), tx.clone(), items.clone());
+            tokio::spawn(async move {
+                let ch = tonic::transport::Channel::from_shared(url)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut c =
+                    marquee_proto::recommendation::recommender_client::RecommenderClient::new(ch);
+                for n in 0.. {
+                    let user = 8_000_000 + w;
+                    let item = items[n % items.len()];
+                    let r = c
+                        .record_feedback(pb::RecordFeedbackRequest {
+                            user_id: user,
+                            item_id: item,
+                            event: pb::FeedbackEvent::Watch as i32,
+                            timestamp_ms: 0,
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => {
+                            if tx.send((user, item)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return, // the server died
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut acked = Vec::new();
+        while let Some(a) = rx.recv().await {
+            acked.push(a);
+            if acked.len() == 150 {
+                break; // writers are still going: kill mid-stream
+            }
+        }
+        acked
+    });
+    child.kill();
+    rt.shutdown_background();
+    let log_path = dir.path().join("feedback.log");
+    let before = marquee_recommendation::feedback::read_all(&log_path).unwrap();
+    assert_eq!(before.dropped_bytes, 0, "a SIGKILL leaves whole records");
+    // A torn record: a frame header promising 34 bytes and only 5 of them.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        f.write_all(&[34, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9, 9, 9])
+            .unwrap();
+    }
+    let child2 = ChildServer::start("marquee-recommendation", &env(dir.path()));
+    let after = marquee_recommendation::feedback::read_all(&log_path).unwrap();
+    assert_eq!(after.dropped_bytes, 0, "the restart cut the torn tail off");
+    assert_eq!(after.records, before.records, "every whole record kept");
+    let key =
+        marquee_recommendation::privacy::UserKey::load_or_create(&dir.path().join("user_id.key"))
+            .unwrap();
+    let mut logged: HashMap<(marquee_recommendation::privacy::UserHash, i64), usize> =
+        HashMap::new();
+    for r in &after.records {
+        if let marquee_recommendation::feedback::Record::Feedback { user, item_id, .. } = r {
+            *logged.entry((*user, *item_id)).or_default() += 1;
+        }
+    }
+    let mut wanted: HashMap<(marquee_recommendation::privacy::UserHash, i64), usize> =
+        HashMap::new();
+    for (u, i) in &acked {
+        *wanted.entry((key.hash(*u), *i)).or_default() += 1;
+    }
+    for (k, n) in &wanted {
+        assert!(
+            logged.get(k).copied().unwrap_or(0) >= *n,
+            "acknowledged event {k:?} lost"
+        );
+    }
+    // The restarted server holds the replayed history and serves on.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{}", child2.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = marquee_proto::recommendation::recommender_client::RecommenderClient::new(ch);
+        for w in 0..4i64 {
+            let user = 8_000_000 + w;
+            let acked_n = acked.iter().filter(|a| a.0 == user).count();
+            let logged_n = after
+                .records
+                .iter()
+                .filter(|r| r.user() == key.hash(user))
+                .count();
+            let ack = c
+                .record_feedback(pb::RecordFeedbackRequest {
+                    user_id: user,
+                    item_id: items[0],
+                    event: pb::FeedbackEvent::Watch as i32,
+                    timestamp_ms: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(ack.history_length as usize > acked_n);
+            assert_eq!(ack.history_length as usize, logged_n + 1);
+        }
+        let (_, metrics) = http_get(child2.admin_addr, "/metrics").await;
+        let dropped = metrics
+            .lines()
+            .find(|l| l.starts_with("marquee_recommendation_feedback_log_dropped_bytes_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert_eq!(dropped, 13.0, "the torn record was detected and counted");
+    });
+}
