@@ -6,7 +6,7 @@ VENV := $(CACHE)/venv
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export MARQUEE_MODEL_REPO := $(CURDIR)/model-repository
 
-.PHONY: help setup build build-release models run test test-rust test-python test-clients bench lint fmt clean
+.PHONY: help setup build build-release models run test test-rust test-python test-clients test-deploy bench lint fmt clean
 
 help:
 	@echo "make run    set up, build, start the vision service locally, print how to call it"
@@ -32,7 +32,13 @@ test: setup
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast 2>&1 | tee target/cargo-test.log
 	$(MAKE) --no-print-directory test-clients
+	$(MAKE) --no-print-directory test-deploy
 	$(MAKE) --no-print-directory test-python
+
+# The Helm chart, dashboards, alert rules and tracing (tests/deploy): offline, real tools
+# (helm-python-sdk, kubernetes-validate, promtool), and the real services with the chart's configs.
+test-deploy:
+	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q tests/deploy
 
 test-python:
 	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q tests/python
@@ -54,7 +60,7 @@ test-clients: $(PY_CLIENT_STAMP) $(NODE_DEPS)
 	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q clients
 
 bench: build-release
-	target/release/marquee-bench all --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md
+	MARQUEE_BENCH_PYTHON=$(VENV)/bin/python target/release/marquee-bench all --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md
 
 lint: setup
 	cargo fmt --all -- --check

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::oneshot;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
@@ -33,7 +35,10 @@ pub struct Item {
     deadline: Instant,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Vec<Outputs>, ServeError>>,
-    span: tracing::Span,
+    /// The OpenTelemetry context of the request span that queued this item, captured at
+    /// enqueue (the lane thread has no current span), so the batch span can link to it.
+    /// Invalid when tracing export is off.
+    link: SpanContext,
 }
 
 struct State {
@@ -152,7 +157,11 @@ impl BatchQueue {
             deadline,
             enqueued: Instant::now(),
             reply: tx,
-            span: tracing::Span::current(),
+            link: tracing::Span::current()
+                .context()
+                .span()
+                .span_context()
+                .clone(),
         });
         self.metrics
             .queue_depth
@@ -271,9 +280,13 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
             continue;
         }
         let rows: usize = live.iter().map(|i| i.rows).sum();
+        // One batch serves many requests, possibly of many traces: it is a root span with an
+        // OpenTelemetry link to each request span rather than the child of any one of them.
         let span = tracing::info_span!("batch", model = %cfg.model, rows, items = live.len());
         for item in &live {
-            span.follows_from(&item.span);
+            if item.link.is_valid() {
+                span.add_link(item.link.clone());
+            }
         }
         let _enter = span.enter();
         input.clear();

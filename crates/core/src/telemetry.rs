@@ -24,8 +24,32 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber: logs to stderr (text or JSON) and, when
-/// `otlp_endpoint` is set, spans to an OTLP/gRPC collector. W3C trace context is the
+/// The standard OpenTelemetry variable naming the collector; read when
+/// `telemetry.otlp_endpoint` is empty, so operators (and the Helm chart) can use the variable
+/// every OpenTelemetry SDK understands.
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// The collector spans go to: `telemetry.otlp_endpoint`, else `env_value` (the value of
+/// [`OTLP_ENDPOINT_ENV`]), else none. An env value without an `http(s)://` scheme is an error,
+/// like the setting.
+pub fn otlp_endpoint(
+    settings: &TelemetrySettings,
+    env_value: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    if !settings.otlp_endpoint.is_empty() {
+        return Ok(Some(settings.otlp_endpoint.clone()));
+    }
+    match env_value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) if v.starts_with("http://") || v.starts_with("https://") => Ok(Some(v)),
+        Some(v) => {
+            anyhow::bail!("`{OTLP_ENDPOINT_ENV}` must start with http:// or https://, got `{v}`")
+        }
+    }
+}
+
+/// Installs the global subscriber: logs to stderr (text or JSON) and, when a collector is
+/// configured ([`otlp_endpoint`]), spans to it over OTLP/gRPC. W3C trace context is the
 /// propagation format.
 pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Result<TelemetryGuard> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -41,13 +65,12 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Resu
             .boxed()
     };
     let mut provider = None;
-    let otel = if settings.otlp_endpoint.is_empty() {
-        None
-    } else {
+    let endpoint = otlp_endpoint(settings, std::env::var(OTLP_ENDPOINT_ENV).ok())?;
+    let otel = if let Some(endpoint) = endpoint {
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(&settings.otlp_endpoint)
+            .with_endpoint(endpoint)
             .build()?;
         let p = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
@@ -61,6 +84,8 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Resu
         opentelemetry::global::set_tracer_provider(p.clone());
         provider = Some(p);
         Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    } else {
+        None
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -68,4 +93,46 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Resu
         .with(otel)
         .try_init()?;
     Ok(TelemetryGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_setting(endpoint: &str) -> TelemetrySettings {
+        TelemetrySettings {
+            otlp_endpoint: endpoint.into(),
+            ..TelemetrySettings::default()
+        }
+    }
+
+    #[test]
+    fn the_setting_wins_over_the_standard_variable() {
+        let s = with_setting("http://from-config:4317");
+        let got = otlp_endpoint(&s, Some("http://from-env:4317".into())).unwrap();
+        assert_eq!(got.as_deref(), Some("http://from-config:4317"));
+    }
+
+    #[test]
+    fn the_standard_variable_is_used_when_the_setting_is_empty() {
+        let s = with_setting("");
+        let got = otlp_endpoint(&s, Some("http://collector:4317".into())).unwrap();
+        assert_eq!(got.as_deref(), Some("http://collector:4317"));
+        assert_eq!(otlp_endpoint(&s, None).unwrap(), None, "neither: no export");
+        assert_eq!(
+            otlp_endpoint(&s, Some(String::new())).unwrap(),
+            None,
+            "empty variable: no export"
+        );
+    }
+
+    #[test]
+    fn a_variable_without_a_scheme_is_refused_naming_it() {
+        let err = otlp_endpoint(&with_setting(""), Some("collector:4317".into())).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("OTEL_EXPORTER_OTLP_ENDPOINT") && msg.contains("collector:4317"),
+            "{msg}"
+        );
+    }
 }
