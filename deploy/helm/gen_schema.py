@@ -177,11 +177,56 @@ GATEWAY_CONFIG = obj(
 )
 
 
+LANGUAGE = obj(
+    {
+        "model": STRING,
+        "max_batch_size": integer(1),
+        "max_total_tokens": integer(1),
+        "queue_capacity": integer(1),
+        "decode_steps_per_prefill": integer(1),
+        "max_prefill_tokens": integer(1),
+        "max_new_tokens": integer(1),
+        "default_max_new_tokens": integer(1),
+        "max_stop_sequences": integer(0),
+        "max_stop_bytes": integer(1),
+        "max_prompt_bytes": integer(1),
+        "threads": integer(1),
+    },
+    description="`[language]`; the chart sets `repository` from `modelStorage` and `device` from `gpu`.",
+)
+
+RECOMMENDATION = obj(
+    {
+        "model": STRING,
+        "candidates": integer(1),
+        "max_k": integer(1),
+        "max_batch_requests": integer(1),
+        "max_filter_values": integer(1),
+        "default_diversity": number(0),
+        "long_tail_floor": number(0),
+        "index": {"enum": ["hnsw", "exact"]},
+        "hnsw_m": integer(1),
+        "hnsw_ef_construction": integer(1),
+        "hnsw_ef_search": integer(1),
+        "rank_batch": integer(1),
+        "workers": integer(1),
+        "queue_capacity": integer(1),
+        "max_clock_skew_ms": integer(0),
+        "explain_history": integer(0),
+        "explain_features": integer(0),
+    },
+    description="`[recommendation]`; the chart sets `state_dir` from `state` and `user_id_key_file` from `secrets.userIdKey`.",
+)
+
+
 def backend_config(name: str) -> dict:
-    props = {"server": SERVER, "repository": REPOSITORY}
-    if name == "vision":
-        props["vision"] = VISION
-    # language and recommendation: their own sections are added with their services.
+    # Each service's own sections (services/<name>/src/lib.rs): the language service names its
+    # model repository in `[language]`, the others in `[repository]`.
+    props = {
+        "vision": {"server": SERVER, "repository": REPOSITORY, "vision": VISION},
+        "language": {"server": SERVER, "language": LANGUAGE},
+        "recommendation": {"server": SERVER, "repository": REPOSITORY, "recommendation": RECOMMENDATION},
+    }[name]
     return obj(props, description=f"The {name} service's TOML config (docs/CONFIG.md).")
 
 
@@ -273,6 +318,15 @@ def component(name: str) -> dict:
             required=["type", "mountPath"],
         )
         props["config"] = backend_config(name)
+        if name == "recommendation":
+            props["state"] = obj(
+                {
+                    "mountPath": {"type": "string", "pattern": "^/"},
+                    "existingClaim": STRING,
+                    "sizeLimit": QUANTITY,
+                },
+                description="Writable state (feedback log): an existing claim, else an emptyDir.",
+            )
     return obj(props, required=["enabled", "image", "ports", "resources", "probes"])
 
 
@@ -335,6 +389,7 @@ def schema() -> dict:
                         "jwksKey": STRING,
                     }
                 ),
+                "userIdKey": obj({"existingSecret": STRING, "key": STRING}),
             }
         ),
     }

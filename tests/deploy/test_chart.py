@@ -84,6 +84,10 @@ BAD_VALUES = {
     "unknown component key": ("vision.replicas", 2, "replicas"),
     "unknown service setting": ("vision.config.server.grpc_adr", "0.0.0.0:1", "grpc_adr"),
     "chart-owned setting": ("vision.config.repository.path", "/elsewhere", "path"),
+    "chart-owned language setting": ("language.config.language.repository", "/elsewhere", "repository"),
+    "chart-owned state dir": ("recommendation.config.recommendation.state_dir", "/tmp", "state_dir"),
+    "language has no [repository]": ("language.config.repository", {}, "repository"),
+    "recommendation index kind": ("recommendation.config.recommendation.index", "annoy", "index"),
     "an API key inline": ("secrets.apiKeys.key_value", "mq_secret", "key_value"),
     "port out of range": ("gateway.ports.grpc", 70000, "grpc"),
     "drain delay negative": ("gateway.config.server.drain_delay_ms", -1, "drain_delay_ms"),
@@ -281,7 +285,16 @@ def test_each_service_reads_its_rendered_config_and_listens_where_its_ports_say(
         assert len(d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]) == 64
         if comp != "gateway":
             models = next(m for m in c["volumeMounts"] if m["name"] == "models")
-            assert cfg["repository"]["path"] == models["mountPath"] and models["readOnly"]
+            assert model_path(cfg, comp) == models["mountPath"] and models["readOnly"]
+
+
+def model_path(cfg: dict, comp: str) -> str:
+    """Where a service reads its model repository: `[language] repository`, else `[repository] path`."""
+    return cfg["language"]["repository"] if comp == "language" else cfg["repository"]["path"]
+
+
+def device_of(cfg: dict, comp: str):
+    return (cfg["language"] if comp == "language" else cfg["repository"]).get("device")
 
 
 def test_values_reach_the_config_as_typed_toml(default_objects):
@@ -293,9 +306,13 @@ def test_values_reach_the_config_as_typed_toml(default_objects):
     vision = config_of(default_objects, "vision")
     assert vision["repository"]["models"] == ["efficientnet_lite0", "fashion_cnn"]
     assert vision["vision"] == {"max_batch_items": 64}
-    for comp in ("language", "recommendation"):
-        cfg = config_of(default_objects, comp)
-        assert set(cfg) == {"server", "repository", "telemetry"}, "their own sections arrive with their services"
+    # Each service's own sections (services/*/src/lib.rs).
+    language = config_of(default_objects, "language")
+    assert set(language) == {"server", "telemetry", "language"}, "no [repository]: the language service would refuse it"
+    assert language["language"] == {"model": "gpt_reviews", "repository": "/models"}
+    rec = config_of(default_objects, "recommendation")
+    assert set(rec) == {"server", "repository", "telemetry", "recommendation"}
+    assert rec["recommendation"] == {"model": "recommender", "state_dir": "/var/lib/marquee"}
 
 
 def test_secrets_are_referenced_never_written(default_objects):
@@ -334,15 +351,15 @@ def test_otlp_endpoint_is_passed_as_the_standard_variable():
 def test_gpu_values_request_gpus_and_select_gpu_nodes():
     objects = render_ci(CHART_DIR / "ci" / "gpu-values.yaml")
     deps = {component_of(d): d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment")}
-    for comp, device in (("vision", "cuda"), ("language", "cuda:0")):
+    for comp, dev in (("vision", "cuda"), ("language", "cuda:0")):
         spec = deps[comp]
         assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
-        assert config_of(objects, comp)["repository"]["device"] == device
+        assert device_of(config_of(objects, comp), comp) == dev
     assert deps["vision"]["runtimeClassName"] == "nvidia"
     assert "nvidia.com/gpu" not in deps["recommendation"]["containers"][0]["resources"]["limits"]
-    assert "device" not in config_of(objects, "recommendation")["repository"]
+    assert device_of(config_of(objects, "recommendation"), "recommendation") is None
     # Model storage: a created claim for language, an existing one for recommendation.
     claims = by_kind(objects, "PersistentVolumeClaim")
     assert [c["metadata"]["name"] for c in claims] == [f"{RELEASE}-marquee-language-models"]
@@ -354,6 +371,24 @@ def test_gpu_values_request_gpus_and_select_gpu_nodes():
     hpa = next(h for h in by_kind(objects, "HorizontalPodAutoscaler") if component_of(h) == "vision")
     pods_metric = next(m for m in hpa["spec"]["metrics"] if m["type"] == "Pods")
     assert pods_metric["pods"]["metric"]["name"] == "marquee_batcher_queue_depth"
+
+
+def test_recommendation_state_is_writable_and_its_key_comes_from_a_secret():
+    objects = render({"secrets": {"userIdKey": {"existingSecret": "rec-user-key"}}, "recommendation": {"state": {"existingClaim": "rec-state"}}})
+    rec = next(d for d in by_kind(objects, "Deployment") if component_of(d) == "recommendation")
+    spec = rec["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    cfg = config_of(objects, "recommendation")["recommendation"]
+    assert cfg["state_dir"] == mounts["state"]["mountPath"] and not mounts["state"].get("readOnly")
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "rec-state"}
+    assert cfg["user_id_key_file"] == f"{mounts['user-id-key']['mountPath']}/user-id.key" and mounts["user-id-key"]["readOnly"]
+    assert volumes["user-id-key"]["secret"]["secretName"] == "rec-user-key"
+    # Default: an emptyDir, and the service makes its own key there.
+    default = render_ci(CHART_DIR / "ci" / "default-values.yaml")
+    rec = next(d for d in by_kind(default, "Deployment") if component_of(d) == "recommendation")
+    assert "emptyDir" in next(v for v in rec["spec"]["template"]["spec"]["volumes"] if v["name"] == "state")
+    assert "user_id_key_file" not in config_of(default, "recommendation")["recommendation"]
 
 
 def test_models_are_copied_from_a_model_image_by_default(default_objects):

@@ -103,6 +103,7 @@ ready pod. Arg: (list root name). */}}
 {{- define "marquee.apiKeysDir" -}}/etc/marquee/secrets/api-keys{{- end -}}
 {{- define "marquee.jwtDir" -}}/etc/marquee/secrets/jwt{{- end -}}
 {{- define "marquee.configDir" -}}/etc/marquee/config{{- end -}}
+{{- define "marquee.userIdKeyDir" -}}/etc/marquee/secrets/user-id-key{{- end -}}
 
 {{/* The service's whole config as a dict: the component's `config` values plus the keys the
 chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
@@ -145,11 +146,25 @@ chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
     {{- $_ := set $auth "jwt" $jwt -}}
   {{- end -}}
   {{- $_ := set $cfg "auth" $auth -}}
+{{- else if eq .name "language" -}}
+  {{- /* The language service names its model repository and device in `[language]`. */ -}}
+  {{- $lang := $cfg.language | default dict -}}
+  {{- $_ := set $lang "repository" .c.modelStorage.mountPath -}}
+  {{- if .c.gpu.enabled -}}{{- $_ := set $lang "device" .c.gpu.device -}}{{- end -}}
+  {{- $_ := set $cfg "language" $lang -}}
 {{- else -}}
   {{- $repo := $cfg.repository | default dict -}}
   {{- $_ := set $repo "path" .c.modelStorage.mountPath -}}
   {{- if .c.gpu.enabled -}}{{- $_ := set $repo "device" .c.gpu.device -}}{{- end -}}
   {{- $_ := set $cfg "repository" $repo -}}
+  {{- if eq .name "recommendation" -}}
+    {{- $rec := $cfg.recommendation | default dict -}}
+    {{- $_ := set $rec "state_dir" .c.state.mountPath -}}
+    {{- if $root.Values.secrets.userIdKey.existingSecret -}}
+      {{- $_ := set $rec "user_id_key_file" (printf "%s/%s" (include "marquee.userIdKeyDir" .) $root.Values.secrets.userIdKey.key) -}}
+    {{- end -}}
+    {{- $_ := set $cfg "recommendation" $rec -}}
+  {{- end -}}
 {{- end -}}
 {{- toJson $cfg -}}
 {{- end -}}
