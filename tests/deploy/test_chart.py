@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import helm_python as helm
 import pytest
@@ -37,6 +39,8 @@ from conftest import (
 )
 
 CI_IDS = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
+# The CLI installed next to this Python (the venv), whatever PATH says.
+KUBERNETES_VALIDATE = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) or "kubernetes-validate"
 CRD_GROUP = "monitoring.coreos.com/"
 
 
@@ -124,7 +128,7 @@ def test_manifests_validate_strictly(values_file, kube, tmp_path):
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text(yaml.safe_dump_all(core, sort_keys=False))
     r = subprocess.run(
-        ["kubernetes-validate", "-k", kube, "--strict", str(manifest)],
+        [KUBERNETES_VALIDATE, "-k", kube, "--strict", str(manifest)],
         capture_output=True,
         text=True,
     )
