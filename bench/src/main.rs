@@ -2,6 +2,7 @@
 //! `bench/RESULTS.md`. Bounded in count and time, loopback only. The load client runs on one
 //! thread and reports its own CPU time, since it shares the 2 cores with the server.
 
+mod language;
 mod load;
 mod raw;
 mod report;
@@ -25,6 +26,8 @@ enum Cmd {
     Raw(raw::RawArgs),
     /// A closed-loop gRPC load against a running server; prints JSON.
     Load(load::LoadArgs),
+    /// The language service, decode steps and the naive loop; replaces that section of `--out`.
+    Language(language::LanguageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::All(a) => report::run_all(a),
         Cmd::Raw(a) => raw::run(a),
         Cmd::Load(a) => load::run(a),
+        Cmd::Language(a) => language::run(a),
     }
 }
 

@@ -29,6 +29,9 @@ pub struct AllArgs {
     /// Repetitions per figure; the report shows the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Python with torch and tokenizers, for the naive generation baseline.
+    #[arg(long, env = "MARQUEE_BENCH_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
 }
 
 /// Figures from the issue, measured by its author on this kind of machine; not measured here.
@@ -424,6 +427,15 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         )?;
     }
     gateway_section(&a, &bin_dir, &scratch, &mut md)?;
+    let lm = crate::language::LanguageArgs {
+        repo: a.repo.clone(),
+        out: a.out.clone(),
+        bin_dir: Some(bin_dir.clone()),
+        seconds: a.seconds,
+        runs: a.runs,
+        python: a.python.clone(),
+    };
+    md.push_str(&crate::language::section(&lm, &bin_dir)?);
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     print!("{md}");

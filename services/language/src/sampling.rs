@@ -121,7 +121,12 @@ impl Sampler {
                 self.sample(logits)
             }
         };
-        let logprob = log_softmax_at(logits, token as usize);
+        // A full pass over the vocabulary: only when the caller asked for log-probabilities.
+        let logprob = if self.params.return_logprobs {
+            log_softmax_at(logits, token as usize)
+        } else {
+            0.0
+        };
         self.record(token);
         (token, logprob)
     }
@@ -164,25 +169,32 @@ impl Sampler {
 
     /// Samples from softmax(logits) after the truncations, consuming exactly one draw.
     fn sample(&mut self, logits: &[f32]) -> u32 {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let p = &self.params;
         let cands = &mut self.scratch;
         cands.clear();
-        let mut total = 0.0f64;
-        for (i, &l) in logits.iter().enumerate() {
-            let p = f64::from(l - max).exp();
-            if p > 0.0 {
-                cands.push((i as u32, p));
-                total += p;
-            }
-        }
-        cands.iter_mut().for_each(|c| c.1 /= total);
-        let p = &self.params;
-        let by_prob_desc = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, f64::from(l))),
+        );
+        let by_value_desc =
+            |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Top-k first, on the logits themselves (softmax preserves order): the exponentials
+        // below then run over k candidates instead of the whole vocabulary.
         if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_prob_desc);
+            cands.select_nth_unstable_by(p.top_k - 1, by_value_desc);
             cands.truncate(p.top_k);
-            renormalise(cands);
         }
+        let max = cands.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+        let mut total = 0.0f64;
+        for c in cands.iter_mut() {
+            // f32 exp: a third the cost of f64 on the whole vocabulary, and the sum is f64.
+            c.1 = f64::from(((c.1 - max) as f32).exp());
+            total += c.1;
+        }
+        cands.retain(|c| c.1 > 0.0);
+        cands.iter_mut().for_each(|c| c.1 /= total);
         if p.typical_p < 1.0 {
             let entropy: f64 = cands.iter().map(|c| -c.1 * c.1.ln()).sum();
             cands.sort_by(|a, b| {
@@ -194,7 +206,7 @@ impl Sampler {
             renormalise(cands);
         }
         if p.top_p < 1.0 {
-            cands.sort_by(by_prob_desc);
+            cands.sort_by(by_value_desc);
             keep_mass(cands, f64::from(p.top_p));
             renormalise(cands);
         }
@@ -263,7 +275,11 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_largest_logit_and_its_logprob() {
-        let mut s = Sampler::new(SamplingParams::greedy(4), &[], 4, 3);
+        let params = SamplingParams {
+            return_logprobs: true,
+            ..SamplingParams::greedy(4)
+        };
+        let mut s = Sampler::new(params, &[], 4, 3);
         let mut logits = vec![0.0, 2.0, 1.0, 2.0];
         let (t, lp) = s.next(&mut logits);
         assert_eq!(t, 1, "lowest index wins the tie");

@@ -1,0 +1,442 @@
+//! The language service under streaming load, the KV-cache decode step by position, and the
+//! naive Python generation loop, all in one run; writes the "Language generation" section.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures::StreamExt;
+use marquee_proto::language::text_generation_client::TextGenerationClient;
+use marquee_proto::language::{GenerateRequest, GenerationParameters};
+use tch::{CModule, IValue, Kind, Tensor};
+
+use crate::{median, percentile, proc_cpu_seconds, rss_mib};
+
+#[derive(Args, Clone)]
+pub struct LanguageArgs {
+    /// The model repository.
+    #[arg(long, default_value = "model-repository")]
+    pub repo: PathBuf,
+    /// The Markdown report whose "Language generation" section is replaced (or appended).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    pub out: PathBuf,
+    /// Directory holding `marquee-language` (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Seconds per load measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Repetitions per figure; the report shows the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Python with torch and tokenizers, for the naive baseline.
+    #[arg(long, env = "MARQUEE_BENCH_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
+}
+
+const MODEL: &str = "gpt_reviews";
+const NEW_TOKENS: u32 = 64;
+const CONCURRENCY: &[usize] = &[1, 8, 16, 32];
+const PROMPTS: &[&str] = &[
+    "This dress",
+    "I love this top",
+    "The fabric is",
+    "Runs small, so",
+    "I ordered my usual size and",
+    "These jeans",
+    "Beautiful color but",
+    "Perfect for summer",
+];
+pub const SECTION: &str = "## Language generation";
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(bin_dir: &Path, repo: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin_dir.join("marquee-language"))
+            .env("MARQUEE__LANGUAGE__REPOSITORY", repo)
+            .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
+            .env("MARQUEE__TELEMETRY__LOG_FILTER", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .split("grpc=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("language server did not report its address: {line:?}"))?
+            .to_string();
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// One closed-loop streaming load: `c` clients, each generating `NEW_TOKENS` tokens per request.
+#[derive(Debug, Clone, Default)]
+struct StreamLoad {
+    tokens_per_s: f64,
+    requests: usize,
+    ttft_ms: Vec<f64>,
+    itl_ms: Vec<f64>,
+    server_cpu_share: f64,
+}
+
+async fn drive(addr: &str, c: usize, seconds: f64) -> anyhow::Result<StreamLoad> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..c {
+        let mut client = TextGenerationClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = (0usize, 0usize, Vec::new(), Vec::new());
+            let mut n = 0u64;
+            while Instant::now() < end {
+                n += 1;
+                let req = GenerateRequest {
+                    model: String::new(),
+                    prompt: PROMPTS[(w + n as usize) % PROMPTS.len()].into(),
+                    parameters: Some(GenerationParameters {
+                        max_new_tokens: Some(NEW_TOKENS),
+                        // Fixed-length generations: every request does the same work.
+                        min_new_tokens: NEW_TOKENS,
+                        temperature: Some(0.8),
+                        top_k: Some(40),
+                        seed: Some((w as u64) << 32 | n),
+                        ..Default::default()
+                    }),
+                };
+                let t0 = Instant::now();
+                let mut stream = client.generate_stream(req).await?.into_inner();
+                let mut last: Option<Instant> = None;
+                while let Some(msg) = stream.next().await {
+                    let msg = msg?;
+                    if msg.token_ids.is_empty() {
+                        continue;
+                    }
+                    let now = Instant::now();
+                    match last {
+                        None => out.2.push(now.duration_since(t0).as_secs_f64() * 1e3),
+                        Some(prev) => {
+                            let gap = now.duration_since(prev).as_secs_f64() * 1e3;
+                            let k = msg.token_ids.len();
+                            out.3.extend(std::iter::repeat_n(gap / k as f64, k));
+                        }
+                    }
+                    last = Some(now);
+                    out.0 += msg.token_ids.len();
+                }
+                out.1 += 1;
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut load = StreamLoad::default();
+    let mut tokens = 0;
+    for t in tasks {
+        let (tk, reqs, ttft, itl) = t.await??;
+        tokens += tk;
+        load.requests += reqs;
+        load.ttft_ms.extend(ttft);
+        load.itl_ms.extend(itl);
+    }
+    load.tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
+    load.ttft_ms.sort_by(f64::total_cmp);
+    load.itl_ms.sort_by(f64::total_cmp);
+    Ok(load)
+}
+
+/// Median time of one `decode` over `batch` sequences whose next position is `position`.
+fn decode_step_ms(
+    model: &Path,
+    spec: &toml::Table,
+    batch: i64,
+    position: i64,
+) -> anyhow::Result<f64> {
+    let lang = spec
+        .get("language")
+        .and_then(|v| v.as_table())
+        .ok_or_else(|| anyhow::anyhow!("model.toml has no [language]"))?;
+    let get = |k: &str| lang.get(k).and_then(|v| v.as_integer()).unwrap_or(0);
+    let (layers, heads, dim, ctx) = (
+        get("num_layers"),
+        get("num_heads"),
+        get("head_dim"),
+        get("context_length"),
+    );
+    tch::set_num_threads(1);
+    let _guard = tch::no_grad_guard();
+    let module = CModule::load(model)?;
+    let dims = [layers, batch, heads, ctx, dim];
+    let k = Tensor::zeros(dims, (Kind::Float, tch::Device::Cpu));
+    let v = Tensor::zeros(dims, (Kind::Float, tch::Device::Cpu));
+    let prompt = Tensor::randint(100, [batch, position], (Kind::Int64, tch::Device::Cpu)) + 1;
+    let ones = Tensor::ones([batch, position], (Kind::Int64, tch::Device::Cpu));
+    let pos = Tensor::arange(position, (Kind::Int64, tch::Device::Cpu))
+        .unsqueeze(0)
+        .repeat([batch, 1]);
+    let out = module.method_is(
+        "prefill",
+        &[
+            IValue::Tensor(prompt),
+            IValue::Tensor(ones),
+            IValue::Tensor(pos),
+        ],
+    )?;
+    if let IValue::Tuple(parts) = out
+        && let (Some(IValue::Tensor(pk)), Some(IValue::Tensor(pv))) = (parts.get(1), parts.get(2))
+    {
+        k.narrow(3, 0, position).copy_(pk);
+        v.narrow(3, 0, position).copy_(pv);
+    }
+    let tokens = Tensor::ones([batch], (Kind::Int64, tch::Device::Cpu));
+    let positions = Tensor::full([batch], position, (Kind::Int64, tch::Device::Cpu));
+    let kv = k.narrow(3, 0, position + 1);
+    let vv = v.narrow(3, 0, position + 1);
+    let mut times = Vec::new();
+    for i in 0..230 {
+        let t0 = Instant::now();
+        module.method_is(
+            "decode",
+            &[
+                IValue::Tensor(tokens.shallow_clone()),
+                IValue::Tensor(positions.shallow_clone()),
+                IValue::Tensor(kv.shallow_clone()),
+                IValue::Tensor(vv.shallow_clone()),
+            ],
+        )?;
+        if i >= 30 {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(times))
+}
+
+#[derive(serde::Deserialize)]
+struct Naive {
+    tokens_per_s: f64,
+    tokens: f64,
+    requests: f64,
+}
+
+fn naive(a: &LanguageArgs, requests: usize) -> anyhow::Result<Naive> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("naive_generate.py");
+    let out = Command::new(&a.python)
+        .arg(script)
+        .arg("--model-dir")
+        .arg(a.repo.join(MODEL))
+        .args(["--requests", &requests.to_string()])
+        .args(["--max-new-tokens", &NEW_TOKENS.to_string()])
+        .args(["--threads", "1"])
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "naive_generate.py failed");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let last = line.lines().last().unwrap_or_default();
+    Ok(serde_json::from_str(last)?)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+/// Runs the language benchmarks and returns the Markdown section.
+pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
+    let model_dir = a.repo.join(MODEL);
+    let spec: toml::Table = std::fs::read_to_string(model_dir.join("model.toml"))?.parse()?;
+    let version = std::fs::read_dir(&model_dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("no version of {MODEL}"))?;
+    let weights = model_dir.join(version.to_string()).join("model.pt");
+
+    eprintln!("== language: decode step by position");
+    let mut steps = Vec::new();
+    for &batch in &[1i64, 16] {
+        let mut at = Vec::new();
+        for &pos in &[10i64, 200] {
+            let runs: Vec<f64> = (0..a.runs)
+                .map(|_| decode_step_ms(&weights, &spec, batch, pos))
+                .collect::<anyhow::Result<_>>()?;
+            at.push(median(runs));
+        }
+        steps.push((batch, at[0], at[1]));
+    }
+
+    eprintln!("== language: service under streaming load");
+    let server = Server::start(bin_dir, &a.repo)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // Warm-up: connections, the engine's first shapes.
+    rt.block_on(drive(&server.addr, 8, 1.0))?;
+    let mut loads: Vec<(usize, Vec<StreamLoad>)> =
+        CONCURRENCY.iter().map(|&c| (c, Vec::new())).collect();
+    let mut naive_runs = Vec::new();
+    for run in 0..a.runs {
+        for (c, results) in loads.iter_mut() {
+            eprintln!("   run {run} c={c}");
+            let cpu0 = proc_cpu_seconds(server.child.id());
+            let t0 = Instant::now();
+            let mut r = rt.block_on(drive(&server.addr, *c, a.seconds))?;
+            r.server_cpu_share =
+                (proc_cpu_seconds(server.child.id()) - cpu0) / t0.elapsed().as_secs_f64();
+            results.push(r);
+        }
+        eprintln!("   run {run} naive loop");
+        naive_runs.push(naive(a, 16)?);
+    }
+    let rss = rss_mib(server.child.id());
+    drop(server);
+
+    let med = |c: usize, f: &dyn Fn(&StreamLoad) -> f64| {
+        let (_, rs) = loads.iter().find(|(cc, _)| *cc == c).expect("measured");
+        median(rs.iter().map(f).collect())
+    };
+    let tps = |c| med(c, &|r: &StreamLoad| r.tokens_per_s);
+    let naive_tps = median(naive_runs.iter().map(|n| n.tokens_per_s).collect());
+    let naive_tokens = median(naive_runs.iter().map(|n| n.tokens / n.requests).collect());
+
+    let mut md = String::new();
+    writeln!(md, "{SECTION}\n")?;
+    writeln!(
+        md,
+        "`marquee-bench language`: model `{MODEL}` (version {version}), the `marquee-language` binary with default settings \
+         (max batch 32, 1 intra-op thread), {NEW_TOKENS} new tokens per request (min_new_tokens = max_new_tokens, so every \
+         request does the same work), temperature 0.8, top-k 40, one streaming gRPC call per request from a one-thread client. \
+         Each figure is the median of {} runs of {} s.\n",
+        a.runs, a.seconds
+    )?;
+    writeln!(
+        md,
+        "| concurrent streams | tokens/s | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | server CPU (cores) |"
+    )?;
+    writeln!(md, "| ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    for &c in CONCURRENCY {
+        writeln!(
+            md,
+            "| {c} | {:.0} | {:.0} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} |",
+            tps(c),
+            med(c, &|r| r.requests as f64),
+            med(c, &|r| percentile(&r.ttft_ms, 0.5)),
+            med(c, &|r| percentile(&r.ttft_ms, 0.99)),
+            med(c, &|r| percentile(&r.itl_ms, 0.5)),
+            med(c, &|r| percentile(&r.itl_ms, 0.99)),
+            med(c, &|r| r.server_cpu_share),
+        )?;
+    }
+    writeln!(
+        md,
+        "\nServer resident memory after the runs: {rss:.0} MiB.\n"
+    )?;
+    writeln!(
+        md,
+        "Decode step (in-process tch, 1 thread, median of 200 steps, {} runs):\n",
+        a.runs
+    )?;
+    writeln!(
+        md,
+        "| batch | position 10 (ms) | position 200 (ms) | ratio |"
+    )?;
+    writeln!(md, "| ---: | ---: | ---: | ---: |")?;
+    for (b, p10, p200) in &steps {
+        writeln!(md, "| {b} | {p10:.3} | {p200:.3} | {:.2}× |", p200 / p10)?;
+    }
+    let (_, p10, p200) = steps[0];
+    writeln!(
+        md,
+        "\nNaive baseline (`bench/naive_generate.py`, same run): one request at a time, full recompute per token, \
+         1 thread, 16 requests of up to {NEW_TOKENS} tokens (it stops at EOS: {naive_tokens:.0} tokens per request on \
+         median): {naive_tps:.0} tokens/s.\n"
+    )?;
+    writeln!(md, "| target (2 cores) | measured | verdict |")?;
+    writeln!(md, "| --- | --- | --- |")?;
+    writeln!(
+        md,
+        "| 16 streams ≥ 4× the tokens/s of 1 stream | {:.0} vs {:.0} tokens/s ({:.2}×) | {} |",
+        tps(16),
+        tps(1),
+        tps(16) / tps(1),
+        verdict(tps(16) >= 4.0 * tps(1))
+    )?;
+    writeln!(
+        md,
+        "| ≥ 5× the naive loop's tokens/s at 16 concurrent requests | {:.0} vs {naive_tps:.0} tokens/s ({:.2}×) | {} |",
+        tps(16),
+        tps(16) / naive_tps,
+        verdict(tps(16) >= 5.0 * naive_tps)
+    )?;
+    writeln!(
+        md,
+        "| decode step at position 200 ≤ 1.5× position 10 (batch 1) | {p200:.3} vs {p10:.3} ms ({:.2}×) | {} |\n",
+        p200 / p10,
+        verdict(p200 <= 1.5 * p10)
+    )?;
+    Ok(md)
+}
+
+/// Replaces the `## …` section starting with `heading` in `report` (or appends it).
+pub fn replace_section(report: &str, heading: &str, new: &str) -> String {
+    match report.find(heading) {
+        Some(start) => {
+            let after = start + heading.len();
+            let end = report[after..]
+                .find("\n## ")
+                .map_or(report.len(), |i| after + i + 1);
+            format!("{}{}{}", &report[..start], new, &report[end..])
+        }
+        None => format!("{}\n{new}", report.trim_end()),
+    }
+}
+
+pub fn run(a: LanguageArgs) -> anyhow::Result<()> {
+    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default()
+    });
+    let md = section(&a, &bin_dir)?;
+    let report = std::fs::read_to_string(&a.out).unwrap_or_default();
+    std::fs::write(&a.out, replace_section(&report, SECTION, &md))?;
+    eprintln!("wrote {}", a.out.display());
+    print!("{md}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place_or_appended() {
+        let r = "# R\n\n## A\n\nold\n\n## Language generation\n\nold lm\n\n## B\n\nb\n";
+        let out = replace_section(r, SECTION, "## Language generation\n\nnew\n\n");
+        assert_eq!(
+            out,
+            "# R\n\n## A\n\nold\n\n## Language generation\n\nnew\n\n## B\n\nb\n"
+        );
+        let out = replace_section("# R\n", SECTION, "## Language generation\n\nx\n");
+        assert_eq!(out, "# R\n## Language generation\n\nx\n");
+    }
+}
