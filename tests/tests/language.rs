@@ -734,3 +734,110 @@ async fn generated_text_is_mostly_real_english_words() {
         "only {rate:.3} of generated words are English words"
     );
 }
+
+const LM_KEY: &str = "language-test-key-4f21c7";
+
+#[tokio::test]
+async fn streams_pass_through_the_gateway_with_auth_and_scopes() {
+    use marquee_gateway::config::{ApiKey, Backend, BackendKind};
+    let lm = shared_language();
+    let mut s = gateway_settings(&[lm.grpc_addr]);
+    s.backends.clear();
+    s.backends.insert(
+        "language".into(),
+        Backend {
+            kind: BackendKind::Language,
+            endpoints: vec![lm.grpc_addr.to_string()],
+            health_interval_ms: 100,
+            models_refresh_ms: 500,
+            ..Backend::default()
+        },
+    );
+    s.auth.api_keys.push(ApiKey {
+        sha256: marquee_gateway::auth::hash_key(LM_KEY),
+        tenant: "acme".into(),
+        scopes: vec!["language:generate".into()],
+    });
+    let gw = start_gateway(s).await;
+    let channel = gw.channel().await;
+    let mut via = TextGenerationClient::new(channel);
+    let mut direct = client(lm).await;
+    let prompt = "The buttons on this cardigan";
+    let want = direct
+        .generate(request(prompt, greedy(24)))
+        .await
+        .expect("direct")
+        .into_inner();
+
+    // The stream through the gateway: same tokens, several messages, one final summary.
+    let mut stream = via
+        .generate_stream(with_key(request(prompt, greedy(24)), LM_KEY))
+        .await
+        .expect("stream through the gateway")
+        .into_inner();
+    let (mut text, mut ids, mut messages, mut finals) = (String::new(), Vec::new(), 0, 0);
+    while let Some(m) = stream.next().await {
+        let m = m.expect("message");
+        text.push_str(&m.text);
+        ids.extend(m.token_ids);
+        messages += 1;
+        finals += usize::from(m.summary.is_some());
+    }
+    assert_eq!(ids, want.token_ids);
+    assert_eq!(text, want.text);
+    assert!(
+        messages > 2 && finals == 1,
+        "{messages} messages, {finals} final"
+    );
+
+    // Unary and tokenize through the gateway, with the model left unset.
+    let unary = via
+        .generate(with_key(request(prompt, greedy(24)), LM_KEY))
+        .await
+        .expect("unary through the gateway")
+        .into_inner();
+    assert_eq!(unary.token_ids, want.token_ids);
+    let tokens = via
+        .tokenize(with_key(
+            TokenizeRequest {
+                model: String::new(),
+                text: prompt.into(),
+            },
+            LM_KEY,
+        ))
+        .await
+        .expect("tokenize through the gateway")
+        .into_inner()
+        .tokens;
+    assert_eq!(
+        tokens.len() + 1,
+        want.summary.unwrap().prompt_tokens as usize
+    );
+
+    // Validation errors come back unchanged; auth is the gateway's.
+    let err = via
+        .generate(with_key(request("", greedy(4)), LM_KEY))
+        .await
+        .expect_err("empty prompt");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.get_details_bad_request().unwrap().field_violations[0].field,
+        "prompt"
+    );
+    let err = via
+        .generate_stream(with_key(request(prompt, greedy(4)), ACME_KEY))
+        .await
+        .expect_err("vision-only key");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("language:generate"),
+        "{}",
+        err.message()
+    );
+    let err = via
+        .generate_stream(request(prompt, greedy(4)))
+        .await
+        .expect_err("no credentials");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    gw.shutdown.cancel();
+}

@@ -224,6 +224,10 @@ impl Default for Backend {
 pub struct Routes {
     pub vision: Route,
     pub inference: Route,
+    /// `marquee.language.v1.TextGeneration`; streams hold their fair slot until they end.
+    pub language: Route,
+    /// `marquee.recommendation.v1.Recommender`.
+    pub recommendation: Route,
 }
 
 impl Default for Routes {
@@ -234,6 +238,22 @@ impl Default for Routes {
                 // Merged `ModelInfer` rows must fit the backend model's `max_batch_size`; 16 fits
                 // the models built here. A merge the backend refuses is resent call by call.
                 max_batch: 16,
+                ..Route::default()
+            },
+            language: Route {
+                // A 256-token generation under load takes seconds, not milliseconds.
+                default_timeout_ms: 60_000,
+                max_timeout_ms: 300_000,
+                max_request_bytes: 64 << 10,
+                // Cross-client batching of generation happens in the engine (continuous
+                // batching), never by merging requests here.
+                batching: false,
+                ..Route::default()
+            },
+            recommendation: Route {
+                default_timeout_ms: 5_000,
+                max_request_bytes: 1 << 20,
+                batching: false,
                 ..Route::default()
             },
         }
@@ -334,6 +354,8 @@ impl Validate for Settings {
         for (name, r) in [
             ("vision", &self.routes.vision),
             ("inference", &self.routes.inference),
+            ("language", &self.routes.language),
+            ("recommendation", &self.routes.recommendation),
         ] {
             if r.max_batch == 0 || r.max_batches_in_flight == 0 {
                 errors.push(format!(

@@ -81,6 +81,23 @@ impl Gateway {
         model: &str,
         kind: Option<BackendKind>,
     ) -> Result<Arc<BackendPool>, GatewayError> {
+        // APIs whose requests may leave the model unset (language) or have none
+        // (recommendation) go to the first backend of their kind.
+        if model.is_empty()
+            && let Some(k) = kind
+        {
+            return self
+                .backends
+                .values()
+                .find(|p| p.cfg.kind == k)
+                .cloned()
+                .ok_or_else(|| {
+                    ServeError::Unavailable(
+                        format!("no {k:?} backend is configured on this gateway").to_lowercase(),
+                    )
+                    .into()
+                });
+        }
         let mut name = self.table.load().get(model).cloned();
         if name.is_none()
             && self.started.elapsed().as_millis() as u64

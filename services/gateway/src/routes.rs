@@ -1,6 +1,7 @@
-//! The APIs the gateway serves: `marquee.vision.v1.ImageService` and the Open Inference
-//! Protocol, routed by model name to the backend that serves the model. Routes for the
-//! language and recommendation APIs join here as those services land.
+//! The APIs the gateway serves: `marquee.vision.v1.ImageService`, the Open Inference Protocol,
+//! `marquee.language.v1.TextGeneration` (streams passed through message by message) and
+//! `marquee.recommendation.v1.Recommender`, routed by model name (or, where a request names
+//! none, by API) to the backend that serves it.
 
 use std::sync::Arc;
 
@@ -9,6 +10,18 @@ use marquee_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use marquee_proto::inference::*;
+use marquee_proto::language::text_generation_client::TextGenerationClient;
+use marquee_proto::language::text_generation_server::{TextGeneration, TextGenerationServer};
+use marquee_proto::language::{
+    GenerateRequest, GenerateResponse, GenerateStreamResponse, TokenizeRequest, TokenizeResponse,
+};
+use marquee_proto::recommendation::recommender_client::RecommenderClient;
+use marquee_proto::recommendation::recommender_server::{Recommender, RecommenderServer};
+use marquee_proto::recommendation::{
+    ForgetUserRequest, ForgetUserResponse, RecommendBatchRequest, RecommendBatchResponse,
+    RecommendRequest, RecommendResponse, RecordFeedbackRequest, RecordFeedbackResponse,
+    SimilarItemsRequest, SimilarItemsResponse,
+};
 use marquee_proto::vision::image_service_client::ImageServiceClient;
 use marquee_proto::vision::image_service_server::{ImageService, ImageServiceServer};
 use marquee_proto::vision::*;
@@ -34,8 +47,13 @@ pub fn routes(gw: Arc<Gateway>) -> Routes {
         ImageServiceServer::new(VisionRoute { gw: gw.clone() }).max_decoding_message_size(max),
     )
     .add_service(
-        GrpcInferenceServiceServer::new(InferenceRoute { gw }).max_decoding_message_size(max),
+        GrpcInferenceServiceServer::new(InferenceRoute { gw: gw.clone() })
+            .max_decoding_message_size(max),
     )
+    .add_service(
+        TextGenerationServer::new(LanguageRoute { gw: gw.clone() }).max_decoding_message_size(max),
+    )
+    .add_service(RecommenderServer::new(RecommendationRoute { gw }).max_decoding_message_size(max))
 }
 
 // === impl VisionRoute ===
@@ -339,5 +357,164 @@ impl GrpcInferenceService for InferenceRoute {
             })
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+}
+
+// === impl LanguageRoute ===
+
+pub struct LanguageRoute {
+    gw: Arc<Gateway>,
+}
+
+fn language_client(ch: Channel) -> TextGenerationClient<Channel> {
+    TextGenerationClient::new(ch).max_decoding_message_size(MAX_BACKEND_MESSAGE)
+}
+
+type StreamBox<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl TextGeneration for LanguageRoute {
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        routed(
+            &self.gw,
+            "language",
+            &self.gw.settings.routes.language,
+            Some(BackendKind::Language),
+            req,
+            |r| r.model.clone(),
+            "marquee.language.v1.TextGeneration/Generate",
+            |ch, r| async move { language_client(ch).generate(r).await },
+        )
+        .await
+    }
+
+    type GenerateStreamStream = StreamBox<GenerateStreamResponse>;
+
+    /// Passes the backend's stream through message by message. The fair slot is held until
+    /// the stream ends, and a client that goes away drops the backend stream, which cancels
+    /// the generation there.
+    async fn generate_stream(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let route = &self.gw.settings.routes.language;
+        let who = principal(&req)?;
+        who.require(BackendKind::Language.scope())?;
+        let deadline = deadline(req.metadata(), route);
+        let req = req.into_inner();
+        check_size("language", route, req.encoded_len())?;
+        let backend = self
+            .gw
+            .backend_for(&req.model, Some(BackendKind::Language))
+            .await?;
+        let slot = backend
+            .admit(&self.gw.quotas, &who.tenant, deadline)
+            .await?;
+        let upstream = backend
+            .call(
+                "marquee.language.v1.TextGeneration/GenerateStream",
+                deadline,
+                |ch, t| {
+                    let r = outgoing(req.clone(), t);
+                    async move { language_client(ch).generate_stream(r).await }
+                },
+            )
+            .await?
+            .into_inner();
+        let stream = futures::StreamExt::map(upstream, move |m| {
+            let _held = &slot;
+            m
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        routed(
+            &self.gw,
+            "language",
+            &self.gw.settings.routes.language,
+            Some(BackendKind::Language),
+            req,
+            |r| r.model.clone(),
+            "marquee.language.v1.TextGeneration/Tokenize",
+            |ch, r| async move { language_client(ch).tokenize(r).await },
+        )
+        .await
+    }
+}
+
+// === impl RecommendationRoute ===
+
+pub struct RecommendationRoute {
+    gw: Arc<Gateway>,
+}
+
+fn recommender_client(ch: Channel) -> RecommenderClient<Channel> {
+    RecommenderClient::new(ch).max_decoding_message_size(MAX_BACKEND_MESSAGE)
+}
+
+/// Scope of the recommendation calls that change state (feedback, forgetting a user).
+const RECOMMENDATION_WRITE: &str = "recommendation:write";
+
+macro_rules! recommend_call {
+    ($self:ident, $req:ident, $method:literal, $rpc:ident) => {
+        routed(
+            &$self.gw,
+            "recommendation",
+            &$self.gw.settings.routes.recommendation,
+            Some(BackendKind::Recommendation),
+            $req,
+            |_| String::new(),
+            concat!("marquee.recommendation.v1.Recommender/", $method),
+            |ch, r| async move { recommender_client(ch).$rpc(r).await },
+        )
+        .await
+    };
+}
+
+#[tonic::async_trait]
+impl Recommender for RecommendationRoute {
+    async fn recommend(
+        &self,
+        req: Request<RecommendRequest>,
+    ) -> Result<Response<RecommendResponse>, Status> {
+        recommend_call!(self, req, "Recommend", recommend)
+    }
+
+    async fn recommend_batch(
+        &self,
+        req: Request<RecommendBatchRequest>,
+    ) -> Result<Response<RecommendBatchResponse>, Status> {
+        recommend_call!(self, req, "RecommendBatch", recommend_batch)
+    }
+
+    async fn similar_items(
+        &self,
+        req: Request<SimilarItemsRequest>,
+    ) -> Result<Response<SimilarItemsResponse>, Status> {
+        recommend_call!(self, req, "SimilarItems", similar_items)
+    }
+
+    async fn record_feedback(
+        &self,
+        req: Request<RecordFeedbackRequest>,
+    ) -> Result<Response<RecordFeedbackResponse>, Status> {
+        principal(&req)?.require(RECOMMENDATION_WRITE)?;
+        recommend_call!(self, req, "RecordFeedback", record_feedback)
+    }
+
+    async fn forget_user(
+        &self,
+        req: Request<ForgetUserRequest>,
+    ) -> Result<Response<ForgetUserResponse>, Status> {
+        principal(&req)?.require(RECOMMENDATION_WRITE)?;
+        recommend_call!(self, req, "ForgetUser", forget_user)
     }
 }
