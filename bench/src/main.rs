@@ -5,6 +5,7 @@
 mod language;
 mod load;
 mod raw;
+mod recommend;
 mod report;
 
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ enum Cmd {
     Raw(raw::RawArgs),
     /// A closed-loop gRPC load against a running server; prints JSON.
     Load(load::LoadArgs),
+    /// The recommender on a synthetic 1M-item catalogue, plus exposure fairness; prints Markdown.
+    Recommend(recommend::RecommendArgs),
     /// The language service, decode steps and the naive loop; replaces that section of `--out`.
     Language(language::LanguageArgs),
 }
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::All(a) => report::run_all(a),
         Cmd::Raw(a) => raw::run(a),
         Cmd::Load(a) => load::run(a),
+        Cmd::Recommend(a) => recommend::run(a),
         Cmd::Language(a) => language::run(a),
     }
 }

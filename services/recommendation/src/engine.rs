@@ -259,6 +259,18 @@ impl Engine {
             seconds = t0.elapsed().as_secs_f64(),
             "item index built"
         );
+        Self::start_with_index(data, item_emb, index, config, metrics)
+    }
+
+    /// As [`Engine::start`] with an index built beforehand over `item_emb` (the bench times
+    /// and measures the build on its own).
+    pub fn start_with_index(
+        data: ModelData,
+        item_emb: Matrix,
+        index: ItemIndex,
+        config: EngineConfig,
+        metrics: RecMetrics,
+    ) -> Result<Self, EngineError> {
         let spec = &data.spec;
         let mut feature_names = vec!["user_embedding".to_string(), "item_embedding".into()];
         feature_names.extend(spec.user_feature_names.iter().cloned());

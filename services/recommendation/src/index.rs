@@ -62,6 +62,14 @@ impl ItemIndex {
         }
     }
 
+    /// A view of this index searching with another `ef_search` floor (the bench sweeps it).
+    pub fn with_ef_search(&self, ef_search: usize) -> IndexView<'_> {
+        IndexView {
+            index: self,
+            ef_search,
+        }
+    }
+
     /// Whether searches use the HNSW graph.
     pub fn is_approximate(&self) -> bool {
         self.hnsw.is_some()
@@ -69,9 +77,13 @@ impl ItemIndex {
 
     /// The `k` items nearest to `query` (unit norm), most similar first.
     pub fn search(&self, emb: &Matrix, query: &[f32], k: usize) -> Vec<Scored> {
+        self.search_ef(emb, query, k, self.ef_search)
+    }
+
+    fn search_ef(&self, emb: &Matrix, query: &[f32], k: usize, ef_search: usize) -> Vec<Scored> {
         match &self.hnsw {
             Some(h) => {
-                let ef = self.ef_search.max(k);
+                let ef = ef_search.max(k);
                 let mut out: Vec<Scored> = h
                     .search(query, k, ef)
                     .into_iter()
@@ -84,6 +96,19 @@ impl ItemIndex {
             }
             None => exact_search(emb, query, k, |_| true),
         }
+    }
+}
+
+/// An [`ItemIndex`] with another search list size.
+pub struct IndexView<'a> {
+    index: &'a ItemIndex,
+    ef_search: usize,
+}
+
+impl IndexView<'_> {
+    /// As [`ItemIndex::search`].
+    pub fn search(&self, emb: &Matrix, query: &[f32], k: usize) -> Vec<Scored> {
+        self.index.search_ef(emb, query, k, self.ef_search)
     }
 }
 

@@ -268,6 +268,18 @@ pub async fn start_with_model(
     item_emb: Matrix,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    start_with_parts(settings, data, item_emb, None, shutdown).await
+}
+
+/// As [`start_with_model`], optionally with the item index already built over `item_emb`
+/// (it must have been built with the same `recommendation.index` choice).
+pub async fn start_with_parts(
+    settings: Settings,
+    data: ModelData,
+    item_emb: Matrix,
+    index: Option<index::ItemIndex>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let (health, health_service) = marquee_core::serve::health();
     health
@@ -298,7 +310,11 @@ pub async fn start_with_model(
             users = users.len(),
             "feedback log replayed"
         );
-        let engine = Engine::start(data, item_emb, rec.engine_config(threads), rec_metrics)?;
+        let config = rec.engine_config(threads);
+        let engine = match index {
+            Some(index) => Engine::start_with_index(data, item_emb, index, config, rec_metrics)?,
+            None => Engine::start(data, item_emb, config, rec_metrics)?,
+        };
         Ok::<_, anyhow::Error>(service::Recommender::new(engine, users, log, key, rec))
     })
     .await??;
