@@ -142,6 +142,24 @@ start_service marquee-vision \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE__SERVER__ADMIN_ADDR:-127.0.0.1:9001}" \
   MARQUEE__REPOSITORY__PATH="$model_repo"
 
+# Language and recommendation have their own config sections: the vision variables above must
+# not reach them (MARQUEE__REPOSITORY__MODELS would name models they do not have).
+own_env=()
+for v in $(compgen -e | grep '^MARQUEE__' || true); do own_env+=(-u "$v"); done
+start_service marquee-language \
+  "${own_env[@]}" \
+  MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_LANGUAGE_GRPC_ADDR:-127.0.0.1:8002}" \
+  MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_LANGUAGE_ADMIN_ADDR:-127.0.0.1:9002}" \
+  MARQUEE__LANGUAGE__REPOSITORY="$model_repo"
+
+# The feedback log and the user-id hash key persist across runs here.
+start_service marquee-recommendation \
+  "${own_env[@]}" \
+  MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_RECOMMENDATION_GRPC_ADDR:-127.0.0.1:8003}" \
+  MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_RECOMMENDATION_ADMIN_ADDR:-127.0.0.1:9003}" \
+  MARQUEE__REPOSITORY__PATH="$model_repo" \
+  MARQUEE__RECOMMENDATION__STATE_DIR="$log_dir/recommendation-state"
+
 # The gateway in front, with a fresh API key for this run (only its SHA-256 is configured).
 api_key=${MARQUEE_API_KEY:-mq_$(head -c 18 /dev/urandom | base64 | tr -d '/+=' | head -c 24)}
 gateway_config="$log_dir/gateway.toml"
@@ -158,13 +176,19 @@ scopes = ["admin"]
 [backends.vision]
 kind = "vision"
 endpoints = ["$(dial "${grpc_of[marquee-vision]}")"]
+
+[backends.language]
+kind = "language"
+endpoints = ["$(dial "${grpc_of[marquee-language]}")"]
+
+[backends.recommendation]
+kind = "recommendation"
+endpoints = ["$(dial "${grpc_of[marquee-recommendation]}")"]
 CFG
 # The gateway has its own settings: MARQUEE__* variables meant for the vision service (say
 # MARQUEE__REPOSITORY__MODELS) must not reach it.
-unset_vision_env=()
-for v in $(compgen -e | grep '^MARQUEE__' || true); do unset_vision_env+=(-u "$v"); done
 start_service marquee-gateway \
-  "${unset_vision_env[@]}" \
+  "${own_env[@]}" \
   MARQUEE_CONFIG="$gateway_config" \
   MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_GATEWAY_GRPC_ADDR:-127.0.0.1:8000}" \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_GATEWAY_ADMIN_ADDR:-127.0.0.1:9000}"
@@ -182,8 +206,10 @@ print_usage() {
 
 ${bold}Marquee is running.${plain} Ctrl-C stops it (SIGTERM, then a graceful drain).
 
-  marquee-gateway  gRPC $gw   admin http://$gwa   (clients call this one)
-  marquee-vision   gRPC $g   admin http://$a   models: ${MARQUEE__REPOSITORY__MODELS:-every model in $model_repo}
+  marquee-gateway         gRPC $gw   admin http://$gwa   (clients call this one)
+  marquee-vision          gRPC $g   admin http://$a   models: ${MARQUEE__REPOSITORY__MODELS:-every image model in $model_repo}
+  marquee-language        gRPC $(dial "${grpc_of[marquee-language]}")   admin http://$(dial "${admin_of[marquee-language]}")   model: gpt_reviews
+  marquee-recommendation  gRPC $(dial "${grpc_of[marquee-recommendation]}")   admin http://$(dial "${admin_of[marquee-recommendation]}")   model: recommender
 
 ${bold}API key for this run${plain} (tenant \`local\`, scope admin):  export MARQUEE_API_KEY=$api_key
 
@@ -193,6 +219,14 @@ ${bold}The CLI${plain}:
 ${bold}Classify a photo through the gateway${plain} (grpcurl; bytes fields are base64 in its JSON):
   grpcurl -plaintext -H "x-api-key: $api_key" -d '{"model":"efficientnet_lite0","top_k":3,"image":{"encoded":"'\$(base64 -w0 $photo)'"}}' \\
     $gw marquee.vision.v1.ImageService/Classify
+
+${bold}Generate text, streamed token by token${plain}:
+  grpcurl -plaintext -H "x-api-key: $api_key" -d '{"prompt":"This dress is","parameters":{"max_new_tokens":48,"temperature":0.8,"top_k":40,"stop":["\\n"]}}' \\
+    $gw marquee.language.v1.TextGeneration/GenerateStream
+
+${bold}Recommend movies for MovieLens user 42, with explanations${plain}:
+  grpcurl -plaintext -H "x-api-key: $api_key" -d '{"user_id":"42","k":5,"explain":true}' \\
+    $gw marquee.recommendation.v1.Recommender/Recommend
 
 ${bold}Health${plain} (server, then one model):
   grpcurl -plaintext $g grpc.health.v1.Health/Check
