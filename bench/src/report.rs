@@ -436,6 +436,8 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         python: a.python.clone(),
     };
     md.push_str(&crate::language::section(&lm, &bin_dir)?);
+    let rec = crate::recommend::RecommendArgs::with_defaults(a.repo.clone(), a.runs);
+    md.push_str(&crate::recommend::section(&rec)?);
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     print!("{md}");
