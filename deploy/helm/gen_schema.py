@@ -153,7 +153,7 @@ GATEWAY_CONFIG = obj(
     {
         "server": SERVER,
         "tenants": map_of(TENANT, "Tenants by name (only configured tenants exist)."),
-        "routes": obj({"vision": ROUTE, "inference": ROUTE}),
+        "routes": obj({"vision": ROUTE, "inference": ROUTE, "language": ROUTE, "recommendation": ROUTE}),
         "backends": obj({b: BACKEND_TUNING for b in BACKENDS}),
         "auth": obj(
             {

@@ -92,6 +92,7 @@ BAD_VALUES = {
     "chart-owned state dir": ("recommendation.config.recommendation.state_dir", "/tmp", "state_dir"),
     "language has no [repository]": ("language.config.repository", {}, "repository"),
     "recommendation index kind": ("recommendation.config.recommendation.index", "annoy", "index"),
+    "unknown gateway route": ("gateway.config.routes.search", {"max_batch": 4}, "search"),
     "an API key inline": ("secrets.apiKeys.key_value", "mq_secret", "key_value"),
     "port out of range": ("gateway.ports.grpc", 70000, "grpc"),
     "drain delay negative": ("gateway.config.server.drain_delay_ms", -1, "drain_delay_ms"),
@@ -317,6 +318,12 @@ def test_values_reach_the_config_as_typed_toml(default_objects):
     rec = config_of(default_objects, "recommendation")
     assert set(rec) == {"server", "repository", "telemetry", "recommendation"}
     assert rec["recommendation"] == {"model": "recommender", "state_dir": "/var/lib/marquee"}
+
+
+def test_every_gateway_route_takes_its_limits_from_values():
+    routes = {r: {"default_timeout_ms": 5000, "max_timeout_ms": 60000} for r in ("vision", "inference", "language", "recommendation")}
+    objects = render({"gateway": {"config": {"routes": routes}}})
+    assert config_of(objects, "gateway")["routes"] == routes
 
 
 def test_secrets_are_referenced_never_written(default_objects):
