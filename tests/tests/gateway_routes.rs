@@ -74,7 +74,7 @@ async fn recommendations_route_through_the_gateway_with_read_and_write_scopes() 
         timestamp_ms: 0,
     };
     let err = via
-        .record_feedback(with_key(feedback.clone(), READ_KEY))
+        .record_feedback(with_key(feedback, READ_KEY))
         .await
         .expect_err("read-only key");
     assert_eq!(err.code(), Code::PermissionDenied);
