@@ -87,3 +87,23 @@ def test_tritonclient_reads_raw_logits(language):
     assert np.isfinite(logits).all()
     # Next-token distributions differ by position: the model reads its context.
     assert not np.allclose(logits[0, 1], logits[0, 4])
+
+
+def marquee_cli(*args: str) -> subprocess.CompletedProcess:
+    cli = Path(__import__("os").environ.get("MARQUEE_BIN_DIR", "target/debug")) / "marquee"
+    return subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_generate_streams_text_and_reports_the_summary(language):
+    out = marquee_cli("--endpoint", language.grpc_addr, "generate", "The sweater is",
+                      "--max-new-tokens", "20", "--temperature", "0.8", "--seed", "5")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.split()) >= 3, out.stdout
+    assert "seed 5" in out.stderr and "20 tokens" in out.stderr or "eos" in out.stderr, out.stderr
+    again = marquee_cli("--endpoint", language.grpc_addr, "--json", "generate", "The sweater is",
+                        "--max-new-tokens", "20", "--temperature", "0.8", "--seed", "5")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["text"] == out.stdout, "same seed, same text"
+    bad = marquee_cli("--endpoint", language.grpc_addr, "generate", "hi", "--temperature", "0")
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr and "parameters.temperature" in bad.stderr, bad.stderr

@@ -15,7 +15,7 @@ pub const DEFAULT_CLASSIFY_MODEL: &str = "efficientnet_lite0";
 #[command(
     name = "marquee",
     version,
-    about = "Marquee command line: classify images, check health, read model metadata"
+    about = "Marquee command line: classify images, generate text, get recommendations, check health, read model metadata"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -58,6 +58,12 @@ pub enum Command {
     Health(HealthArgs),
     /// Show models' versions, platform and input/output tensors (all models by default).
     Models(ModelsArgs),
+    /// Generate text (`TextGeneration.GenerateStream`), printed as it is generated; the
+    /// summary (finish reason, tokens, seed, timings) goes to stderr.
+    Generate(GenerateArgs),
+    /// Recommend items for a user (`Recommender.Recommend`), or for an anonymous visitor from
+    /// the items they just interacted with.
+    Recommend(RecommendArgs),
 }
 
 #[derive(Args)]
@@ -81,6 +87,52 @@ pub struct HealthArgs {
     /// checks `ServerReady`.
     #[arg(long = "model", value_name = "NAME")]
     pub models: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// The prompt.
+    pub prompt: String,
+    /// Model; the service's own when unset.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Most tokens to generate (the service's default when unset).
+    #[arg(long)]
+    pub max_new_tokens: Option<u32>,
+    /// Sampling temperature; greedy when no sampling option is given.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<i32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// A stop sequence (repeatable, up to 4); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Seed, for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct RecommendArgs {
+    /// The user id; without it, `--recent` items describe an anonymous visitor.
+    #[arg(long)]
+    pub user: Option<i64>,
+    /// An item the anonymous visitor interacted with (repeatable), oldest first.
+    #[arg(long, conflicts_with = "user")]
+    pub recent: Vec<i64>,
+    /// How many items.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub k: u32,
+    /// Diversity weight λ in [0, 1] (the service's default when unset).
+    #[arg(long)]
+    pub diversity: Option<f32>,
+    /// Explain each item: the history items and ranking features behind it.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Args)]

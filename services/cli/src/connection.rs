@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use marquee_proto::language::text_generation_client::TextGenerationClient;
+use marquee_proto::recommendation::recommender_client::RecommenderClient;
 use marquee_proto::vision::image_service_client::ImageServiceClient;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
@@ -73,6 +75,14 @@ impl Connection {
 
     pub fn inference(&self) -> GrpcInferenceServiceClient<Channel> {
         GrpcInferenceServiceClient::new(self.channel.clone())
+    }
+
+    pub fn language(&self) -> TextGenerationClient<Channel> {
+        TextGenerationClient::new(self.channel.clone())
+    }
+
+    pub fn recommender(&self) -> RecommenderClient<Channel> {
+        RecommenderClient::new(self.channel.clone())
     }
 
     pub fn health(&self) -> HealthClient<Channel> {

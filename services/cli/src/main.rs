@@ -1,13 +1,15 @@
-//! `marquee`: the command line for Marquee services: classify images, check health, read model
-//! metadata. It talks plain gRPC to the gateway (or any service) and never links libtorch.
+//! `marquee`: the command line for Marquee services: classify images, generate text, get
+//! recommendations, check health, read model metadata. It talks plain gRPC to the gateway (or any service) and never links libtorch.
 #![forbid(unsafe_code)]
 
 mod classify;
 mod cli;
 mod connection;
+mod generate;
 mod health;
 mod models;
 mod output;
+mod recommend;
 
 use std::process::ExitCode;
 
@@ -47,6 +49,8 @@ fn main() -> ExitCode {
             Command::Classify(args) => classify::run(&conn, args, json).await,
             Command::Health(args) => health::run(&conn, args, json).await,
             Command::Models(args) => models::run(&conn, args, json).await,
+            Command::Generate(args) => generate::run(&conn, args, json).await,
+            Command::Recommend(args) => recommend::run(&conn, args, json).await,
         })
     });
     let result = match result {
