@@ -161,20 +161,28 @@ fn server_tls(tls: &crate::config::ServerTls) -> anyhow::Result<tonic::transport
     Ok(cfg)
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn termination_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the
+/// future is first polled, so a signal that arrives right after the call is not missed (and
+/// does not kill the process with the default action).
+pub fn termination_signal() -> impl Future<Output = ()> + Send {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())
             .expect("installing a SIGTERM handler cannot fail on unix, this is a bug");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        let mut int = signal(SignalKind::interrupt())
+            .expect("installing a SIGINT handler cannot fail on unix, this is a bug");
+        async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// What a service's `start` reports back to [`run_binary`].
@@ -222,11 +230,13 @@ where
                 return 1;
             }
         };
+        // Handlers first, then the line that tells scripts and tests they may signal us.
+        let stop = termination_signal();
         println!(
             "{name} listening grpc={} admin={}",
             running.grpc_addr, running.admin_addr
         );
-        termination_signal().await;
+        stop.await;
         shutdown.cancel();
         match running.task.await {
             Ok(Ok(())) => 0,

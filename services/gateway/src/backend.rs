@@ -232,7 +232,12 @@ impl BackendPool {
             ep.in_flight.fetch_add(1, Ordering::Relaxed);
             let _guard = InFlightGuard(&ep.in_flight);
             let span = tracing::info_span!("grpc.client", otel.name = method, otel.kind = "client", peer = %ep.addr);
-            let result = f(ep.channel.clone(), deadline - now).instrument(span).await;
+            // `f` builds the request (and injects `traceparent`) when called: inside the client
+            // span, so the backend's server span is its child, not the gateway server span's.
+            let result = span
+                .in_scope(|| f(ep.channel.clone(), deadline - now))
+                .instrument(span.clone())
+                .await;
             let code = result.as_ref().err().map(Status::code).unwrap_or(Code::Ok);
             self.metrics
                 .backend_requests

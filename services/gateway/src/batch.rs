@@ -21,9 +21,12 @@ use marquee_proto::inference::{InferTensorContents, ModelInferRequest, ModelInfe
 use marquee_proto::vision::classify_batch_item::Result as ItemResult;
 use marquee_proto::vision::image_service_client::ImageServiceClient;
 use marquee_proto::vision::{ClassifyBatchRequest, ClassifyRequest, ImageInput, Label};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::oneshot;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::backend::{BackendPool, outgoing};
 use crate::config::Route;
@@ -54,6 +57,8 @@ struct Pending<D: Dispatch> {
     item: D::Item,
     deadline: Instant,
     tx: oneshot::Sender<Result<D::Output, GatewayError>>,
+    /// The caller's span, linked from the batch span that carries its item.
+    link: SpanContext,
 }
 
 struct State<D: Dispatch> {
@@ -88,7 +93,16 @@ impl<D: Dispatch> Coalescer<D> {
         let send_now = {
             let mut st = self.lock();
             st.rows += D::rows(&item);
-            st.items.push(Pending { item, deadline, tx });
+            st.items.push(Pending {
+                item,
+                deadline,
+                tx,
+                link: tracing::Span::current()
+                    .context()
+                    .span()
+                    .span_context()
+                    .clone(),
+            });
             if st.in_flight < self.route.max_batches_in_flight || st.rows >= self.route.max_batch {
                 Some(self.take(&mut st))
             } else {
@@ -159,9 +173,27 @@ impl<D: Dispatch> Coalescer<D> {
                     .map(|p| p.deadline)
                     .max()
                     .expect("non-empty, this is a bug");
+                // One backend call serves callers of many traces: a root span linked to each
+                // caller's span (as the model services' batch spans are), so the backend call
+                // and everything under it stay connected to every request it carried.
+                let span = tracing::info_span!(
+                    "gateway.batch",
+                    route = D::ROUTE,
+                    rows,
+                    items = batch.len()
+                );
+                for p in &batch {
+                    if p.link.is_valid() {
+                        span.add_link(p.link.clone());
+                    }
+                }
                 let (items, txs): (Vec<_>, Vec<_>) =
                     batch.into_iter().map(|p| (p.item, p.tx)).unzip();
-                let results = self.dispatch.dispatch(&self.backend, items, deadline).await;
+                let results = self
+                    .dispatch
+                    .dispatch(&self.backend, items, deadline)
+                    .instrument(span)
+                    .await;
                 for (tx, r) in txs.into_iter().zip(results) {
                     let _ = tx.send(r);
                 }
