@@ -204,34 +204,62 @@ impl TextGeneration for TextApi {
         let rx = self.submit(&req, deadline)?;
         // Dropping this stream (client cancel) drops `rx`; the engine sees the closed channel
         // and frees the sequence's slot at its next step.
-        let stream = futures::stream::unfold((rx, false), |(mut rx, done)| async move {
-            if done {
-                return None;
-            }
-            match rx.recv().await? {
-                Event::Tokens {
-                    text,
-                    ids,
-                    logprobs,
-                } => Some((
-                    Ok(GenerateStreamResponse {
-                        text,
-                        token_ids: ids,
-                        logprobs,
-                        summary: None,
-                    }),
-                    (rx, false),
-                )),
-                Event::Finished(s) => Some((
-                    Ok(GenerateStreamResponse {
-                        summary: Some(summary(&s)),
-                        ..Default::default()
-                    }),
-                    (rx, true),
-                )),
-                Event::Failed(e) => Some((Err(e.into()), (rx, true))),
-            }
-        });
+        // A message per token while the client keeps up; when it falls behind, the tokens that
+        // queued up meanwhile go out as one message (fewer frames, same text and ids), so a
+        // slow reader costs the server less instead of more.
+        let stream = futures::stream::unfold(
+            (rx, None::<Event>, false),
+            |(mut rx, held, done)| async move {
+                if done {
+                    return None;
+                }
+                let first = match held {
+                    Some(e) => e,
+                    None => rx.recv().await?,
+                };
+                match first {
+                    Event::Tokens {
+                        mut text,
+                        mut ids,
+                        mut logprobs,
+                    } => {
+                        let mut next = None;
+                        while let Ok(e) = rx.try_recv() {
+                            match e {
+                                Event::Tokens {
+                                    text: t,
+                                    ids: i,
+                                    logprobs: l,
+                                } => {
+                                    text.push_str(&t);
+                                    ids.extend(i);
+                                    logprobs.extend(l);
+                                }
+                                other => {
+                                    next = Some(other);
+                                    break;
+                                }
+                            }
+                        }
+                        let msg = GenerateStreamResponse {
+                            text,
+                            token_ids: ids,
+                            logprobs,
+                            summary: None,
+                        };
+                        Some((Ok(msg), (rx, next, false)))
+                    }
+                    Event::Finished(s) => Some((
+                        Ok(GenerateStreamResponse {
+                            summary: Some(summary(&s)),
+                            ..Default::default()
+                        }),
+                        (rx, None, true),
+                    )),
+                    Event::Failed(e) => Some((Err(e.into()), (rx, None, true))),
+                }
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
