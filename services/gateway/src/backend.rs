@@ -33,6 +33,11 @@ use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::quota::{FairQueue, Quotas, Slot};
 
+
+/// Calls that are not idempotent: never retried by the gateway after a replica failed
+/// mid-call. The caller sees the failure and decides (it knows whether it got an answer).
+pub const NOT_RETRIED: &[&str] = &["marquee.recommendation.v1.Recommender/RecordFeedback"];
+
 /// One replica.
 pub struct Endpoint {
     pub addr: String,
@@ -198,8 +203,9 @@ impl BackendPool {
         }
     }
 
-    /// Runs an idempotent unary call `f(channel, remaining time)` on a replica, retrying on
-    /// another replica when the answer is UNAVAILABLE (and the retry budget allows).
+    /// Runs a unary call `f(channel, remaining time)` on a replica, retrying on another replica
+    /// when the answer is UNAVAILABLE (and the retry budget allows), unless the method is in
+    /// [`NOT_RETRIED`].
     pub async fn call<T, F, Fut>(
         &self,
         method: &'static str,
@@ -252,7 +258,9 @@ impl BackendPool {
                         self.update_gauges();
                     }
                     tried.push(ep.addr.clone());
-                    if self.budget.withdraw() {
+                    // A write lost mid-call may have been applied (and fsync'd): sending it again
+                    // could apply it twice, so only idempotent calls are retried here.
+                    if !NOT_RETRIED.contains(&method) && self.budget.withdraw() {
                         self.metrics.retries.with_label_values(&[&self.name]).inc();
                         continue;
                     }
