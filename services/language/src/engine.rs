@@ -202,7 +202,35 @@ impl Engine {
                 match setup {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
-                        worker.run();
+                        let shared = worker.shared.clone();
+                        let run =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                        if run.is_err() {
+                            // A bug or a libtorch failure: the running sequences' senders are
+                            // gone with the worker (their callers get an error); refuse the
+                            // queued and future requests instead of leaving them waiting.
+                            tracing::error!("the language engine panicked; refusing requests");
+                            let queued = shared
+                                .queue
+                                .lock()
+                                .map(|mut q| {
+                                    q.closed = true;
+                                    std::mem::take(&mut q.items)
+                                })
+                                .unwrap_or_default();
+                            for work in queued {
+                                let error =
+                                    ServeError::Internal("the language engine failed".into());
+                                match work {
+                                    Work::Generate(job) => {
+                                        let _ = job.events.try_send(Event::Failed(error));
+                                    }
+                                    Work::Forward(f) => {
+                                        let _ = f.reply.send(Err(error));
+                                    }
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -218,6 +246,11 @@ impl Engine {
             shape,
             metrics,
         })
+    }
+
+    /// False once the engine thread has failed (or the engine is shutting down).
+    pub fn is_serving(&self) -> bool {
+        self.shared.queue.lock().map(|q| !q.closed).unwrap_or(false)
     }
 
     /// Queues a generation; refused at once when the queue is full.

@@ -250,12 +250,14 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let ready_model = l.model.clone();
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ready_flag = draining.clone();
+    let ready_engine = language.engine.clone();
     let parts = ServeParts {
         settings: settings.server.clone(),
         metrics: metrics.clone(),
         health,
         ready: Arc::new(move || {
-            (!ready_flag.load(std::sync::atomic::Ordering::Relaxed)).then(|| ready_model.clone())
+            (!ready_flag.load(std::sync::atomic::Ordering::Relaxed) && ready_engine.is_serving())
+                .then(|| ready_model.clone())
         }),
         on_drain: Box::new(move || {
             Box::pin(async move {
