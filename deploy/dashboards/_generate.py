@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the Grafana dashboards in this folder (overview, batching, mesh).
+"""Writes the Grafana dashboards in this folder (overview, batching, language, recommendation,
+mesh).
 
 The JSON files are what Grafana (through the chart's ConfigMaps) loads; this script is how they
 are written, so every panel shares one layout, one datasource variable and one label scheme:
@@ -9,9 +10,8 @@ ServiceMonitor/PodMonitor relabeling.
     python deploy/dashboards/_generate.py          # rewrite the JSON files
     python deploy/dashboards/_generate.py --check  # exit 1 if a committed file is stale
 
-Language (tokens/s, time to first token, inter-token latency, running sequences, KV-cache use)
-and recommendation (retrieval/rank latency, exposure) dashboards are added here once those
-services export their metrics.
+Every metric name a panel reads must be exported by a running service: tests/deploy/test_live.py
+scrapes the real binaries after real calls and compares.
 """
 
 from __future__ import annotations
@@ -474,7 +474,256 @@ def mesh() -> Board:
     return b
 
 
-BOARDS = {"overview": overview, "batching": batching, "mesh": mesh}
+def language() -> Board:
+    b = Board(
+        "marquee-language",
+        "Marquee / Language",
+        "Text generation (marquee-language): tokens/s, time to first token, inter-token latency, "
+        "the continuous batch (running sequences, KV cache, token budget) and its waiting queue.",
+        [
+            datasource_var(),
+            query_var("namespace", "Namespace", "label_values(marquee_language_generated_tokens_total, namespace)"),
+            query_var(
+                "model",
+                "Model",
+                'label_values(marquee_language_generated_tokens_total{namespace=~"$namespace"}, model)',
+            ),
+        ],
+    )
+    sel = f'{NS}, model=~"$model"'
+    b.row("Throughput")
+    b.panel(
+        "Tokens/s: generated and prompt",
+        [
+            (
+                f"sum by (model) (rate(marquee_language_generated_tokens_total{{{sel}}}[$__rate_interval]))",
+                "{{model}} generated",
+            ),
+            (
+                f"sum by (model) (rate(marquee_language_prompt_tokens_total{{{sel}}}[$__rate_interval]))",
+                "{{model}} prompt (prefilled)",
+            ),
+        ],
+        unit="short",
+        description="Generated tokens/s is the decode throughput; prompt tokens/s the prefill work.",
+    )
+    b.panel(
+        "Generations finished/s by reason",
+        [
+            (
+                f"sum by (model, reason) (rate(marquee_language_finished_total{{{sel}}}[$__rate_interval]))",
+                "{{model}} {{reason}}",
+            )
+        ],
+        unit="ops",
+        stack=True,
+        description="length: max_new_tokens or the context reached; stop: a stop sequence; eos: the model ended it.",
+    )
+    b.row("Latency")
+    b.panel(
+        "Time to first token (p50, p99)",
+        quantiles("marquee_language_time_to_first_token_seconds", "model", sel, "{{model}}"),
+        unit="s",
+        description="From arrival (queue included) to the first generated token.",
+    )
+    b.panel(
+        "Inter-token latency (p50, p99)",
+        quantiles("marquee_language_inter_token_latency_seconds", "model", sel, "{{model}}"),
+        unit="s",
+        description="Between consecutive tokens of one sequence: what a streaming reader sees.",
+    )
+    b.panel(
+        "Model step time by phase (p50, p99)",
+        quantiles("marquee_language_step_seconds", "model, phase", sel, "{{model}} {{phase}}"),
+        unit="s",
+        w=24,
+        description="prefill: admitted prompts together; decode: one token for every running sequence.",
+    )
+    b.row("Continuous batch and queue")
+    b.panel(
+        "Running sequences",
+        [
+            (f"sum by (model) (marquee_language_running_sequences{{{sel}}})", "{{model}} total"),
+            (f"max by (model) (marquee_language_running_sequences{{{sel}}})", "{{model}} busiest pod"),
+        ],
+        description="Sequences decoded together (at most language.max_batch_size per pod).",
+    )
+    b.panel(
+        "KV-cache and token-budget use",
+        [
+            (
+                f"max by (model) (marquee_language_kv_cache_used_tokens{{{sel}}}"
+                f" / marquee_language_kv_cache_capacity_tokens{{{sel}}})",
+                "{{model}} KV cache (busiest pod)",
+            ),
+            (
+                f"max by (model) (marquee_language_token_budget_used{{{sel}}}"
+                f" / marquee_language_token_budget_capacity{{{sel}}})",
+                "{{model}} token budget (busiest pod)",
+            ),
+        ],
+        unit="percentunit",
+        description="KV cache: positions held / slots x context. Token budget: prompt + max_new_tokens "
+        "reserved by running sequences / language.max_total_tokens; a full budget holds newcomers in the queue.",
+    )
+    b.panel(
+        "Waiting queue depth",
+        [
+            (f"sum by (model) (marquee_batcher_queue_depth{{{sel}}})", "{{model}} total"),
+            (f"max by (model) (marquee_batcher_queue_depth{{{sel}}})", "{{model}} worst pod"),
+        ],
+        description="Requests waiting for admission to the running batch (bounded by language.queue_capacity).",
+    )
+    b.panel(
+        "Refused or dropped requests/s by reason",
+        [
+            (
+                f"sum by (model, reason) (rate(marquee_batcher_rejected_total{{{sel}}}[$__rate_interval]))",
+                "{{model}} {{reason}}",
+            )
+        ],
+        unit="ops",
+        description="queue_full: refused with RESOURCE_EXHAUSTED; deadline: expired waiting or mid-generation; "
+        "cancelled: the caller left.",
+    )
+    return b
+
+
+def recommendation() -> Board:
+    b = Board(
+        "marquee-recommendation",
+        "Marquee / Recommendation",
+        "The recommendation pipeline (marquee-recommendation): stage latency, exposure of the "
+        "catalogue, cold starts, exact-search fallbacks, feedback and the feedback log.",
+        [
+            datasource_var(),
+            query_var(
+                "namespace", "Namespace", "label_values(marquee_recommendation_served_items_total, namespace)"
+            ),
+            query_var(
+                "pod",
+                "Pod",
+                'label_values(marquee_recommendation_served_items_total{namespace=~"$namespace"}, pod)',
+            ),
+        ],
+    )
+    sel = f'{NS}, pod=~"$pod"'
+    lists = f'sum(rate(marquee_recommendation_stage_seconds_count{{{sel}, stage="retrieve"}}[$__rate_interval]))'
+    b.row("Pipeline")
+    b.panel(
+        "Stage latency (p50, p99)",
+        quantiles("marquee_recommendation_stage_seconds", "stage", sel, "{{stage}}"),
+        unit="s",
+        description="retrieve (user tower + ANN search), filter (with any exact-search fallback), rank, "
+        "rerank (diversity, long-tail floor), explain (only when asked).",
+    )
+    b.panel(
+        "Calls/s by method and code",
+        [
+            (
+                f'sum by (method, code) (rate(marquee_grpc_requests_total{{{sel}, component="recommendation"}}[$__rate_interval]))',
+                "{{method}} {{code}}",
+            )
+        ],
+        unit="reqps",
+        stack=True,
+    )
+    b.panel(
+        "Lists/s, cold starts and exact-search fallbacks",
+        [
+            (lists, "lists"),
+            (
+                f"sum(rate(marquee_recommendation_cold_start_total{{{sel}}}[$__rate_interval]))",
+                "cold start",
+            ),
+            (
+                f"sum(rate(marquee_recommendation_exact_fallback_total{{{sel}}}[$__rate_interval]))",
+                "exact-search fallback",
+            ),
+        ],
+        unit="ops",
+        description="Cold start: a subject without history (new, forgotten or anonymous). Fallback: the filters "
+        "left fewer than k of the ANN candidates, so the whole catalogue was scanned.",
+    )
+    b.panel(
+        "Exact-search fallback share",
+        [
+            (
+                f"sum(rate(marquee_recommendation_exact_fallback_total{{{sel}}}[$__rate_interval])) / {lists}",
+                "share of lists",
+            )
+        ],
+        unit="percentunit",
+        description="Restrictive filters cost a full scan each; a high share means raising "
+        "recommendation.candidates or revisiting the filters.",
+    )
+    b.row("Exposure (per pod, since it started)")
+    b.panel(
+        "Exposure Gini",
+        [(f"max by (pod) (marquee_recommendation_exposure_gini{{{sel}}})", "{{pod}}")],
+        w=8,
+        description="Gini of item exposure over the catalogue: 0 = every item served equally, 1 = one item takes all.",
+    )
+    b.panel(
+        "Catalogue coverage",
+        [(f"max by (pod) (marquee_recommendation_catalog_coverage_ratio{{{sel}}})", "{{pod}}")],
+        unit="percentunit",
+        w=8,
+        description="Distinct items served / catalogue size.",
+    )
+    b.panel(
+        "Long-tail share of served slots",
+        [(f"max by (pod) (marquee_recommendation_long_tail_share_ratio{{{sel}}})", "{{pod}}")],
+        unit="percentunit",
+        w=8,
+        description="Slots that went to items outside the most popular 20 %; the long_tail_floor keeps it up.",
+    )
+    b.panel(
+        "Items served/s",
+        [(f"sum(rate(marquee_recommendation_served_items_total{{{sel}}}[$__rate_interval]))", "items")],
+        unit="ops",
+        w=24,
+    )
+    b.row("Feedback and erasure")
+    b.panel(
+        "Feedback events/s by type",
+        [
+            (
+                f"sum by (event) (rate(marquee_recommendation_feedback_events_total{{{sel}}}[$__rate_interval]))",
+                "{{event}}",
+            )
+        ],
+        unit="ops",
+        stack=True,
+        w=8,
+        description="Recorded durably (fsynced) before RecordFeedback answered.",
+    )
+    b.panel(
+        "Users forgotten",
+        [(f"sum(increase(marquee_recommendation_users_forgotten_total{{{sel}}}[$__range]))", "ForgetUser")],
+        kind="stat",
+        w=8,
+        description="Completed ForgetUser calls in the dashboard's time range.",
+    )
+    b.panel(
+        "Feedback-log bytes dropped at start",
+        [(f"max by (pod) (marquee_recommendation_feedback_log_dropped_bytes_total{{{sel}}})", "{{pod}}")],
+        unit="bytes",
+        kind="stat",
+        w=8,
+        description="A torn or corrupt tail cut off the feedback log when the pod started; anything above 0 "
+        "means feedback after that point was lost (see MarqueeRecommendationFeedbackLogTruncated).",
+    )
+    return b
+
+
+BOARDS = {
+    "overview": overview,
+    "batching": batching,
+    "language": language,
+    "recommendation": recommendation,
+    "mesh": mesh,
+}
 
 
 def render(name: str) -> str:

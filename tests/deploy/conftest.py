@@ -127,6 +127,7 @@ GRAFANA_VARS = {
     "$tenant": "web",
     "$model": "fashion_cnn",
     "$workload": "vision",
+    "$pod": "mq-marquee-recommendation-0",
 }
 
 

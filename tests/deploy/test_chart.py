@@ -470,6 +470,21 @@ def test_dashboards_are_provisioned_for_the_grafana_sidecar(default_objects):
         assert json.loads(text) == files[name]
     uids = [b["uid"] for b in files.values()]
     assert len(set(uids)) == len(uids)
+    assert {"overview.json", "batching.json", "language.json", "recommendation.json", "mesh.json"} <= set(files)
+
+
+@pytest.mark.parametrize("component", ["language", "recommendation"])
+def test_a_component_dashboard_follows_its_component(component):
+    """language.json and recommendation.json are provisioned only with their service; the
+    others (overview, batching, mesh) always."""
+    values = load_values(CHART_DIR / "ci" / "default-values.yaml")
+    values[component] = {"enabled": False}
+    names = {
+        next(iter(cm["data"]))
+        for cm in by_kind(render(values), "ConfigMap")
+        if "-dashboard-" in cm["metadata"]["name"]
+    }
+    assert names == {p.name for p in DASHBOARDS} - {f"{component}.json"}
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=CI_IDS)
