@@ -49,6 +49,22 @@ def test_promtool_unit_tests_of_every_alert():
     }
     assert alerts == tested, f"alerts without a firing test: {alerts - tested}"
     assert {"MarqueeErrorBudgetBurnFast", "MarqueeLatencyBudgetBurn", "MarqueeQueueFull", "MarqueeModelNotReady", "MarqueePodRestarting"} <= alerts
+    assert {
+        "MarqueeLanguageTimeToFirstTokenBurn",
+        "MarqueeRecommendationFeedbackLogTruncated",
+        "MarqueeRecommendationExactFallbackHigh",
+    } <= alerts
+    # The generic queue alerts are tested on the language service's series too.
+    cases = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    for name in ("MarqueeQueueFull", "MarqueeQueueSaturated"):
+        components = {
+            a["exp_labels"]["component"]
+            for case in cases
+            for t in case.get("alert_rule_test", [])
+            if t["alertname"] == name
+            for a in t.get("exp_alerts") or []
+        }
+        assert {"vision", "language"} <= components, (name, components)
 
 
 def test_every_alert_has_severity_and_text():
@@ -86,6 +102,43 @@ def test_dashboards_cover_red_batching_and_mesh():
         "istio_requests_total",
     ):
         assert needed in exprs, needed
+
+
+def test_language_and_recommendation_dashboards_cover_issue_6():
+    boards = {}
+    for where, expr in dashboard_exprs():
+        boards.setdefault(where.split(":")[0], []).append(expr)
+    language = " ".join(boards["language.json"])
+    for needed in (
+        "marquee_language_generated_tokens_total",
+        "marquee_language_prompt_tokens_total",
+        "marquee_language_time_to_first_token_seconds_bucket",
+        "marquee_language_inter_token_latency_seconds_bucket",
+        "sum by (le, model, phase) (rate(marquee_language_step_seconds_bucket",
+        "marquee_language_running_sequences",
+        "marquee_language_kv_cache_used_tokens",
+        "marquee_language_kv_cache_capacity_tokens",
+        "marquee_language_token_budget_used",
+        "marquee_language_token_budget_capacity",
+        "sum by (model, reason) (rate(marquee_language_finished_total",
+        "marquee_batcher_queue_depth",
+        "sum by (model, reason) (rate(marquee_batcher_rejected_total",
+    ):
+        assert needed in language, needed
+    rec = " ".join(boards["recommendation.json"])
+    for needed in (
+        "sum by (le, stage) (rate(marquee_recommendation_stage_seconds_bucket",
+        "marquee_recommendation_exposure_gini",
+        "marquee_recommendation_catalog_coverage_ratio",
+        "marquee_recommendation_long_tail_share_ratio",
+        "marquee_recommendation_served_items_total",
+        "marquee_recommendation_cold_start_total",
+        "marquee_recommendation_exact_fallback_total",
+        "sum by (event) (rate(marquee_recommendation_feedback_events_total",
+        "marquee_recommendation_users_forgotten_total",
+        "marquee_recommendation_feedback_log_dropped_bytes_total",
+    ):
+        assert needed in rec, needed
 
 
 def test_the_only_unexported_names_are_listed_external_or_recorded():
