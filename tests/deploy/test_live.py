@@ -1,7 +1,9 @@
 """The real services, started with the configs the chart renders: every metric the dashboards
-and alerts read is exported (scraped from the admin ports after real calls), the exposition
-passes `promtool check metrics`, and one call through the gateway to vision arrives at a real
-OTLP receiver as one connected trace.
+and alerts read is exported (scraped from the four admin ports after real calls: vision and the
+gateway, a streamed generation on the language service, recommendations with explanations,
+feedback and erasure on the recommendation service), every exposition passes `promtool check
+metrics`, and one call through the gateway to vision arrives at a real OTLP receiver as one
+connected trace.
 
 The binaries read the chart's ConfigMap TOML unchanged; environment variables override only
 what differs outside Kubernetes (the same way an operator would): listen addresses (ephemeral
@@ -34,7 +36,9 @@ from conftest import (
     EXTERNAL_METRICS,
     REPO_ROOT,
     config_text_of,
+    dashboard_exprs,
     load_values,
+    metric_names,
     recorded_names,
     render,
     used_metric_names,
@@ -96,13 +100,16 @@ def receiver():
     server.stop(grace=None)
 
 
-# --- generated vision stubs -------------------------------------------------------------------
+# --- generated stubs ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def vision_pb():
-    """Python stubs for marquee.vision.v1, generated from proto/ by grpcio-tools (only the
-    vision and common packages: tritonclient owns package `inference` in this process)."""
+def marquee_pb():
+    """Python stubs for marquee.{common,vision,language,recommendation}.v1, generated from
+    proto/ by grpcio-tools into one folder (not the OIP protos: tritonclient owns package
+    `inference` in this process)."""
+    import types
+
     from grpc_tools import protoc
 
     out = Path(tempfile.mkdtemp(prefix="marquee-deploy-pb-"))
@@ -116,21 +123,33 @@ def vision_pb():
             f"--grpc_python_out={out}",
             "marquee/common/v1/common.proto",
             "marquee/vision/v1/vision.proto",
+            "marquee/language/v1/language.proto",
+            "marquee/recommendation/v1/recommendation.proto",
         ]
     )
     assert rc == 0, "protoc failed"
     sys.path.insert(0, str(out))
+    from marquee.language.v1 import language_pb2, language_pb2_grpc
+    from marquee.recommendation.v1 import recommendation_pb2, recommendation_pb2_grpc
     from marquee.vision.v1 import vision_pb2, vision_pb2_grpc
 
-    return vision_pb2, vision_pb2_grpc
+    return types.SimpleNamespace(**{m.__name__.rsplit(".", 1)[1]: m for m in (
+        vision_pb2, vision_pb2_grpc, language_pb2, language_pb2_grpc, recommendation_pb2, recommendation_pb2_grpc
+    )})
+
+
+@pytest.fixture(scope="session")
+def vision_pb(marquee_pb):
+    return marquee_pb.vision_pb2, marquee_pb.vision_pb2_grpc
 
 
 # --- the services, from the chart's configs -----------------------------------------------------
 
 
 def chart_configs() -> dict[str, str]:
-    """The TOML the chart writes for vision and the gateway with the default ci values (language
-    and recommendation off: those binaries are not built yet)."""
+    """The TOML the chart writes for vision and the gateway with the default ci values, the
+    gateway routing to vision only (its language and recommendation routes are tested in
+    tests/tests/gateway_routes.rs; the two services run from their own chart configs below)."""
     values = load_values(CHART_DIR / "ci" / "default-values.yaml")
     values["language"] = {"enabled": False}
     values["recommendation"] = {"enabled": False}
@@ -284,17 +303,152 @@ def exercised(services, vision_pb):
     return {"gateway": scrape(gw), "vision": scrape(vs)}
 
 
+# --- language and recommendation, from the chart's configs --------------------------------------
+
+
+def chart_config_files(root: Path) -> dict[str, Path]:
+    """The TOML the chart writes for language and recommendation with the default ci values."""
+    objects = render(load_values(CHART_DIR / "ci" / "default-values.yaml"))
+    files = {}
+    for component in ("language", "recommendation"):
+        files[component] = root / f"{component}.toml"
+        files[component].write_text(config_text_of(objects, component))
+    return files
+
+
+@pytest.fixture(scope="session")
+def ml_services():
+    """marquee-language and marquee-recommendation on the chart's TOML. Only the paths differ
+    outside the pod (the model mount and the state volume) and libtorch gets one thread."""
+    root = Path(tempfile.mkdtemp(prefix="marquee-deploy-ml-"))
+    files = chart_config_files(root)
+    with run_binary(
+        "marquee-language",
+        {"MARQUEE__LANGUAGE__REPOSITORY": str(model_repo()), "MARQUEE__LANGUAGE__THREADS": "1"},
+        ["--config", str(files["language"])],
+    ) as language:
+        with run_binary(
+            "marquee-recommendation",
+            {
+                "MARQUEE__REPOSITORY__PATH": str(model_repo()),
+                "MARQUEE__REPOSITORY__THREADS": "1",
+                "MARQUEE__RECOMMENDATION__STATE_DIR": str(root / "state"),
+            },
+            ["--config", str(files["recommendation"])],
+        ) as recommendation:
+            for srv in (language, recommendation):
+                wait_for_sigterm_handler(srv.process)
+            yield {"language": language, "recommendation": recommendation}
+
+
+LANGUAGE_MODEL = "gpt_reviews"
+KNOWN_USER = 1  # in the MovieLens training histories
+NEW_USER = 990_001  # never seen: served as cold start
+RARE_GENRE = "Film-Noir"  # 24 films of 1682: fewer than k survive the ANN candidates
+
+
+@pytest.fixture(scope="session")
+def exercised_ml(ml_services, marquee_pb):
+    """Real calls that make the language and recommendation series appear (every label value
+    the dashboards group by); returns the scrapes."""
+    lpb, lgrpc = marquee_pb.language_pb2, marquee_pb.language_pb2_grpc
+    rpb, rgrpc = marquee_pb.recommendation_pb2, marquee_pb.recommendation_pb2_grpc
+    lang, rec = ml_services["language"], ml_services["recommendation"]
+
+    with grpc.insecure_channel(lang.grpc_addr) as ch:
+        stub = lgrpc.TextGenerationStub(ch)
+        # A streamed generation to its length limit: prefill, decode, TTFT, inter-token latency.
+        params = lpb.GenerationParameters(max_new_tokens=12, min_new_tokens=12, seed=7)
+        stream = list(stub.GenerateStream(lpb.GenerateRequest(model=LANGUAGE_MODEL, prompt="This dress is", parameters=params), timeout=120))
+        summary = stream[-1].summary
+        assert summary.generated_tokens == 12 and summary.finish_reason == lpb.FINISH_REASON_LENGTH, summary
+        assert "".join(m.text for m in stream[:-1]), "no text streamed"
+        # The same as one unary call: the same greedy tokens.
+        unary = stub.Generate(lpb.GenerateRequest(model=LANGUAGE_MODEL, prompt="This dress is", parameters=params), timeout=120)
+        assert list(unary.token_ids) == [t for m in stream[:-1] for t in m.token_ids]
+        # A stream the caller leaves after its first message: the engine drops the sequence at
+        # its next step and counts it (marquee_batcher_rejected_total{reason="cancelled"}).
+        long = lpb.GenerationParameters(max_new_tokens=240, min_new_tokens=240, seed=7)
+        call = stub.GenerateStream(lpb.GenerateRequest(model=LANGUAGE_MODEL, prompt="I", parameters=long), timeout=120)
+        next(call)
+        call.cancel()
+    assert wait_metric(lang, "marquee_batcher_rejected_total", 1, model=LANGUAGE_MODEL, reason="cancelled") == 1
+
+    with grpc.insecure_channel(rec.grpc_addr) as ch:
+        stub = rgrpc.RecommenderStub(ch)
+        known = stub.Recommend(rpb.RecommendRequest(user_id=KNOWN_USER, k=10, explain=True), timeout=120)
+        assert len(known.items) == 10 and not known.cold_start
+        assert all(it.explanation.features for it in known.items), "explain=True explains every item"
+        cold = stub.Recommend(rpb.RecommendRequest(user_id=NEW_USER, k=5), timeout=120)
+        assert cold.cold_start and len(cold.items) == 5
+        noir = stub.Recommend(rpb.RecommendRequest(user_id=KNOWN_USER, k=30, filter=rpb.Filter(require_genres=[RARE_GENRE])), timeout=120)
+        assert noir.items and all(RARE_GENRE in it.genres for it in noir.items)
+        similar = stub.SimilarItems(rpb.SimilarItemsRequest(item_id=known.items[0].item_id, k=5), timeout=120)
+        assert len(similar.items) == 5
+        now_ms = int(time.time() * 1000)
+        for event in (rpb.FEEDBACK_EVENT_LIKE, rpb.FEEDBACK_EVENT_CLICK):
+            stub.RecordFeedback(rpb.RecordFeedbackRequest(user_id=NEW_USER, item_id=similar.items[0].item_id, event=event, timestamp_ms=now_ms), timeout=60)
+        forgot = stub.ForgetUser(rpb.ForgetUserRequest(user_id=NEW_USER), timeout=60)
+        assert forgot.history_removed >= 1
+    return {"language": scrape(lang), "recommendation": scrape(rec)}
+
+
+def test_language_and_recommendation_series_carry_the_labels_the_queries_use(exercised_ml):
+    lang, rec = exercised_ml["language"], exercised_ml["recommendation"]
+    m = LANGUAGE_MODEL
+    for phase in ("prefill", "decode"):
+        assert sample(lang, "marquee_language_step_seconds_count", model=m, phase=phase) >= 1, phase
+    assert sample(lang, "marquee_language_finished_total", model=m, reason="length") >= 1
+    assert sample(lang, "marquee_language_time_to_first_token_seconds_count", model=m) >= 2
+    assert sample(lang, "marquee_language_generated_tokens_total", model=m) >= 13
+    assert sample(lang, "marquee_language_kv_cache_capacity_tokens", model=m) > 0
+    assert sample(lang, "marquee_language_token_budget_capacity", model=m) > 0
+    # The TTFT SLO reads the 1 s bucket by its exact `le` value.
+    assert 'marquee_language_time_to_first_token_seconds_bucket{model="gpt_reviews",le="1"}' in lang
+    # The language service exports the batcher series with its model label (queue alerts).
+    assert 'marquee_batcher_queue_depth{model="gpt_reviews"}' in lang
+    for stage in ("retrieve", "filter", "rank", "rerank", "explain"):
+        assert sample(rec, "marquee_recommendation_stage_seconds_count", stage=stage) >= 1, stage
+    assert sample(rec, "marquee_recommendation_feedback_events_total", event="like") == 1
+    assert sample(rec, "marquee_recommendation_feedback_events_total", event="click") == 1
+    assert sample(rec, "marquee_recommendation_cold_start_total") >= 1
+    assert sample(rec, "marquee_recommendation_exact_fallback_total") >= 1
+    assert sample(rec, "marquee_recommendation_users_forgotten_total") == 1
+    assert sample(rec, "marquee_recommendation_feedback_log_dropped_bytes_total") == 0
+    assert sample(rec, "marquee_recommendation_served_items_total") >= 15
+    assert 0 < sample(rec, "marquee_recommendation_catalog_coverage_ratio") <= 1
+    assert 0 <= sample(rec, "marquee_recommendation_exposure_gini") <= 1
+    assert sample(rec, "marquee_grpc_requests_total", code="OK") >= 5
+
+
+def dashboard_names(board: str) -> set[str]:
+    return {n for where, expr in dashboard_exprs() if where.startswith(f"{board}:") for n in metric_names(expr)}
+
+
+def test_the_language_and_recommendation_dashboards_read_their_own_service(exercised_ml):
+    """Each service's dashboard, and every alert on a service's own metrics, is fed by that
+    service alone (the union check below could be satisfied by another service's series)."""
+    used = used_metric_names()
+    for service, board in (("language", "language.json"), ("recommendation", "recommendation.json")):
+        exported = sample_names(exercised_ml[service])
+        names = dashboard_names(board) | {n for n in used if n.startswith(f"marquee_{service}_")}
+        assert len(names) >= 10, names
+        missing = sorted(names - exported)
+        assert not missing, f"{board} or the rules read names marquee-{service} does not export: {missing}"
+
+
 def sample_names(text: str) -> set[str]:
     return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_every_metric_the_dashboards_and_alerts_read_is_exported(exercised):
-    exported = sample_names(exercised["gateway"]) | sample_names(exercised["vision"])
+def test_every_metric_the_dashboards_and_alerts_read_is_exported(exercised, exercised_ml):
+    expositions = {**exercised, **exercised_ml}
+    exported = set().union(*(sample_names(text) for text in expositions.values()))
     used = used_metric_names()
     ours = {n for n in used if n not in EXTERNAL_METRICS and n not in recorded_names()}
     missing = {n: sorted(used[n]) for n in ours - exported - set(EVENT_ONLY)}
-    assert not missing, f"used but not exported by vision or the gateway: {missing}"
-    assert len(ours) >= 20
+    assert not missing, f"used but not exported by any of {sorted(expositions)}: {missing}"
+    assert len(ours) >= 40
     for name, (binary, proof) in EVENT_ONLY.items():
         assert name in used and name not in exported, f"{name}: remove it from EVENT_ONLY"
         assert name.encode() in (bin_dir() / binary).read_bytes(), f"{name} is not registered by {binary} ({proof})"
@@ -315,11 +469,13 @@ def test_labels_the_queries_group_by_are_on_the_series(exercised):
     assert sample(vs, "marquee_batcher_effective_max_batch", model="efficientnet_lite0") == 1
 
 
-@pytest.mark.parametrize("service", ["gateway", "vision"])
-def test_promtool_check_metrics_on_the_exposition(exercised, service):
+@pytest.mark.parametrize("service", ["gateway", "vision", "language", "recommendation"])
+def test_promtool_check_metrics_on_the_exposition(request, service):
+    fixture = "exercised" if service in ("gateway", "vision") else "exercised_ml"
+    exposition = request.getfixturevalue(fixture)[service]
     r = subprocess.run(
         [shutil.which("promtool") or "/usr/bin/promtool", "check", "metrics"],
-        input=exercised[service],
+        input=exposition,
         capture_output=True,
         text=True,
         timeout=60,
@@ -461,25 +617,12 @@ def test_vision_and_the_gateway_answer_the_probes_service(services):
 
 
 @pytest.mark.parametrize("component", ["language", "recommendation"])
-def test_language_and_recommendation_run_the_config_the_chart_renders(component, tmp_path):
-    """The chart's TOML for the services that landed last is accepted by their real binaries
+def test_language_and_recommendation_run_the_config_the_chart_renders(component, ml_services):
+    """The chart's TOML for language and recommendation is accepted by their real binaries
     (their `deny_unknown_fields` settings refuse anything misplaced with exit 64), and they
     answer the probes' health check."""
     from grpc_health.v1 import health_pb2
 
-    values = load_values(CHART_DIR / "ci" / "default-values.yaml")
-    text = config_text_of(render(values), component)
-    cfg = tmp_path / f"{component}.toml"
-    cfg.write_text(text)
-    # Only the paths differ outside the pod: the model mount and the state volume.
-    env = {
-        "language": {"MARQUEE__LANGUAGE__REPOSITORY": str(model_repo()), "MARQUEE__LANGUAGE__THREADS": "1"},
-        "recommendation": {
-            "MARQUEE__REPOSITORY__PATH": str(model_repo()),
-            "MARQUEE__RECOMMENDATION__STATE_DIR": str(tmp_path / "state"),
-        },
-    }[component]
-    with run_binary(f"marquee-{component}", env, ["--config", str(cfg)]) as srv:
-        assert health(srv.grpc_addr) == health_pb2.HealthCheckResponse.SERVING
-        assert "marquee_" in scrape(srv)
-        wait_for_sigterm_handler(srv.process)
+    srv = ml_services[component]
+    assert health(srv.grpc_addr) == health_pb2.HealthCheckResponse.SERVING
+    assert "marquee_" in scrape(srv)
