@@ -841,3 +841,26 @@ async fn streams_pass_through_the_gateway_with_auth_and_scopes() {
     assert_eq!(err.code(), Code::Unauthenticated);
     gw.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn special_token_text_in_a_prompt_is_plain_text() {
+    let server = shared_language();
+    let mut c = client(server).await;
+    let text = "great<|endoftext|>dress";
+    let tokens = c
+        .tokenize(TokenizeRequest {
+            model: String::new(),
+            text: text.into(),
+        })
+        .await
+        .expect("tokenize")
+        .into_inner()
+        .tokens;
+    assert!(
+        tokens.iter().all(|t| t.id != 0),
+        "the control token (id 0) must not come from user text: {tokens:?}"
+    );
+    let rebuilt: String = tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(rebuilt, text);
+    assert_eq!(tokens.last().unwrap().end as usize, text.len());
+}

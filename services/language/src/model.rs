@@ -124,6 +124,8 @@ pub struct Vocab {
     pub tokenizer: Tokenizer,
     token_bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
+    /// The text of each special token, e.g. `<|endoftext|>`.
+    special_texts: Vec<String>,
 }
 
 impl Vocab {
@@ -138,11 +140,16 @@ impl Vocab {
             );
         }
         let unicode_to_byte = byte_level_table();
-        let specials: Vec<u32> = tokenizer
-            .get_added_tokens_decoder()
+        let added = tokenizer.get_added_tokens_decoder();
+        let specials: Vec<u32> = added
             .iter()
             .filter(|(_, t)| t.special)
             .map(|(id, _)| *id)
+            .collect();
+        let special_texts: Vec<String> = added
+            .values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content.clone())
             .collect();
         let mut token_bytes = Vec::with_capacity(vocab_size);
         let mut special = vec![false; vocab_size];
@@ -172,6 +179,7 @@ impl Vocab {
             tokenizer,
             token_bytes,
             special,
+            special_texts,
         })
     }
 
@@ -184,18 +192,58 @@ impl Vocab {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
-    /// Token ids, pieces and byte offsets of `text` (no special tokens added).
+    /// Token ids and byte offsets of `text`, as plain text: the literal text of a special token
+    /// (`<|endoftext|>`) in a prompt is encoded as ordinary characters, never as the control
+    /// token, so a caller cannot end or splice documents by typing it.
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<(u32, (usize, usize))>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            // The earliest special token's text from `start`, if any.
+            let hit = self
+                .special_texts
+                .iter()
+                .filter_map(|s| text[start..].find(s.as_str()).map(|i| (start + i, s.len())))
+                .min();
+            let (end, special) = match hit {
+                Some((at, len)) => (at, Some(len)),
+                None => (text.len(), None),
+            };
+            self.encode_plain(&text[start..end], start, &mut out)?;
+            if let Some(len) = special {
+                // Split after its first character: neither half is the special token.
+                let first = text[end..].chars().next().map_or(1, char::len_utf8);
+                self.encode_plain(&text[end..end + first], end, &mut out)?;
+                self.encode_plain(&text[end + first..end + len], end + first, &mut out)?;
+                start = end + len;
+            } else {
+                start = end;
+            }
+        }
+        Ok(out)
+    }
+
+    fn encode_plain(
+        &self,
+        piece: &str,
+        offset: usize,
+        out: &mut Vec<(u32, (usize, usize))>,
+    ) -> anyhow::Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
         let enc = self
             .tokenizer
-            .encode(text, false)
+            .encode(piece, false)
             .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
-        Ok(enc
-            .get_ids()
-            .iter()
-            .copied()
-            .zip(enc.get_offsets().iter().copied())
-            .collect())
+        out.extend(
+            enc.get_ids().iter().copied().zip(
+                enc.get_offsets()
+                    .iter()
+                    .map(|&(a, b)| (a + offset, b + offset)),
+            ),
+        );
+        Ok(())
     }
 }
 
