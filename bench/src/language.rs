@@ -317,11 +317,16 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
     let naive_tps = median(naive_runs.iter().map(|n| n.tokens_per_s).collect());
     let naive_tokens = median(naive_runs.iter().map(|n| n.tokens / n.requests).collect());
 
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let mut md = String::new();
     writeln!(md, "{SECTION}\n")?;
     writeln!(
         md,
-        "`marquee-bench language`: model `{MODEL}` (version {version}), the `marquee-language` binary with default settings \
+        "`marquee-bench language` at commit `{commit}`: model `{MODEL}` (version {version}), the `marquee-language` binary with default settings \
          (max batch 32, 1 intra-op thread), {NEW_TOKENS} new tokens per request (min_new_tokens = max_new_tokens, so every \
          request does the same work), temperature 0.8, top-k 40, one streaming gRPC call per request from a one-thread client. \
          Each figure is the median of {} runs of {} s.\n",
