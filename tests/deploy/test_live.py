@@ -543,12 +543,9 @@ def test_one_call_through_the_gateway_is_one_connected_trace(services, vision_pb
         node = by_id[node.parent_span_id.hex()][1]
         chain.append(node.name)
     assert node.span_id == gw_server.span_id, f"client span does not descend from the server span: {chain}"
-    # ...and W3C trace context carries the hop: vision's server span is a child of the gateway's
-    # span that sent the call. The right parent is the client span; today the gateway injects
-    # `traceparent` (backend::outgoing) before it enters that span (BackendPool::call builds
-    # the request outside `.instrument(span)`), so the parent is the gateway's server span, one
-    # level up. Tighten to `== gw_client.span_id` once the gateway enters the client span first.
-    assert vs_server.parent_span_id in (gw_client.span_id, gw_server.span_id), "vision's server span hangs off the gateway's spans"
+    # ...and W3C trace context carries the hop: vision's server span is the child of the
+    # gateway's client span, the span that sent the call.
+    assert vs_server.parent_span_id == gw_client.span_id, "vision's server span is not the child of the gateway's client span"
     # Every span of this call is in this one trace and hangs off it (no orphans).
     for svc, s in mine:
         if s.span_id != gw_server.span_id:
