@@ -529,11 +529,22 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
     s.repository.models = vec!["efficientnet_lite0".into()];
     let server = start(s).await;
     let photo = fixture("chelsea.png");
+    let tensor = Some(ImageInput {
+        source: Some(Source::Tensor(Tensor {
+            shape: vec![3, 224, 224],
+            raw_data: preprocessed("efficientnet_lite0", &photo)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+            ..Default::default()
+        })),
+    });
     let busy = {
         let mut c = server.vision().await;
         let req = ClassifyBatchRequest {
             model: "efficientnet_lite0".into(),
-            images: (0..24).map(|_| encoded(photo.clone()).unwrap()).collect(),
+            images: (0..24).map(|_| tensor.clone().unwrap()).collect(),
             top_k: 1,
         };
         tokio::spawn(async move { c.classify_batch(req).await })
@@ -546,7 +557,11 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let mut req = tonic::Request::new(classify("efficientnet_lite0", encoded(photo.clone()), 1));
+    // Preprocessed tensors, not encoded images, here and in the busy batch: everything goes
+    // straight to the queue in order, whereas an image would first wait for a decode thread,
+    // and under load its deadline could pass (the call cancelled) before it reached the queue
+    // this test is about.
+    let mut req = tonic::Request::new(classify("efficientnet_lite0", tensor.clone(), 1));
     req.set_timeout(Duration::from_millis(250));
     let err = server.vision().await.classify(req).await.unwrap_err();
     // The server answers DEADLINE_EXCEEDED just before the deadline; on a loaded 2-core box
