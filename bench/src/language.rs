@@ -55,6 +55,7 @@ pub const SECTION: &str = "## Language generation";
 struct Server {
     child: Child,
     addr: String,
+    admin: String,
 }
 
 impl Server {
@@ -75,7 +76,12 @@ impl Server {
             .and_then(|s| s.split_whitespace().next())
             .ok_or_else(|| anyhow::anyhow!("language server did not report its address: {line:?}"))?
             .to_string();
-        Ok(Self { child, addr })
+        let admin = line
+            .split("admin=")
+            .nth(1)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Ok(Self { child, addr, admin })
     }
 }
 
@@ -95,6 +101,49 @@ struct StreamLoad {
     ttft_ms: Vec<f64>,
     itl_ms: Vec<f64>,
     server_cpu_share: f64,
+    /// From the server's own metrics over the run: mean sequences per model step, mean decode
+    /// step, and the share of wall time the engine spent inside model calls.
+    seqs_per_step: f64,
+    decode_ms: f64,
+    model_share: f64,
+}
+
+/// Sums of the engine's step histograms and batch counters, read from `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+struct EngineCounters {
+    decode_sum: f64,
+    decode_count: f64,
+    prefill_sum: f64,
+    items: f64,
+    batches: f64,
+}
+
+fn engine_counters(admin: &str) -> EngineCounters {
+    use std::io::{Read, Write};
+    let mut body = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(admin) {
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+    }
+    let value = |prefix: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    EngineCounters {
+        decode_sum: value(
+            r#"marquee_language_step_seconds_sum{model="gpt_reviews",phase="decode"}"#,
+        ),
+        decode_count: value(
+            r#"marquee_language_step_seconds_count{model="gpt_reviews",phase="decode"}"#,
+        ),
+        prefill_sum: value(
+            r#"marquee_language_step_seconds_sum{model="gpt_reviews",phase="prefill"}"#,
+        ),
+        items: value(r#"marquee_batcher_items_total{model="gpt_reviews"}"#),
+        batches: value(r#"marquee_batcher_batches_total{model="gpt_reviews"}"#),
+    }
 }
 
 async fn drive(addr: &str, c: usize, seconds: f64) -> anyhow::Result<StreamLoad> {
@@ -297,10 +346,18 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
         for (c, results) in loads.iter_mut() {
             eprintln!("   run {run} c={c}");
             let cpu0 = proc_cpu_seconds(server.child.id());
+            let e0 = engine_counters(&server.admin);
             let t0 = Instant::now();
             let mut r = rt.block_on(drive(&server.addr, *c, a.seconds))?;
-            r.server_cpu_share =
-                (proc_cpu_seconds(server.child.id()) - cpu0) / t0.elapsed().as_secs_f64();
+            let wall = t0.elapsed().as_secs_f64();
+            r.server_cpu_share = (proc_cpu_seconds(server.child.id()) - cpu0) / wall;
+            let e1 = engine_counters(&server.admin);
+            let steps = e1.decode_count - e0.decode_count;
+            r.decode_ms = (e1.decode_sum - e0.decode_sum) / steps.max(1.0) * 1e3;
+            // Prefills count as model steps too (their items are prompts).
+            r.seqs_per_step = (e1.items - e0.items) / (e1.batches - e0.batches).max(1.0);
+            r.model_share =
+                (e1.decode_sum - e0.decode_sum + e1.prefill_sum - e0.prefill_sum) / wall;
             results.push(r);
         }
         eprintln!("   run {run} naive loop");
@@ -334,13 +391,16 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(
         md,
-        "| concurrent streams | tokens/s | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | server CPU (cores) |"
+        "| concurrent streams | tokens/s | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | server CPU (cores) | sequences per model step | mean decode step (ms) | engine time in model calls |"
     )?;
-    writeln!(md, "| ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(
+        md,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
     for &c in CONCURRENCY {
         writeln!(
             md,
-            "| {c} | {:.0} | {:.0} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} |",
+            "| {c} | {:.0} | {:.0} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} | {:.1} | {:.2} | {:.0}% |",
             tps(c),
             med(c, &|r| r.requests as f64),
             med(c, &|r| percentile(&r.ttft_ms, 0.5)),
@@ -348,6 +408,9 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
             med(c, &|r| percentile(&r.itl_ms, 0.5)),
             med(c, &|r| percentile(&r.itl_ms, 0.99)),
             med(c, &|r| r.server_cpu_share),
+            med(c, &|r| r.seqs_per_step),
+            med(c, &|r| r.decode_ms),
+            med(c, &|r| r.model_share * 100.0),
         )?;
     }
     writeln!(
