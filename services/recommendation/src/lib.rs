@@ -356,3 +356,40 @@ pub async fn start_with_parts(
         task: serving.task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_all_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("recommender")).unwrap();
+        std::fs::write(dir.path().join("recommender/model.toml"), "").unwrap();
+        let env = |extra: &[(&str, &str)]| {
+            let mut v = vec![(
+                "MARQUEE__REPOSITORY__PATH".to_string(),
+                dir.path().display().to_string(),
+            )];
+            v.extend(extra.iter().map(|(k, x)| (k.to_string(), x.to_string())));
+            v
+        };
+        let ok: Settings = marquee_core::config::load_from(None, env(&[])).unwrap();
+        assert_eq!(ok.recommendation.candidates, 500);
+        assert_eq!(ok.server.grpc_addr.port(), 8003);
+        let err = marquee_core::config::load_from::<Settings, _>(
+            None,
+            env(&[
+                ("MARQUEE__RECOMMENDATION__DEFAULT_DIVERSITY", "1.5"),
+                ("MARQUEE__RECOMMENDATION__INDEX", "faiss"),
+                ("MARQUEE__RECOMMENDATION__MAX_K", "1000"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("`recommendation.default_diversity` must be in [0, 1], got 1.5"));
+        assert!(text.contains("got `faiss`"));
+        assert!(text.contains("`recommendation.max_k` (1000)"));
+    }
+}
