@@ -33,7 +33,6 @@ use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::quota::{FairQueue, Quotas, Slot};
 
-
 /// Calls that are not idempotent: never retried by the gateway after a replica failed
 /// mid-call. The caller sees the failure and decides (it knows whether it got an answer).
 pub const NOT_RETRIED: &[&str] = &["marquee.recommendation.v1.Recommender/RecordFeedback"];
