@@ -2,9 +2,8 @@
 //! naive Python generation loop, all in one run; writes the "Language generation" section.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -13,6 +12,7 @@ use marquee_proto::language::text_generation_client::TextGenerationClient;
 use marquee_proto::language::{GenerateRequest, GenerationParameters};
 use tch::{CModule, IValue, Kind, Tensor};
 
+use crate::report::Server;
 use crate::{median, percentile, proc_cpu_seconds, rss_mib};
 
 #[derive(Args, Clone)]
@@ -52,45 +52,11 @@ const PROMPTS: &[&str] = &[
 ];
 pub const SECTION: &str = "## Language generation";
 
-struct Server {
-    child: Child,
-    addr: String,
-    admin: String,
-}
-
-impl Server {
-    fn start(bin_dir: &Path, repo: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin_dir.join("marquee-language"))
-            .env("MARQUEE__LANGUAGE__REPOSITORY", repo)
-            .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
-            .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
-            .env("MARQUEE__TELEMETRY__LOG_FILTER", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let addr = line
-            .split("grpc=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .ok_or_else(|| anyhow::anyhow!("language server did not report its address: {line:?}"))?
-            .to_string();
-        let admin = line
-            .split("admin=")
-            .nth(1)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
-        Ok(Self { child, addr, admin })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
+/// `marquee-language` on ephemeral ports, against `repo`.
+fn start_server(bin_dir: &Path, repo: &Path) -> anyhow::Result<Server> {
+    let mut cmd = Command::new(bin_dir.join("marquee-language"));
+    cmd.env("MARQUEE__LANGUAGE__REPOSITORY", repo);
+    Server::spawn(cmd)
 }
 
 /// One closed-loop streaming load: `c` clients, each generating `NEW_TOKENS` tokens per request.
@@ -332,7 +298,7 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
     }
 
     eprintln!("== language: service under streaming load");
-    let server = Server::start(bin_dir, &a.repo)?;
+    let server = start_server(bin_dir, &a.repo)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -108,9 +108,11 @@ fn raw(
     })
 }
 
-struct Server {
-    child: Child,
-    addr: String,
+/// A service binary started for a benchmark on ephemeral ports; SIGTERM on drop.
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
+    pub(crate) admin: String,
 }
 
 impl Server {
@@ -129,7 +131,7 @@ impl Server {
         Self::spawn(cmd)
     }
 
-    fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
         let mut child = cmd
             .env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
             .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
@@ -145,7 +147,12 @@ impl Server {
             .and_then(|s| s.split_whitespace().next())
             .ok_or_else(|| anyhow::anyhow!("server did not report its address: {line:?}"))?
             .to_string();
-        Ok(Self { child, addr })
+        let admin = line
+            .split("admin=")
+            .nth(1)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Ok(Self { child, addr, admin })
     }
 
     fn pid(&self) -> u32 {

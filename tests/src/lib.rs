@@ -112,26 +112,34 @@ pub async fn start(settings: marquee_vision::Settings) -> TestServer {
     }
 }
 
-/// One server per test binary, on its own runtime so it outlives each test's runtime.
+/// Runs `start` on a runtime of its own, on its own thread, and keeps that server running for
+/// the rest of the test binary: a shared server must outlive each test's runtime.
+pub fn on_own_runtime<F, Fut>(start: F) -> TestServer
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = TestServer>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let server = start().await;
+            let done = server.shutdown.clone();
+            tx.send(server).unwrap();
+            done.cancelled().await;
+        });
+    });
+    rx.recv().expect("shared server starts")
+}
+
+/// One vision server per test binary.
 pub fn shared() -> &'static TestServer {
     static SHARED: OnceLock<TestServer> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let server = start(settings(&model_repo())).await;
-                let done = server.shutdown.clone();
-                tx.send(server).unwrap();
-                done.cancelled().await;
-            });
-        });
-        rx.recv().expect("shared server starts")
-    })
+    SHARED.get_or_init(|| on_own_runtime(|| start(settings(&model_repo()))))
 }
 
 /// Fashion-MNIST test images (28×28, u8) and labels from Debian's `dataset-fashion-mnist`.
@@ -418,26 +426,10 @@ pub async fn start_language(settings: marquee_language::Settings) -> TestServer 
     }
 }
 
-/// One language server per test binary, on its own runtime so it outlives each test's.
+/// One language server per test binary.
 pub fn shared_language() -> &'static TestServer {
     static SHARED: OnceLock<TestServer> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let server = start_language(language_settings()).await;
-                let done = server.shutdown.clone();
-                tx.send(server).unwrap();
-                done.cancelled().await;
-            });
-        });
-        rx.recv().expect("shared language server starts")
-    })
+    SHARED.get_or_init(|| on_own_runtime(|| start_language(language_settings())))
 }
 
 // === the recommender ===
