@@ -46,6 +46,10 @@ impl Principal {
     }
 }
 
+/// Longest bearer JWT accepted, checked before it is decoded. Real tokens are well under 2 KiB;
+/// 8 KiB leaves room for large RSA signatures and many scopes.
+pub const MAX_JWT_BYTES: usize = 8 << 10;
+
 struct JwtKey {
     alg: Algorithm,
     kid: Option<String>,
@@ -238,6 +242,14 @@ impl Authenticator {
 
     fn jwt(&self, token: &str) -> Result<Arc<Principal>, GatewayError> {
         let bad = |m: String| GatewayError::Unauthenticated(format!("invalid JWT: {m}"));
+        // Bounded before any base64 or JSON parsing: a token is a header, not a payload.
+        if token.len() > MAX_JWT_BYTES {
+            return Err(bad(format!(
+                "token is {} bytes; the limit is {MAX_JWT_BYTES}",
+                token.len()
+            )));
+        }
+        // `alg: none` and unknown algorithms fail here: they are not `Algorithm` values.
         let header = jsonwebtoken::decode_header(token).map_err(|e| bad(e.to_string()))?;
         let candidates: Vec<&JwtKey> = self
             .jwt_keys
@@ -257,24 +269,12 @@ impl Authenticator {
                     .unwrap_or_default()
             )));
         }
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = self.jwt.leeway_s;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        match &self.jwt.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
-            None => validation.iss = None,
-        }
-        match &self.jwt.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
         let mut last = None;
         for k in candidates {
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
                 token,
                 &k.key,
-                &validation,
+                &self.validation(k.alg),
             ) {
                 Ok(data) => return self.principal_from_claims(&data.claims),
                 Err(e) => last = Some(e),
@@ -297,6 +297,35 @@ impl Authenticator {
             MissingRequiredClaim(c) => format!("required claim `{c}` is missing"),
             other => format!("{other:?}"),
         }))
+    }
+
+    /// The checks a token verified by a key of `alg` must pass. The algorithm is the key's own
+    /// (never the token's choice alone), so an RSA public key can't be used as an HS256 secret.
+    /// `exp` is always required; `iss` and `aud` are required whenever they are configured:
+    /// the library only compares them when a token carries them, and a token without them was
+    /// not issued for this gateway.
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.jwt.leeway_s;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        match &self.jwt.issuer {
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match &self.jwt.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        validation
     }
 
     fn principal_from_claims(
