@@ -16,7 +16,7 @@ use tower::{Layer, Service};
 use crate::auth::Authenticator;
 use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
-use crate::quota::Quotas;
+use crate::quota::{InFlight, Quotas};
 
 /// Paths anyone may call: probes and discovery.
 fn is_open(path: &str) -> bool {
@@ -66,9 +66,9 @@ where
     S::Error: Send + 'static,
     RB: Default + Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<HoldingBody<RB>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -77,7 +77,8 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let path = req.uri().path().to_owned();
         if is_open(&path) {
-            return Box::pin(self.inner.call(req));
+            let fut = self.inner.call(req);
+            return Box::pin(async move { Ok(fut.await?.map(HoldingBody::new)) });
         }
         let l = &self.layer;
         let principal = match l.auth.authenticate(req.headers()) {
@@ -91,7 +92,7 @@ where
                 l.metrics.auth_failures.with_label_values(&[reason]).inc();
                 tracing::info!(method = %path, code = ?e.code(), "refused: {e}");
                 let status: Status = e.into();
-                return Box::pin(async move { Ok(status.into_http()) });
+                return Box::pin(async move { Ok(status.into_http::<RB>().map(HoldingBody::new)) });
             }
         };
         let in_flight = match l.quotas.admit(&principal.tenant) {
@@ -103,7 +104,7 @@ where
                     .inc();
                 tracing::info!(method = %path, tenant = %principal.tenant, "refused: {e}");
                 let status: Status = e.into();
-                return Box::pin(async move { Ok(status.into_http()) });
+                return Box::pin(async move { Ok(status.into_http::<RB>().map(HoldingBody::new)) });
             }
         };
         req.extensions_mut().insert(principal.clone());
@@ -112,7 +113,6 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            drop(in_flight);
             let code = match &result {
                 Ok(r) => r
                     .headers()
@@ -140,8 +140,69 @@ where
                 code = code_name,
                 micros = started.elapsed().as_micros() as u64,
             );
-            result
+            // The tenant's in-flight slot travels with the response body: a stream
+            // (`GenerateStream`) counts against `max_in_flight` until its last message, not
+            // only until its headers went out.
+            result.map(|r| r.map(|b| HoldingBody::holding(b, in_flight)))
         })
+    }
+}
+
+// === impl HoldingBody ===
+
+/// A response body that holds the caller's tenant in-flight slot until the body has ended
+/// (its trailers, which carry the gRPC status, are handed out) or is dropped (the client went
+/// away).
+pub struct HoldingBody<B> {
+    inner: B,
+    held: Option<InFlight>,
+}
+
+impl<B> HoldingBody<B> {
+    fn new(inner: B) -> Self {
+        Self { inner, held: None }
+    }
+
+    fn holding(inner: B, in_flight: InFlight) -> Self {
+        Self {
+            inner,
+            held: Some(in_flight),
+        }
+    }
+}
+
+impl<B> http_body::Body for HoldingBody<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // Released before the last frame is passed on, so a client that saw the end of its
+        // call finds the slot free for its next one.
+        let ended = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended {
+            this.held = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
