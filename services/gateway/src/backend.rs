@@ -1,12 +1,15 @@
 //! Backends: sets of replicas behind one name. Calls go to the less busy of two random healthy
 //! replicas (power of two choices over in-flight counts); replicas are ejected while their
 //! `grpc.health.v1` check fails or a call to them answers UNAVAILABLE, and restored once the
-//! check passes. Idempotent calls that hit UNAVAILABLE are retried on another replica within a
-//! retry budget. Capacity is shared between tenants by the fair queue.
+//! check passes. Idempotent calls that hit UNAVAILABLE are retried on another replica within
+//! their route's retry budget, except a request that was in flight on two replicas that died
+//! under it (a possible poison request: it is failed, and refused for a while). Capacity is
+//! shared between tenants by the fair queue.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,7 +31,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::config::{Backend as BackendConfig, ClientTls};
+use crate::config::{Backend as BackendConfig, ClientTls, RouteName, Routes};
 use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::quota::{FairQueue, Quotas, Slot};
@@ -36,6 +39,20 @@ use crate::quota::{FairQueue, Quotas, Slot};
 /// Calls that are not idempotent: never retried by the gateway after a replica failed
 /// mid-call. The caller sees the failure and decides (it knows whether it got an answer).
 pub const NOT_RETRIED: &[&str] = &["marquee.recommendation.v1.Recommender/RecordFeedback"];
+
+/// Replicas a request may be in flight on when they die before the gateway stops sending it
+/// elsewhere: the first death may be a coincidence (a replica killed under load), a second one
+/// under the same request is not, and a third would take down a third replica.
+pub const POISON_REPLICAS: usize = 2;
+
+/// How many poison-request fingerprints are remembered (64-bit keyed hashes; 1024 take a few
+/// tens of KB). Past it the oldest is forgotten.
+pub const POISON_MEMORY_ENTRIES: usize = 1024;
+
+/// How long a request that took down [`POISON_REPLICAS`] replicas is refused at once (without
+/// reaching a replica): long enough for the killed replicas to restart and for someone to
+/// read the logs.
+pub const POISON_MEMORY_TTL: Duration = Duration::from_secs(600);
 
 /// One replica.
 pub struct Endpoint {
@@ -104,7 +121,10 @@ pub struct BackendPool {
     pub cfg: BackendConfig,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     fair: Arc<FairQueue>,
-    budget: TpsBudget,
+    /// One retry budget per route (indexed by `RouteName as usize`): a backend serving both
+    /// `ImageService` and OIP calls spends each route's retries from that route's budget.
+    budgets: [TpsBudget; 4],
+    poison: PoisonMemory,
     metrics: GatewayMetrics,
 }
 
@@ -112,7 +132,7 @@ impl BackendPool {
     pub fn new(
         name: &str,
         cfg: &BackendConfig,
-        retry_percent: f32,
+        routes: &Routes,
         metrics: GatewayMetrics,
     ) -> Result<Arc<Self>, String> {
         let endpoints = cfg
@@ -125,9 +145,8 @@ impl BackendPool {
             cfg: cfg.clone(),
             fair: FairQueue::new(endpoints.len().max(1) * cfg.max_in_flight_per_endpoint),
             endpoints: ArcSwap::from_pointee(endpoints),
-            // Retries may add `retry_percent`% to recent traffic, with a floor of 10/s so a
-            // replica dying under light load is still retried.
-            budget: TpsBudget::new(Duration::from_secs(10), 10, retry_percent / 100.0),
+            budgets: RouteName::ALL.map(|r| retry_budget(routes.get(r).retry_budget_percent)),
+            poison: PoisonMemory::default(),
             metrics,
         });
         pool.update_gauges();
@@ -203,8 +222,9 @@ impl BackendPool {
     }
 
     /// Runs a unary call `f(channel, remaining time)` on a replica, retrying on another replica
-    /// when the answer is UNAVAILABLE (and the retry budget allows), unless the method is in
-    /// [`NOT_RETRIED`].
+    /// when the answer is UNAVAILABLE (and the route's retry budget allows), unless the method
+    /// is in [`NOT_RETRIED`] or the call was in flight on [`POISON_REPLICAS`] replicas that
+    /// died under it.
     pub async fn call<T, F, Fut>(
         &self,
         method: &'static str,
@@ -215,8 +235,59 @@ impl BackendPool {
         F: Fn(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.budget.deposit();
+        self.call_inner(method, deadline, None, f).await
+    }
+
+    /// [`call`](Self::call) for one caller's `request`: a request that took down
+    /// [`POISON_REPLICAS`] replicas is remembered (a keyed hash of its bytes) and the same
+    /// request is refused at once for [`POISON_MEMORY_TTL`], without reaching a replica.
+    pub async fn call_remembering<R, T, F, Fut>(
+        &self,
+        method: &'static str,
+        deadline: Instant,
+        request: &R,
+        f: F,
+    ) -> Result<T, GatewayError>
+    where
+        R: prost::Message,
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let bytes = || request.encode_to_vec();
+        self.call_inner(method, deadline, Some(&bytes), f).await
+    }
+
+    async fn call_inner<T, F, Fut>(
+        &self,
+        method: &'static str,
+        deadline: Instant,
+        request: Option<&(dyn Fn() -> Vec<u8> + Sync)>,
+        f: F,
+    ) -> Result<T, GatewayError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let route = RouteName::of_method(method);
+        let budget = &self.budgets[route as usize];
+        budget.deposit();
+        // Hashed only when something is remembered, or when the request turns out poisonous.
+        let fingerprint = |bytes: &(dyn Fn() -> Vec<u8> + Sync)| {
+            self.poison.hasher.hash_one((method, bytes()))
+        };
+        if let Some(bytes) = request
+            && !self.poison.is_empty()
+            && let Some(age) = self.poison.remembered(fingerprint(bytes))
+        {
+            self.count_poison("refused");
+            return Err(GatewayError::Poisoned(format!(
+                "refused without sending it: the same request took down {POISON_REPLICAS} replicas of backend `{}` {} s ago (possible poison request)",
+                self.name,
+                age.as_secs()
+            )));
+        }
         let mut tried: Vec<String> = Vec::new();
+        let mut died_under_it = 0;
         loop {
             let Some(ep) = self.pick(&tried) else {
                 let total = self.endpoints.load().len();
@@ -257,10 +328,28 @@ impl BackendPool {
                         self.update_gauges();
                     }
                     tried.push(ep.addr.clone());
+                    if died_mid_call(&s) {
+                        died_under_it += 1;
+                    }
+                    if died_under_it >= POISON_REPLICAS {
+                        self.count_poison("failed");
+                        if let Some(bytes) = request {
+                            self.poison.remember(fingerprint(bytes));
+                        }
+                        tracing::error!(backend = %self.name, method, replicas = died_under_it, "not retrying a request whose replicas failed mid-call (possible poison request)");
+                        return Err(GatewayError::Poisoned(format!(
+                            "not retried further: the {died_under_it} replicas of backend `{}` it reached failed mid-call (possible poison request); the last one said: {}",
+                            self.name,
+                            s.message()
+                        )));
+                    }
                     // A write lost mid-call may have been applied (and fsync'd): sending it again
                     // could apply it twice, so only idempotent calls are retried here.
-                    if !NOT_RETRIED.contains(&method) && self.budget.withdraw() {
-                        self.metrics.retries.with_label_values(&[&self.name]).inc();
+                    if !NOT_RETRIED.contains(&method) && budget.withdraw() {
+                        self.metrics
+                            .retries
+                            .with_label_values(&[&self.name, route.as_str()])
+                            .inc();
                         continue;
                     }
                     return Err(GatewayError::Backend(s));
@@ -268,6 +357,13 @@ impl BackendPool {
                 Err(s) => return Err(GatewayError::Backend(s)),
             }
         }
+    }
+
+    fn count_poison(&self, outcome: &'static str) {
+        self.metrics
+            .poison_requests
+            .with_label_values(&[&self.name, outcome])
+            .inc();
     }
 
     /// Health-checks every replica each `health_interval_ms` and re-resolves DNS each
@@ -377,6 +473,78 @@ fn replica_failed(s: &Status) -> bool {
         || (s.code() == Code::Unknown && s.message().starts_with("transport error"))
 }
 
+/// Whether the replica's connection broke while the call was in flight (the replica died or
+/// was cut off after the request was sent), as opposed to an answer the replica gave (a
+/// status without a transport error behind it) or a connection that could not be made (the
+/// request never left: safe to send elsewhere, within the retry budget). A stream the replica
+/// refused before processing it (HTTP/2 `REFUSED_STREAM`) did not run there either.
+fn died_mid_call(s: &Status) -> bool {
+    let Some(source) = std::error::Error::source(s) else {
+        return false;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return false;
+        }
+        cause = e.source();
+    }
+    !s.message().contains("refused stream")
+}
+
+/// A route's retry budget: `percent` % of the route's calls over the last 10 s, with a floor of
+/// 10 retries/s so a replica dying under light load is still retried; 0 % turns retries off.
+fn retry_budget(percent: f32) -> TpsBudget {
+    let floor = if percent > 0.0 { 10 } else { 0 };
+    TpsBudget::new(Duration::from_secs(10), floor, percent / 100.0)
+}
+
+// === impl PoisonMemory ===
+
+/// Fingerprints of requests that took replicas down, bounded and expiring.
+#[derive(Default)]
+struct PoisonMemory {
+    /// Keyed per process, so no one can craft a request that collides with another's.
+    hasher: RandomState,
+    /// Fingerprint → when it was remembered.
+    entries: Mutex<HashMap<u64, Instant>>,
+}
+
+impl PoisonMemory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// How long ago `fp` was remembered, if it still is.
+    fn remembered(&self, fp: u64) -> Option<Duration> {
+        let mut entries = self.lock();
+        let age = entries.get(&fp)?.elapsed();
+        if age < POISON_MEMORY_TTL {
+            Some(age)
+        } else {
+            entries.remove(&fp);
+            None
+        }
+    }
+
+    fn remember(&self, fp: u64) {
+        let mut entries = self.lock();
+        if entries.len() >= POISON_MEMORY_ENTRIES {
+            entries.retain(|_, at| at.elapsed() < POISON_MEMORY_TTL);
+        }
+        if entries.len() >= POISON_MEMORY_ENTRIES
+            && let Some(oldest) = entries.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k)
+        {
+            entries.remove(&oldest);
+        }
+        entries.insert(fp, Instant::now());
+    }
+}
+
 struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
@@ -400,4 +568,54 @@ pub fn outgoing<T>(message: T, remaining: Duration) -> tonic::Request<T> {
         p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
     });
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poison_memory_is_bounded_and_forgets_the_oldest() {
+        let m = PoisonMemory::default();
+        assert!(m.is_empty());
+        for fp in 0..POISON_MEMORY_ENTRIES as u64 + 10 {
+            m.remember(fp);
+        }
+        assert_eq!(m.lock().len(), POISON_MEMORY_ENTRIES);
+        assert!(m.remembered(0).is_none(), "the oldest was evicted");
+        assert!(m.remembered(POISON_MEMORY_ENTRIES as u64 + 9).is_some());
+    }
+
+    #[test]
+    fn a_connection_never_made_is_not_a_death_mid_call() {
+        let refused = Status::from_error(Box::new(tonic::ConnectError(Box::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        ))));
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(replica_failed(&refused) && !died_mid_call(&refused));
+        let reset: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let reset = Status::from_error(reset);
+        assert!(died_mid_call(&reset), "{reset:?}");
+        // The replica's own answer, with no broken connection behind it.
+        assert!(!died_mid_call(&Status::unavailable("draining")));
+    }
+
+    #[test]
+    fn zero_percent_means_no_retries_and_each_route_has_its_budget() {
+        assert!(!retry_budget(0.0).withdraw());
+        assert!(retry_budget(20.0).withdraw(), "the floor of 10/s");
+        assert_eq!(
+            RouteName::of_method("inference.GRPCInferenceService/ModelInfer"),
+            RouteName::Inference
+        );
+        assert_eq!(
+            RouteName::of_method("marquee.vision.v1.ImageService/Classify"),
+            RouteName::Vision
+        );
+        assert_eq!(
+            RouteName::of_method("marquee.language.v1.TextGeneration/GenerateStream"),
+            RouteName::Language
+        );
+    }
 }

@@ -16,6 +16,10 @@ pub const SCOPES: &[&str] = &[
     "admin",
 ];
 
+/// Largest `auth.jwt.leeway_s`. Leeway is for clock skew between the identity provider and
+/// the gateway (seconds); minutes of it would keep expired tokens alive.
+pub const MAX_JWT_LEEWAY_S: u64 = 300;
+
 /// All gateway settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,11 +93,11 @@ pub struct JwtSettings {
     pub public_key_files: Vec<PathBuf>,
     /// A JWKS document (RS256/ES256 keys selected by `kid`).
     pub jwks_file: Option<PathBuf>,
-    /// Required `iss`, if set.
+    /// Required `iss`, if set: a token without `iss` is then refused.
     pub issuer: Option<String>,
-    /// Required `aud`, if set.
+    /// Required `aud`, if set: a token without `aud` is then refused.
     pub audience: Option<String>,
-    /// Clock skew tolerated on `exp` and `nbf`.
+    /// Clock skew tolerated on `exp` and `nbf`, at most [`MAX_JWT_LEEWAY_S`].
     pub leeway_s: u64,
     /// Claim holding the tenant.
     pub tenant_claim: String,
@@ -260,6 +264,64 @@ impl Default for Routes {
     }
 }
 
+/// The APIs the gateway routes, each with its own [`Route`] settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteName {
+    /// `marquee.vision.v1.ImageService`.
+    Vision,
+    /// The Open Inference Protocol, whichever backend serves the model.
+    Inference,
+    /// `marquee.language.v1.TextGeneration`.
+    Language,
+    /// `marquee.recommendation.v1.Recommender`.
+    Recommendation,
+}
+
+impl RouteName {
+    pub const ALL: [Self; 4] = [
+        Self::Vision,
+        Self::Inference,
+        Self::Language,
+        Self::Recommendation,
+    ];
+
+    /// The route of a backend method (`package.Service/Method`), by its service.
+    pub fn of_method(method: &str) -> Self {
+        let service = method.split('/').next().unwrap_or_default();
+        match service {
+            "marquee.vision.v1.ImageService" => Self::Vision,
+            "marquee.language.v1.TextGeneration" => Self::Language,
+            "marquee.recommendation.v1.Recommender" => Self::Recommendation,
+            _ => Self::Inference,
+        }
+    }
+
+    /// The route's key under `routes`, also its metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vision => "vision",
+            Self::Inference => "inference",
+            Self::Language => "language",
+            Self::Recommendation => "recommendation",
+        }
+    }
+}
+
+impl Routes {
+    pub fn get(&self, name: RouteName) -> &Route {
+        match name {
+            RouteName::Vision => &self.vision,
+            RouteName::Inference => &self.inference,
+            RouteName::Language => &self.language,
+            RouteName::Recommendation => &self.recommendation,
+        }
+    }
+}
+
+/// Largest `routes.*.retry_budget_percent`: retries at ten times the call rate (the most the
+/// budget implementation supports).
+pub const MAX_RETRY_BUDGET_PERCENT: f32 = 1000.0;
+
 /// Limits and batching for one API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -279,7 +341,8 @@ pub struct Route {
     pub max_batch_delay_us: u64,
     /// Coalesced backend calls in flight per model before new items wait to be batched.
     pub max_batches_in_flight: usize,
-    /// Retries (on another replica, for UNAVAILABLE) as a share of recent calls.
+    /// Retries of this route's calls (on another replica, for UNAVAILABLE) as a share of this
+    /// route's recent calls, in 0..=[`MAX_RETRY_BUDGET_PERCENT`]; 0 turns retries off.
     pub retry_budget_percent: f32,
 }
 
@@ -304,6 +367,20 @@ impl Validate for Settings {
         self.telemetry.validate(errors);
         for (i, key) in self.auth.api_keys.iter().enumerate() {
             validate_key(&format!("auth.api_keys[{i}]"), key, &self.tenants, errors);
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.leeway_s > MAX_JWT_LEEWAY_S {
+            errors.push(format!(
+                "`auth.jwt.leeway_s` must be at most {MAX_JWT_LEEWAY_S}, got {}",
+                jwt.leeway_s
+            ));
+        }
+        for (key, v) in [("issuer", &jwt.issuer), ("audience", &jwt.audience)] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                errors.push(format!(
+                    "`auth.jwt.{key}` is empty; leave it unset or name the required value"
+                ));
+            }
         }
         for (name, b) in &self.backends {
             if b.endpoints.is_empty() && b.dns.is_none() {
@@ -351,12 +428,15 @@ impl Validate for Settings {
                 ));
             }
         }
-        for (name, r) in [
-            ("vision", &self.routes.vision),
-            ("inference", &self.routes.inference),
-            ("language", &self.routes.language),
-            ("recommendation", &self.routes.recommendation),
-        ] {
+        for name in RouteName::ALL {
+            let (r, name) = (self.routes.get(name), name.as_str());
+            // Also catches NaN.
+            if !(0.0..=MAX_RETRY_BUDGET_PERCENT).contains(&r.retry_budget_percent) {
+                errors.push(format!(
+                    "`routes.{name}.retry_budget_percent` must be in 0..={MAX_RETRY_BUDGET_PERCENT}, got {}",
+                    r.retry_budget_percent
+                ));
+            }
             if r.max_batch == 0 || r.max_batches_in_flight == 0 {
                 errors.push(format!(
                     "`routes.{name}.max_batch` and `max_batches_in_flight` must be at least 1"
@@ -436,5 +516,18 @@ mod tests {
         let mut errors = Vec::new();
         s.validate(&mut errors);
         assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn jwt_leeway_and_retry_budgets_are_bounded() {
+        let mut s = Settings::default();
+        s.auth.jwt.leeway_s = 3_600;
+        s.auth.jwt.issuer = Some(" ".into());
+        s.routes.inference.retry_budget_percent = f32::NAN;
+        s.routes.language.retry_budget_percent = -1.0;
+        let mut errors = Vec::new();
+        s.validate(&mut errors);
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(errors[0].contains("`auth.jwt.leeway_s` must be at most 300"));
     }
 }

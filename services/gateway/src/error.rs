@@ -22,6 +22,11 @@ pub enum GatewayError {
     Serve(#[from] ServeError),
     #[error("{0}")]
     Unavailable(String),
+    /// A request that was in flight on replicas that died under it (a possible poison
+    /// request): `ABORTED`, not `UNAVAILABLE`, so that clients and proxies whose retry policy
+    /// covers `UNAVAILABLE` don't send it again to the next replica.
+    #[error("{0}")]
+    Poisoned(String),
     #[error("backend answered {}: {}", .0.code(), .0.message())]
     Backend(Status),
 }
@@ -41,6 +46,7 @@ impl From<GatewayError> for Status {
             .into(),
             GatewayError::Serve(s) => s.into(),
             GatewayError::Unavailable(m) => Status::unavailable(m),
+            GatewayError::Poisoned(m) => Status::aborted(m),
             GatewayError::Backend(s) => s,
         }
     }
@@ -54,6 +60,7 @@ impl GatewayError {
             Self::Quota { .. } => Code::ResourceExhausted,
             Self::Serve(s) => s.code(),
             Self::Unavailable(_) => Code::Unavailable,
+            Self::Poisoned(_) => Code::Aborted,
             Self::Backend(s) => s.code(),
         }
     }

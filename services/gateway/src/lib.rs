@@ -182,8 +182,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .map_err(|e| anyhow::anyhow!("invalid auth configuration:\n  - {}", e.join("\n  - ")))?;
     let mut backends = BTreeMap::new();
     for (name, cfg) in &settings.backends {
-        let retry = settings.routes.vision.retry_budget_percent;
-        let pool = BackendPool::new(name, cfg, retry, gm.clone()).map_err(anyhow::Error::msg)?;
+        let pool = BackendPool::new(name, cfg, &settings.routes, gm.clone())
+            .map_err(anyhow::Error::msg)?;
         pool.spawn_maintenance(shutdown.clone());
         backends.insert(name.clone(), pool);
     }

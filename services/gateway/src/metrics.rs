@@ -8,8 +8,11 @@ pub struct GatewayMetrics {
     pub requests: IntCounterVec,
     /// Calls to backends by backend and code.
     pub backend_requests: IntCounterVec,
-    /// Retries on another replica, by backend.
+    /// Retries on another replica, by backend and route.
     pub retries: IntCounterVec,
+    /// Possible poison requests by backend and outcome: `failed` (it was in flight on
+    /// replicas that died, and was not sent further) or `refused` (the same request again).
+    pub poison_requests: IntCounterVec,
     /// Healthy replicas by backend.
     pub endpoints_healthy: IntGaugeVec,
     /// Credential failures by reason.
@@ -62,7 +65,12 @@ impl GatewayMetrics {
             retries: counter(
                 "marquee_gateway_retries_total",
                 "Retries on another replica.",
-                &["backend"],
+                &["backend", "route"],
+            ),
+            poison_requests: counter(
+                "marquee_gateway_poison_requests_total",
+                "Requests not retried further because the replicas they reached died under them (failed), or refused because the same request did before (refused).",
+                &["backend", "outcome"],
             ),
             endpoints_healthy: gauge,
             auth_failures: counter(

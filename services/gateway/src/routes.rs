@@ -99,9 +99,10 @@ impl VisionRoute {
             });
         }
         backend
-            .call(
+            .call_remembering(
                 "marquee.vision.v1.ImageService/Classify",
                 deadline,
+                &req,
                 |ch, t| {
                     let req = req.clone();
                     async move { vision_client(ch).classify(outgoing(req, t)).await }
@@ -195,7 +196,9 @@ where
     who.require(backend.cfg.kind.scope())?;
     let _slot = backend.admit(&gw.quotas, &who.tenant, deadline).await?;
     let resp = backend
-        .call(method, deadline, |ch, t| call(ch, outgoing(req.clone(), t)))
+        .call_remembering(method, deadline, &req, |ch, t| {
+            call(ch, outgoing(req.clone(), t))
+        })
         .await?;
     Ok(resp)
 }
