@@ -387,6 +387,25 @@ async fn each_route_spends_its_own_retry_budget() {
     // Two gateways with the same settings, so each route meets the dead replica afresh.
     let vision_gw = start_gateway(retry_gateway(&replicas)).await;
     let oip_gw = start_gateway(retry_gateway(&replicas)).await;
+    // Each gateway's one health check has reached B (so none can eject B after it dies).
+    let checks = || async {
+        http_get(b.admin_addr, "/metrics")
+            .await
+            .1
+            .lines()
+            .filter(|l| {
+                l.starts_with("marquee_grpc_requests_total{")
+                    && l.contains("/grpc.health.v1.Health/Check")
+                    && l.contains("code=\"OK\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while checks().await < 2.0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(checks().await, 2.0, "one health check from each gateway");
     for gw in [&vision_gw, &oip_gw] {
         assert_eq!(gw.metric("marquee_gateway_endpoints_healthy", &[]), 2.0);
     }
@@ -549,16 +568,16 @@ async fn a_request_that_kills_two_replicas_is_not_sent_to_a_third() {
     ] {
         assert!(e.message().contains(needle), "`{}` lacks `{needle}`", e.message());
     }
-    let mut dead = || {
+    fn dead(replicas: &mut [ChildServer]) -> usize {
         replicas
             .iter_mut()
             .map(|r| usize::from(r.child.try_wait().unwrap().is_some()))
-            .sum::<usize>()
-    };
+            .sum()
+    }
     assert!(
-        eventually(Duration::from_secs(10), || dead() == 2).await,
+        eventually(Duration::from_secs(10), || dead(&mut replicas) == 2).await,
         "exactly two replicas died, not {}",
-        dead()
+        dead(&mut replicas)
     );
     // Killed the way the reproduction was: the allocator's abort, not a signal of ours.
     for r in replicas.iter_mut() {
@@ -599,6 +618,6 @@ async fn a_request_that_kills_two_replicas_is_not_sent_to_a_third() {
         .await
         .expect("the third replica serves");
     assert_eq!(ok.into_inner().labels.len(), 1);
-    assert_eq!(dead(), 2, "the third replica is still alive");
+    assert_eq!(dead(&mut replicas), 2, "the third replica is still alive");
     gw.shutdown.cancel();
 }
