@@ -206,7 +206,11 @@ async fn jwts_must_carry_the_configured_issuer_audience_and_expiry() {
             "not valid yet",
         ),
         ("alg none", unsigned, "invalid JWT"),
-        ("RSA public key as HS256 secret", confused, "signature does not verify"),
+        (
+            "RSA public key as HS256 secret",
+            confused,
+            "signature does not verify",
+        ),
         ("oversized", huge, "the limit is 8192"),
     ];
     for (what, token, needle) in cases {
@@ -283,9 +287,7 @@ async fn a_stream_holds_its_tenants_in_flight_slot_until_it_ends() {
         .into_inner();
     long.next().await.expect("a first message").expect("ok");
     refused(
-        c.generate(with_key(request(1), SOLO_KEY))
-            .await
-            .map(|_| ()),
+        c.generate(with_key(request(1), SOLO_KEY)).await.map(|_| ()),
         "a unary call while the stream is open",
     );
     refused(
@@ -566,7 +568,11 @@ async fn a_request_that_kills_two_replicas_is_not_sent_to_a_third() {
         "failed mid-call",
         "possible poison request",
     ] {
-        assert!(e.message().contains(needle), "`{}` lacks `{needle}`", e.message());
+        assert!(
+            e.message().contains(needle),
+            "`{}` lacks `{needle}`",
+            e.message()
+        );
     }
     fn dead(replicas: &mut [ChildServer]) -> usize {
         replicas

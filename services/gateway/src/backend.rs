@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -272,9 +272,8 @@ impl BackendPool {
         let budget = &self.budgets[route as usize];
         budget.deposit();
         // Hashed only when something is remembered, or when the request turns out poisonous.
-        let fingerprint = |bytes: &(dyn Fn() -> Vec<u8> + Sync)| {
-            self.poison.hasher.hash_one((method, bytes()))
-        };
+        let fingerprint =
+            |bytes: &(dyn Fn() -> Vec<u8> + Sync)| self.poison.hasher.hash_one((method, bytes()));
         if let Some(bytes) = request
             && !self.poison.is_empty()
             && let Some(age) = self.poison.remembered(fingerprint(bytes))
