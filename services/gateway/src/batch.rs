@@ -268,8 +268,11 @@ impl<D: Dispatch> Coalescer<D> {
 pub struct Coalescers<K, D: Dispatch> {
     route: Route,
     metrics: GatewayMetrics,
-    map: Mutex<HashMap<(String, K), Arc<Coalescer<D>>>>,
+    map: Mutex<KeyMap<K, D>>,
 }
+
+/// Coalescers by (backend name, key).
+type KeyMap<K, D> = HashMap<(String, K), Arc<Coalescer<D>>>;
 
 impl<K: Hash + Eq + Clone, D: Dispatch> Coalescers<K, D> {
     pub fn new(route: Route, metrics: GatewayMetrics) -> Self {
@@ -281,7 +284,7 @@ impl<K: Hash + Eq + Clone, D: Dispatch> Coalescers<K, D> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, K), Arc<Coalescer<D>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyMap<K, D>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -753,8 +756,12 @@ fn merge(items: &[InferItem]) -> ModelInferRequest {
     let rows: usize = items.iter().map(|i| i.rows).sum();
     merged.inputs[0].shape[0] = rows as i64;
     if merged.raw_input_contents.len() == 1 {
-        let mut data =
-            Vec::with_capacity(items.iter().map(|i| i.req.raw_input_contents[0].len()).sum());
+        let mut data = Vec::with_capacity(
+            items
+                .iter()
+                .map(|i| i.req.raw_input_contents[0].len())
+                .sum(),
+        );
         for i in items {
             data.extend_from_slice(&i.req.raw_input_contents[0]);
         }
