@@ -659,3 +659,110 @@ async fn with_the_key_map_full_calls_pass_through_unbatched_and_are_answered() {
     gw.shutdown.cancel();
     backend.shutdown.cancel();
 }
+
+/// A process's resident memory in KiB.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The gateway binary in front of an in-process backend, so its own memory can be read from
+/// `/proc`: 40 calls with a 4 MiB `model_version` (the issue's reproduction) and 10,000 calls
+/// with made-up keys and 8 KiB of metadata each. The figures are printed; the assertions are
+/// on what a user sees (statuses, the exported key count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_binary_keeps_its_key_map_bounded_under_huge_keys() {
+    let backend = start(fashion_backend_settings()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tenants.acme]\n\
+             [[auth.api_keys]]\nsha256 = \"{}\"\ntenant = \"acme\"\nscopes = [\"vision:infer\"]\n\
+             [backends.vision]\nendpoints = [\"{}\"]\nhealth_interval_ms = 1000\n",
+            marquee_gateway::auth::hash_key(ACME_KEY),
+            backend.grpc_addr
+        ),
+    )
+    .unwrap();
+    let gw = ChildServer::start(
+        "marquee-gateway",
+        &[("MARQUEE_CONFIG", config.display().to_string())],
+    );
+    let pid = gw.child.id();
+    let channel = Channel::from_shared(format!("http://{}", gw.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let keys = || async {
+        let (_, body) = http_get(gw.admin_addr, "/metrics").await;
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix("marquee_gateway_batch_keys{route=\"inference.model_infer\"} ")
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("the key gauge is exported")
+    };
+    // Warm up: connections, buffers, the model table.
+    for _ in 0..100 {
+        oip(&channel)
+            .model_infer(with_key(one_row(String::new(), None), ACME_KEY))
+            .await
+            .unwrap();
+    }
+    let start_kib = rss_of(pid);
+    let huge = "9".repeat(4 << 20);
+    for _ in 0..40 {
+        let e = oip(&channel)
+            .model_infer(with_key(one_row(huge.clone(), None), ACME_KEY))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    }
+    let after_huge_kib = rss_of(pid);
+    assert_eq!(keys().await, 1.0, "only the honest warm-up key exists");
+    for chunk in 0..(10_000 / 50) {
+        let calls = (0..50).map(|j| {
+            let i = chunk * 50 + j;
+            let channel = channel.clone();
+            async move {
+                let (version, output) = match i % 2 {
+                    0 => (String::new(), Some(format!("{}-{i}", "o".repeat(200)))),
+                    _ => (format!("{}", 1_000_000 + i), None),
+                };
+                let mut r = with_key(one_row(version, output), ACME_KEY);
+                r.metadata_mut()
+                    .insert("x-junk", "j".repeat(8 << 10).parse().unwrap());
+                let code = oip(&channel).model_infer(r).await.unwrap_err().code();
+                (i, code)
+            }
+        });
+        for (i, code) in join_all(calls).await {
+            let want = if i % 2 == 0 {
+                Code::InvalidArgument
+            } else {
+                Code::NotFound
+            };
+            assert_eq!(code, want, "call {i}");
+        }
+    }
+    let after_keys_kib = rss_of(pid);
+    let held = keys().await;
+    eprintln!(
+        "gateway RSS: {} MiB after warm-up, {} MiB after 40 calls with a 4 MiB model_version, {} MiB after 10,000 made-up keys with 8 KiB metadata; {held} batch keys held",
+        start_kib / 1024,
+        after_huge_kib / 1024,
+        after_keys_kib / 1024
+    );
+    assert!(
+        held <= marquee_gateway::config::DEFAULT_MAX_BATCH_KEYS as f64,
+        "{held} batch keys held"
+    );
+    backend.shutdown.cancel();
+}
