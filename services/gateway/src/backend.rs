@@ -446,9 +446,9 @@ impl BackendPool {
         self.update_gauges();
     }
 
-    /// The models the replicas serve (from Triton's `RepositoryIndex`), from the first replica
-    /// that answers.
-    pub async fn models(&self) -> Option<Vec<String>> {
+    /// The models the replicas serve and their versions (from Triton's `RepositoryIndex`),
+    /// from the first replica that answers.
+    pub async fn models(&self) -> Option<Vec<(String, String)>> {
         for ep in self.endpoints.load_full().iter().filter(|e| e.is_healthy()) {
             let mut client = GrpcInferenceServiceClient::new(ep.channel.clone());
             let mut req = tonic::Request::new(RepositoryIndexRequest {
@@ -457,7 +457,13 @@ impl BackendPool {
             });
             req.set_timeout(Duration::from_secs(2));
             if let Ok(r) = client.repository_index(req).await {
-                return Some(r.into_inner().models.into_iter().map(|m| m.name).collect());
+                return Some(
+                    r.into_inner()
+                        .models
+                        .into_iter()
+                        .map(|m| (m.name, m.version))
+                        .collect(),
+                );
             }
         }
         None

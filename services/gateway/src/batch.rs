@@ -7,6 +7,12 @@
 //! together when a call returns, when `max_batch` rows are waiting, or after
 //! `max_batch_delay_us`. Each caller gets exactly its own result, and a bad item fails only its
 //! own call.
+//!
+//! Batch keys come from client-chosen fields, so they are validated and bounded before an
+//! entry exists: a `ModelInfer` payload must match its declared shape (or the request is
+//! refused alone, before it can shift other callers' rows), names are short, unusual keys
+//! (an unknown version, a large `top_k`, many outputs) pass through unbatched, and the map holds
+//! at most `max_batch_keys` entries, each dropped once idle for `batch_key_idle_ms`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use marquee_core::ServeError;
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use marquee_proto::inference::model_infer_response::InferOutputTensor;
 use marquee_proto::inference::{InferTensorContents, ModelInferRequest, ModelInferResponse};
@@ -35,6 +42,41 @@ use crate::metrics::GatewayMetrics;
 
 /// Backend responses can be as large as a request is allowed to be.
 const MAX_BACKEND_MESSAGE: usize = 64 << 20;
+
+/// Longest model, version, input or output name a batch key may hold. Names are directory and
+/// tensor names; a longer one is hostile, and would make every key (and the NOT_FOUND message
+/// echoing it) as large as the request.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Most requested outputs in a batchable `ModelInfer`; more pass through unbatched.
+pub const MAX_BATCHED_OUTPUTS: usize = 16;
+/// Highest rank of a batchable `ModelInfer` input (TensorRT's and most frameworks' limit);
+/// higher ranks pass through unbatched.
+pub const MAX_BATCHED_RANK: usize = 8;
+/// Largest `top_k` a `Classify` is batched with (the backends' models have 10 and 1000
+/// classes); larger values pass through unbatched and the backend judges them.
+pub const MAX_BATCHED_TOP_K: u32 = 100;
+
+/// Refuses a name that is too long or holds anything but visible ASCII (`field` names it).
+pub fn check_name(field: &str, value: &str) -> Result<(), GatewayError> {
+    if value.len() > MAX_NAME_BYTES {
+        return Err(ServeError::invalid(
+            field,
+            format!(
+                "`{field}` is {} bytes; at most {MAX_NAME_BYTES} are allowed",
+                value.len()
+            ),
+        )
+        .into());
+    }
+    if let Some(c) = value.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(ServeError::invalid(
+            field,
+            format!("`{field}` holds {c:?}; names are visible ASCII characters without spaces"),
+        )
+        .into());
+    }
+    Ok(())
+}
 
 /// How one kind of call is batched and sent.
 pub trait Dispatch: Send + Sync + 'static {
@@ -66,10 +108,13 @@ struct State<D: Dispatch> {
     rows: usize,
     in_flight: usize,
     timer_armed: bool,
+    /// When an item last arrived: the idle sweep drops entries unused for a while.
+    last_used: Instant,
 }
 
-/// The coalescer of one batch key (model and call shape).
+/// The coalescer of one batch key (backend, model and call shape).
 pub struct Coalescer<D: Dispatch> {
+    /// The model, for messages (the full key can be kilobytes).
     what: String,
     dispatch: D,
     route: Route,
@@ -92,6 +137,7 @@ impl<D: Dispatch> Coalescer<D> {
         let (tx, rx) = oneshot::channel();
         let send_now = {
             let mut st = self.lock();
+            st.last_used = Instant::now();
             st.rows += D::rows(&item);
             st.items.push(Pending {
                 item,
@@ -132,8 +178,8 @@ impl<D: Dispatch> Coalescer<D> {
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(GatewayError::Unavailable("batch was dropped".into())),
-            Err(_) => Err(marquee_core::ServeError::DeadlineExceeded(format!(
-                "deadline expired waiting for {} through the gateway",
+            Err(_) => Err(ServeError::DeadlineExceeded(format!(
+                "deadline expired waiting for model `{}` through the gateway",
                 self.what
             ))
             .into()),
@@ -211,15 +257,26 @@ impl<D: Dispatch> Coalescer<D> {
     }
 }
 
-/// Every coalescer of one kind, by key.
+/// Every coalescer of one kind, by backend and key, at most `route.max_batch_keys` of them.
+///
+/// An entry nobody holds (no caller waiting, no batch in flight, no timer armed) carries no
+/// state, so dropping it loses nothing: when the map is full a new key evicts such an entry,
+/// and the sweep drops entries unused for `route.batch_key_idle_ms`. When every entry is in
+/// use, a call with a new key passes through unbatched, as Envoy's overflow does, rather than
+/// wait or fail. The backend is part of the key: a model that moves to another backend gets a
+/// new entry, and the old one idles out.
 pub struct Coalescers<K, D: Dispatch> {
     route: Route,
     metrics: GatewayMetrics,
-    map: Mutex<HashMap<K, Arc<Coalescer<D>>>>,
+    map: Mutex<KeyMap<K, D>>,
 }
 
-impl<K: Hash + Eq + Clone + std::fmt::Debug, D: Dispatch> Coalescers<K, D> {
+/// Coalescers by (backend name, key).
+type KeyMap<K, D> = HashMap<(String, K), Arc<Coalescer<D>>>;
+
+impl<K: Hash + Eq + Clone, D: Dispatch> Coalescers<K, D> {
     pub fn new(route: Route, metrics: GatewayMetrics) -> Self {
+        metrics.batch_keys.with_label_values(&[D::ROUTE]).set(0);
         Self {
             route,
             metrics,
@@ -227,31 +284,104 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug, D: Dispatch> Coalescers<K, D> {
         }
     }
 
-    /// The coalescer for `key`, created with `dispatch` on first use.
-    pub fn get(
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyMap<K, D>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries in the map.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn publish(&self, len: usize) {
+        self.metrics
+            .batch_keys
+            .with_label_values(&[D::ROUTE])
+            .set(len as i64);
+    }
+
+    /// Sends `item` through the coalescer of (`backend`, `key`), created with `dispatch` on
+    /// first use; or alone, unbatched, when the map is full of entries in use.
+    pub async fn call(
         &self,
         key: K,
+        model: &str,
         backend: &Arc<BackendPool>,
         dispatch: impl FnOnce() -> D,
-    ) -> Arc<Coalescer<D>> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Coalescer {
-                    what: format!("{key:?}"),
-                    dispatch: dispatch(),
-                    route: self.route.clone(),
-                    backend: backend.clone(),
-                    metrics: self.metrics.clone(),
-                    state: Mutex::new(State {
-                        items: Vec::new(),
-                        rows: 0,
-                        in_flight: 0,
-                        timer_armed: false,
-                    }),
-                })
-            })
-            .clone()
+        item: D::Item,
+        deadline: Instant,
+    ) -> Result<D::Output, GatewayError> {
+        match self.get(key, model, backend, dispatch) {
+            Ok(coalescer) => coalescer.call(item, deadline).await,
+            Err(dispatch) => dispatch
+                .dispatch(backend, vec![item], deadline)
+                .await
+                .pop()
+                .unwrap_or_else(|| {
+                    Err(GatewayError::Unavailable(
+                        "backend call returned no result".into(),
+                    ))
+                }),
+        }
+    }
+
+    /// The coalescer for the key, or the dispatch back when there is no room for it.
+    fn get(
+        &self,
+        key: K,
+        model: &str,
+        backend: &Arc<BackendPool>,
+        dispatch: impl FnOnce() -> D,
+    ) -> Result<Arc<Coalescer<D>>, D> {
+        let mut map = self.lock();
+        let key = (backend.name.clone(), key);
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        if map.len() >= self.route.max_batch_keys {
+            // The map lock is held, so a count of 1 (the map's own) means no caller, batch
+            // or timer holds this entry, and none can start to.
+            let unused = map
+                .iter()
+                .find(|(_, c)| Arc::strong_count(c) == 1)
+                .map(|(k, _)| k.clone());
+            match unused {
+                Some(k) => {
+                    map.remove(&k);
+                }
+                None => return Err(dispatch()),
+            }
+        }
+        let c = Arc::new(Coalescer {
+            what: model.to_string(),
+            dispatch: dispatch(),
+            route: self.route.clone(),
+            backend: backend.clone(),
+            metrics: self.metrics.clone(),
+            state: Mutex::new(State {
+                items: Vec::new(),
+                rows: 0,
+                in_flight: 0,
+                timer_armed: false,
+                last_used: Instant::now(),
+            }),
+        });
+        map.insert(key, c.clone());
+        self.publish(map.len());
+        Ok(c)
+    }
+
+    /// Drops every entry unused for `batch_key_idle_ms`.
+    pub fn sweep(&self) {
+        let idle = Duration::from_millis(self.route.batch_key_idle_ms);
+        let mut map = self.lock();
+        map.retain(|_, c| Arc::strong_count(c) > 1 || c.lock().last_used.elapsed() < idle);
+        self.publish(map.len());
     }
 }
 
@@ -396,48 +526,163 @@ fn item_status(e: marquee_proto::common::ItemError) -> Status {
 
 // === impl InferDispatch ===
 
-/// What makes `ModelInfer` requests mergeable: same model, version, input name, datatype,
-/// per-row shape, encoding (raw or typed FP32) and requested outputs.
+/// What makes `ModelInfer` requests mergeable: same model, version, input name, per-row shape,
+/// encoding (raw or typed FP32) and requested outputs. Every field is bounded by
+/// [`InferKey::plan`] before a key exists.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InferKey {
     pub model: String,
     pub version: String,
     pub input: String,
-    pub datatype: String,
     pub row_shape: Vec<i64>,
     pub raw: bool,
     pub outputs: Vec<String>,
 }
 
+/// A `ModelInfer` whose payload matches its declared shape. `rows` is the checked batch
+/// dimension: what it adds to a merged call and what its share of the response is cut by.
+#[derive(Debug)]
+pub struct InferItem {
+    pub req: ModelInferRequest,
+    pub rows: usize,
+}
+
+/// How the gateway sends one `ModelInfer`.
+#[derive(Debug)]
+pub enum InferPlan {
+    /// Merged with other callers' rows of the same key.
+    Batch(InferKey, InferItem),
+    /// On its own, unchanged: the backend judges it (several inputs, another datatype, a
+    /// shape or version the gateway cannot check, parameters it does not merge).
+    Alone(ModelInferRequest),
+}
+
+/// Bytes per element of the OIP datatypes with a fixed size.
+fn dtype_size(datatype: &str) -> Option<usize> {
+    Some(match datatype {
+        "BOOL" | "UINT8" | "INT8" => 1,
+        "UINT16" | "INT16" | "FP16" | "BF16" => 2,
+        "UINT32" | "INT32" | "FP32" => 4,
+        "UINT64" | "INT64" | "FP64" => 8,
+        _ => return None,
+    })
+}
+
+/// Elements per row of a shape whose leading dimension is the batch, if every dimension is
+/// positive and the product fits.
+fn row_elements(dims: &[i64]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| {
+        usize::try_from(d)
+            .ok()
+            .filter(|&d| d > 0)
+            .and_then(|d| acc.checked_mul(d))
+    })
+}
+
 impl InferKey {
-    /// The key of a request that can be merged (one input, FP32, a batch dimension, and its
-    /// data where the key says), or `None` for requests that go through unchanged.
-    pub fn of(req: &ModelInferRequest) -> Option<Self> {
-        let [input] = req.inputs.as_slice() else {
-            return None;
-        };
-        if input.datatype != "FP32"
-            || input.shape.len() < 2
-            || input.shape[0] < 1
-            || !input.parameters.is_empty()
-            || !req.parameters.is_empty()
-        {
-            return None;
+    /// Checks a request's names and payload and decides how it is sent. Refused with
+    /// `INVALID_ARGUMENT`: a name over [`MAX_NAME_BYTES`] or outside visible ASCII, and a
+    /// single FP32 input whose raw bytes or typed values do not match its declared shape, so
+    /// a caller that lies about its rows fails alone and never shifts another caller's rows.
+    /// `served_version` is the version the routing table knows for the model: another
+    /// explicit version is sent alone, so clients cannot mint keys with made-up versions.
+    pub fn plan(
+        req: ModelInferRequest,
+        route: &Route,
+        served_version: Option<&str>,
+    ) -> Result<InferPlan, GatewayError> {
+        check_name("model_name", &req.model_name)?;
+        check_name("model_version", &req.model_version)?;
+        for (i, input) in req.inputs.iter().enumerate() {
+            check_name(&format!("inputs[{i}].name"), &input.name)?;
         }
-        let raw = match (req.raw_input_contents.len(), &input.contents) {
-            (1, None) => true,
-            (0, Some(c)) if !c.fp32_contents.is_empty() => false,
-            _ => return None,
+        for (i, output) in req.outputs.iter().enumerate() {
+            check_name(&format!("outputs[{i}].name"), &output.name)?;
+        }
+        let [input] = req.inputs.as_slice() else {
+            return Ok(InferPlan::Alone(req));
         };
-        Some(Self {
+        let rank = input.shape.len();
+        if input.datatype != "FP32" || !(2..=MAX_BATCHED_RANK).contains(&rank) {
+            return Ok(InferPlan::Alone(req));
+        }
+        let (Ok(rows), Some(per_row)) = (
+            usize::try_from(input.shape[0]),
+            row_elements(&input.shape[1..]),
+        ) else {
+            // A zero or negative dimension: the backend names what it expects.
+            return Ok(InferPlan::Alone(req));
+        };
+        if rows == 0 {
+            return Ok(InferPlan::Alone(req));
+        }
+        // The declared size is bounded before anything is sized from it: a shape declaring
+        // more than a request may carry cannot match its payload.
+        let limit = route.max_request_bytes;
+        let elements = rows
+            .checked_mul(per_row)
+            .filter(|n| n.checked_mul(4).is_some_and(|b| b <= limit));
+        let Some(elements) = elements else {
+            return Err(ServeError::invalid(
+                "inputs[0].shape",
+                format!(
+                    "`inputs[0].shape`: shape {:?} of FP32 needs more than {limit} bytes, the most a request may carry (`routes.inference.max_request_bytes`)",
+                    input.shape
+                ),
+            )
+            .into());
+        };
+        let raw = match (req.raw_input_contents.len(), &input.contents) {
+            (1, None) => {
+                let got = req.raw_input_contents[0].len();
+                if got != elements * 4 {
+                    return Err(ServeError::invalid(
+                        "raw_input_contents[0]",
+                        format!(
+                            "`raw_input_contents[0]`: shape {:?} of FP32 needs {} bytes, got {got}",
+                            input.shape,
+                            elements * 4
+                        ),
+                    )
+                    .into());
+                }
+                true
+            }
+            (0, contents) => {
+                let got = contents.as_ref().map_or(0, |c| c.fp32_contents.len());
+                if got != elements {
+                    return Err(ServeError::invalid(
+                        "inputs[0].contents.fp32_contents",
+                        format!(
+                            "`inputs[0].contents.fp32_contents`: shape {:?} needs {elements} values, got {got}",
+                            input.shape
+                        ),
+                    )
+                    .into());
+                }
+                false
+            }
+            // Both encodings, or several raw inputs: the backend says which is wrong.
+            _ => return Ok(InferPlan::Alone(req)),
+        };
+        let batchable = req.parameters.is_empty()
+            && input.parameters.is_empty()
+            && req.outputs.len() <= MAX_BATCHED_OUTPUTS
+            && req.outputs.iter().all(|o| o.parameters.is_empty())
+            && (req.model_version.is_empty() || served_version == Some(&req.model_version))
+            && rows <= route.max_batch;
+        if !batchable {
+            return Ok(InferPlan::Alone(req));
+        }
+        let key = Self {
             model: req.model_name.clone(),
             version: req.model_version.clone(),
             input: input.name.clone(),
-            datatype: input.datatype.clone(),
             row_shape: input.shape[1..].to_vec(),
             raw,
             outputs: req.outputs.iter().map(|o| o.name.clone()).collect(),
-        })
+        };
+        Ok(InferPlan::Batch(key, InferItem { req, rows }))
     }
 }
 
@@ -445,18 +690,18 @@ impl InferKey {
 pub struct InferDispatch;
 
 impl Dispatch for InferDispatch {
-    type Item = ModelInferRequest;
+    type Item = InferItem;
     type Output = ModelInferResponse;
     const ROUTE: &'static str = "inference.model_infer";
 
-    fn rows(item: &ModelInferRequest) -> usize {
-        item.inputs[0].shape[0] as usize
+    fn rows(item: &InferItem) -> usize {
+        item.rows
     }
 
     async fn dispatch(
         &self,
         backend: &BackendPool,
-        items: Vec<ModelInferRequest>,
+        items: Vec<InferItem>,
         deadline: Instant,
     ) -> Vec<Result<ModelInferResponse, GatewayError>> {
         if items.len() > 1 {
@@ -474,12 +719,13 @@ impl Dispatch for InferDispatch {
         }
         let calls = items
             .into_iter()
-            .map(|req| send_infer(backend, req, deadline));
+            .map(|item| send_infer(backend, item.req, deadline));
         futures::future::join_all(calls).await
     }
 }
 
-async fn send_infer(
+/// One `ModelInfer` to the backend, unchanged.
+pub async fn send_infer(
     backend: &BackendPool,
     req: ModelInferRequest,
     deadline: Instant,
@@ -502,24 +748,29 @@ async fn send_infer(
         .map(tonic::Response::into_inner)
 }
 
-/// One request holding every item's rows, in order.
-fn merge(items: &[ModelInferRequest]) -> ModelInferRequest {
-    let mut merged = items[0].clone();
+/// One request holding every item's rows, in order. Every item's payload was checked against
+/// its rows by [`InferKey::plan`], so row `i` of the merge is exactly some caller's row.
+fn merge(items: &[InferItem]) -> ModelInferRequest {
+    let mut merged = items[0].req.clone();
     merged.id = String::new();
-    let rows: i64 = items.iter().map(|r| r.inputs[0].shape[0]).sum();
-    merged.inputs[0].shape[0] = rows;
+    let rows: usize = items.iter().map(|i| i.rows).sum();
+    merged.inputs[0].shape[0] = rows as i64;
     if merged.raw_input_contents.len() == 1 {
-        let mut data =
-            Vec::with_capacity(items.iter().map(|r| r.raw_input_contents[0].len()).sum());
-        for r in items {
-            data.extend_from_slice(&r.raw_input_contents[0]);
+        let mut data = Vec::with_capacity(
+            items
+                .iter()
+                .map(|i| i.req.raw_input_contents[0].len())
+                .sum(),
+        );
+        for i in items {
+            data.extend_from_slice(&i.req.raw_input_contents[0]);
         }
         merged.raw_input_contents = vec![Bytes::from(data)];
     } else {
         let values = items
             .iter()
-            .flat_map(|r| {
-                r.inputs[0]
+            .flat_map(|i| {
+                i.req.inputs[0]
                     .contents
                     .as_ref()
                     .map(|c| c.fp32_contents.as_slice())
@@ -535,16 +786,21 @@ fn merge(items: &[ModelInferRequest]) -> ModelInferRequest {
     merged
 }
 
-/// Each item's share of a merged response, or `None` if the response does not divide evenly
-/// (then the items are sent one by one).
-fn split(items: &[ModelInferRequest], resp: ModelInferResponse) -> Option<Vec<ModelInferResponse>> {
-    let total: usize = items.iter().map(InferDispatch::rows).sum();
+/// Each item's share of a merged response, or `None` unless every output is exactly `total`
+/// rows of its declared per-row size (then the items are sent one by one: a response that
+/// does not divide is never cut at a guess, which could hand a caller another caller's rows).
+fn split(items: &[InferItem], resp: ModelInferResponse) -> Option<Vec<ModelInferResponse>> {
+    let total: usize = items.iter().map(|i| i.rows).sum();
+    if !resp.raw_output_contents.is_empty() && resp.raw_output_contents.len() != resp.outputs.len()
+    {
+        return None;
+    }
     let mut out: Vec<ModelInferResponse> = items
         .iter()
-        .map(|r| ModelInferResponse {
+        .map(|i| ModelInferResponse {
             model_name: resp.model_name.clone(),
             model_version: resp.model_version.clone(),
-            id: r.id.clone(),
+            id: i.req.id.clone(),
             parameters: resp.parameters.clone(),
             outputs: Vec::new(),
             raw_output_contents: Vec::new(),
@@ -554,17 +810,15 @@ fn split(items: &[ModelInferRequest], resp: ModelInferResponse) -> Option<Vec<Mo
         if tensor.shape.first().copied() != Some(total as i64) {
             return None;
         }
+        let per_row = row_elements(&tensor.shape[1..])?;
+        let expected = total.checked_mul(per_row)?;
         let mut offset = 0;
         for (item, part) in items.iter().zip(out.iter_mut()) {
-            let rows = InferDispatch::rows(item);
+            let rows = item.rows;
             let mut shape = tensor.shape.clone();
             shape[0] = rows as i64;
             let contents = match &tensor.contents {
-                Some(c) if !c.fp32_contents.is_empty() => {
-                    let per_row = c.fp32_contents.len() / total;
-                    if per_row * total != c.fp32_contents.len() {
-                        return None;
-                    }
+                Some(c) if c.fp32_contents.len() == expected && expected > 0 => {
                     Some(InferTensorContents {
                         fp32_contents: c.fp32_contents[offset * per_row..(offset + rows) * per_row]
                             .to_vec(),
@@ -574,12 +828,12 @@ fn split(items: &[ModelInferRequest], resp: ModelInferResponse) -> Option<Vec<Mo
                 Some(_) => return None,
                 None => {
                     let raw = resp.raw_output_contents.get(o)?;
-                    let per_row = raw.len() / total;
-                    if per_row * total != raw.len() {
+                    let width = per_row.checked_mul(dtype_size(&tensor.datatype)?)?;
+                    if Some(raw.len()) != total.checked_mul(width) {
                         return None;
                     }
                     part.raw_output_contents
-                        .push(raw.slice(offset * per_row..(offset + rows) * per_row));
+                        .push(raw.slice(offset * width..(offset + rows) * width));
                     None
                 }
             };
@@ -599,7 +853,9 @@ fn split(items: &[ModelInferRequest], resp: ModelInferResponse) -> Option<Vec<Mo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use marquee_proto::inference::model_infer_request::InferInputTensor;
+    use marquee_proto::inference::model_infer_request::{
+        InferInputTensor, InferRequestedOutputTensor,
+    };
 
     fn req(id: &str, rows: i64, fill: u8) -> ModelInferRequest {
         ModelInferRequest {
@@ -616,30 +872,52 @@ mod tests {
         }
     }
 
-    #[test]
-    fn merged_rows_split_back_to_their_callers() {
-        let items = vec![req("a", 1, 1), req("b", 2, 2)];
-        assert_eq!(
-            InferKey::of(&items[0]),
-            InferKey::of(&items[1]),
-            "same layout, same key"
-        );
-        let merged = merge(&items);
-        assert_eq!(merged.inputs[0].shape, vec![3, 2]);
-        assert_eq!(merged.raw_input_contents[0].len(), 24);
-        // A response echoing each row's fill byte as its output.
-        let resp = ModelInferResponse {
+    fn plan(r: ModelInferRequest) -> Result<InferPlan, GatewayError> {
+        InferKey::plan(r, &Route::default(), Some("1"))
+    }
+
+    fn batched(r: ModelInferRequest) -> (InferKey, InferItem) {
+        match plan(r).unwrap() {
+            InferPlan::Batch(k, i) => (k, i),
+            InferPlan::Alone(r) => panic!("not batched: {r:?}"),
+        }
+    }
+
+    fn refused(r: ModelInferRequest) -> (String, String) {
+        let status: Status = plan(r).unwrap_err().into();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let field = status.get_details_bad_request().unwrap().field_violations[0]
+            .field
+            .clone();
+        (field, status.message().to_string())
+    }
+
+    fn response(rows: i64, raw: Vec<u8>) -> ModelInferResponse {
+        ModelInferResponse {
             model_name: "m".into(),
             model_version: "7".into(),
             outputs: vec![InferOutputTensor {
                 name: "y".into(),
                 datatype: "FP32".into(),
-                shape: vec![3, 1],
+                shape: vec![rows, 1],
                 ..Default::default()
             }],
-            raw_output_contents: vec![Bytes::from(vec![1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2])],
+            raw_output_contents: vec![Bytes::from(raw)],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn merged_rows_split_back_to_their_callers() {
+        let (ka, a) = batched(req("a", 1, 1));
+        let (kb, b) = batched(req("b", 2, 2));
+        assert_eq!(ka, kb, "same layout, same key");
+        let items = vec![a, b];
+        let merged = merge(&items);
+        assert_eq!(merged.inputs[0].shape, vec![3, 2]);
+        assert_eq!(merged.raw_input_contents[0].len(), 24);
+        // A response echoing each row's fill byte as its output.
+        let resp = response(3, vec![1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]);
         let parts = split(&items, resp).unwrap();
         assert_eq!(parts[0].id, "a");
         assert_eq!(parts[0].outputs[0].shape, vec![1, 1]);
@@ -650,15 +928,83 @@ mod tests {
     }
 
     #[test]
-    fn requests_that_cannot_merge_have_no_key() {
+    fn a_response_that_does_not_divide_is_never_cut() {
+        let items = vec![batched(req("a", 1, 1)).1, batched(req("b", 2, 2)).1];
+        // 3 rows of one FP32 each need 12 bytes: 13, 9 or a wrong leading dimension are
+        // refused rather than cut at a guess.
+        assert!(split(&items, response(3, vec![0; 13])).is_none());
+        assert!(split(&items, response(3, vec![0; 9])).is_none());
+        assert!(split(&items, response(2, vec![0; 8])).is_none());
+        let mut missing = response(3, vec![0; 12]);
+        missing.raw_output_contents.clear();
+        assert!(split(&items, missing).is_none());
+    }
+
+    #[test]
+    fn payloads_that_do_not_match_their_shape_are_refused() {
+        let mut empty = req("a", 1, 0);
+        empty.raw_input_contents[0] = Bytes::new();
+        let (field, message) = refused(empty);
+        assert_eq!(field, "raw_input_contents[0]");
+        assert!(message.contains("needs 8 bytes, got 0"), "{message}");
+        let mut long = req("a", 1, 0);
+        long.raw_input_contents[0] = Bytes::from(vec![0; 16]);
+        assert!(refused(long).1.contains("got 16"));
+        let mut typed = req("a", 2, 0);
+        typed.raw_input_contents.clear();
+        typed.inputs[0].contents = Some(InferTensorContents {
+            fp32_contents: vec![1.0; 3],
+            ..Default::default()
+        });
+        let (field, message) = refused(typed);
+        assert_eq!(field, "inputs[0].contents.fp32_contents");
+        assert!(message.contains("needs 4 values, got 3"), "{message}");
+        // Dimensions whose product overflows, or exceeds what a request may carry.
+        let mut huge = req("a", 1, 0);
+        huge.inputs[0].shape = vec![i64::MAX, i64::MAX, 2];
+        assert_eq!(refused(huge).0, "inputs[0].shape");
+        let mut big = req("a", 1, 0);
+        big.inputs[0].shape = vec![1 << 20, 1 << 20];
+        assert_eq!(refused(big).0, "inputs[0].shape");
+    }
+
+    #[test]
+    fn oversized_names_are_refused_and_unusual_keys_go_alone() {
+        let mut version = req("a", 1, 0);
+        version.model_version = "9".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(refused(version).0, "model_version");
+        let mut output = req("a", 1, 0);
+        output.outputs = vec![InferRequestedOutputTensor {
+            name: "y\n".into(),
+            ..Default::default()
+        }];
+        assert_eq!(refused(output).0, "outputs[0].name");
+        let mut other_version = req("a", 1, 0);
+        other_version.model_version = "2".into();
+        assert!(matches!(plan(other_version), Ok(InferPlan::Alone(_))));
+        let mut served = req("a", 1, 0);
+        served.model_version = "1".into();
+        assert!(matches!(plan(served), Ok(InferPlan::Batch(..))));
+        let mut outputs = req("a", 1, 0);
+        outputs.outputs = (0..=MAX_BATCHED_OUTPUTS)
+            .map(|i| InferRequestedOutputTensor {
+                name: format!("o{i}"),
+                ..Default::default()
+            })
+            .collect();
+        assert!(matches!(plan(outputs), Ok(InferPlan::Alone(_))));
+    }
+
+    #[test]
+    fn requests_that_cannot_merge_go_alone() {
         let mut two_inputs = req("a", 1, 0);
         two_inputs.inputs.push(two_inputs.inputs[0].clone());
-        assert!(InferKey::of(&two_inputs).is_none());
+        assert!(matches!(plan(two_inputs), Ok(InferPlan::Alone(_))));
         let mut int8 = req("a", 1, 0);
         int8.inputs[0].datatype = "INT8".into();
-        assert!(InferKey::of(&int8).is_none());
+        assert!(matches!(plan(int8), Ok(InferPlan::Alone(_))));
         let mut other_shape = req("a", 1, 0);
-        other_shape.inputs[0].shape = vec![1, 3];
-        assert_ne!(InferKey::of(&other_shape), InferKey::of(&req("b", 1, 0)));
+        other_shape.inputs[0].shape = vec![1, 1, 2];
+        assert_ne!(batched(other_shape).0, batched(req("b", 1, 0)).0);
     }
 }

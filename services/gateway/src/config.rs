@@ -344,7 +344,18 @@ pub struct Route {
     /// Retries of this route's calls (on another replica, for UNAVAILABLE) as a share of this
     /// route's recent calls, in 0..=[`MAX_RETRY_BUDGET_PERCENT`]; 0 turns retries off.
     pub retry_budget_percent: f32,
+    /// Most batch keys (model, version, call shape) held at once; a new key beyond it evicts
+    /// an unused entry, or passes through unbatched while every entry is in use.
+    pub max_batch_keys: usize,
+    /// A batch key unused this long is dropped.
+    pub batch_key_idle_ms: u64,
 }
+
+/// Batch keys held per route: far more than the (model, `top_k`) or (model, input layout)
+/// pairs honest clients use, small enough that a flood of made-up keys costs a few MB.
+pub const DEFAULT_MAX_BATCH_KEYS: usize = 1024;
+/// A minute: a key in steady use never expires, one used by a burst goes soon after it.
+pub const DEFAULT_BATCH_KEY_IDLE_MS: u64 = 60_000;
 
 impl Default for Route {
     fn default() -> Self {
@@ -357,6 +368,8 @@ impl Default for Route {
             max_batch_delay_us: 2_000,
             max_batches_in_flight: 2,
             retry_budget_percent: 20.0,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            batch_key_idle_ms: DEFAULT_BATCH_KEY_IDLE_MS,
         }
     }
 }
@@ -440,6 +453,12 @@ impl Validate for Settings {
             if r.max_batch == 0 || r.max_batches_in_flight == 0 {
                 errors.push(format!(
                     "`routes.{name}.max_batch` and `max_batches_in_flight` must be at least 1"
+                ));
+            }
+            if r.max_batch_keys == 0 || r.batch_key_idle_ms == 0 {
+                errors.push(format!(
+                    "`routes.{name}.max_batch_keys` and `batch_key_idle_ms` must be at least 1, got {} and {}",
+                    r.max_batch_keys, r.batch_key_idle_ms
                 ));
             }
             if r.default_timeout_ms == 0 || r.default_timeout_ms > r.max_timeout_ms {

@@ -36,14 +36,14 @@ pub const NAME: &str = "marquee-gateway";
 pub struct Gateway {
     pub settings: Settings,
     pub backends: BTreeMap<String, Arc<BackendPool>>,
-    /// Model name → backend name, from the backends' repository indexes.
-    table: ArcSwap<HashMap<String, String>>,
+    /// Model name → (backend name, version served), from the backends' repository indexes.
+    table: ArcSwap<HashMap<String, (String, String)>>,
     last_refresh_ms: AtomicU64,
     started: Instant,
     pub quotas: Arc<quota::Quotas>,
-    /// `Classify` coalescers by (model, top_k).
+    /// `Classify` coalescers by backend and (model, top_k).
     pub classify_batches: batch::Coalescers<(String, u32), batch::ClassifyDispatch>,
-    /// `ModelInfer` coalescers by input layout.
+    /// `ModelInfer` coalescers by backend and input layout.
     pub infer_batches: batch::Coalescers<batch::InferKey, batch::InferDispatch>,
     pub metrics: metrics::GatewayMetrics,
 }
@@ -57,15 +57,15 @@ impl Gateway {
         for (name, pool) in &self.backends {
             match pool.models().await {
                 Some(models) => {
-                    for m in models {
-                        table.insert(m, name.clone());
+                    for (m, version) in models {
+                        table.insert(m, (name.clone(), version));
                     }
                 }
                 None => {
                     // Keep what we knew about this backend rather than forget its models.
-                    for (m, b) in self.table.load().iter() {
+                    for (m, (b, v)) in self.table.load().iter() {
                         if b == name {
-                            table.insert(m.clone(), b.clone());
+                            table.insert(m.clone(), (b.clone(), v.clone()));
                         }
                     }
                 }
@@ -75,12 +75,15 @@ impl Gateway {
     }
 
     /// The backend serving `model`, which must be of `kind` if given. An unknown model triggers
-    /// one immediate refresh (at most once a second) before answering NOT_FOUND.
+    /// one immediate refresh (at most once a second) before answering NOT_FOUND; a name no
+    /// model can have (too long, not visible ASCII) is refused first, so it is never looked up
+    /// nor echoed back in a message.
     pub async fn backend_for(
         &self,
         model: &str,
         kind: Option<BackendKind>,
     ) -> Result<Arc<BackendPool>, GatewayError> {
+        batch::check_name("model", model)?;
         // APIs whose requests may leave the model unset (language) or have none
         // (recommendation) go to the first backend of their kind.
         if model.is_empty()
@@ -98,13 +101,13 @@ impl Gateway {
                     .into()
                 });
         }
-        let mut name = self.table.load().get(model).cloned();
+        let mut name = self.table.load().get(model).map(|(b, _)| b.clone());
         if name.is_none()
             && self.started.elapsed().as_millis() as u64
                 > self.last_refresh_ms.load(Ordering::Relaxed) + 1_000
         {
             self.refresh_models().await;
-            name = self.table.load().get(model).cloned();
+            name = self.table.load().get(model).map(|(b, _)| b.clone());
         }
         let pool = name
             .and_then(|n| self.backends.get(&n).cloned())
@@ -124,10 +127,15 @@ impl Gateway {
             .table
             .load()
             .iter()
-            .map(|(m, b)| (m.clone(), b.clone()))
+            .map(|(m, (b, _))| (m.clone(), b.clone()))
             .collect();
         v.sort();
         v
+    }
+
+    /// The version of `model` its backend reported serving, if known.
+    pub fn served_version(&self, model: &str) -> Option<String> {
+        self.table.load().get(model).map(|(_, v)| v.clone())
     }
 
     /// Whether every backend has a healthy replica.
@@ -215,6 +223,28 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => refresher.refresh_models().await,
+            }
+        }
+    });
+    // Batch keys unused for `batch_key_idle_ms` are dropped; sweeping at half that keeps an
+    // idle key at most 1.5 times as long.
+    let sweeper = gateway.clone();
+    let stop = shutdown.clone();
+    let idle = settings
+        .routes
+        .vision
+        .batch_key_idle_ms
+        .min(settings.routes.inference.batch_key_idle_ms);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis((idle / 2).max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    sweeper.classify_batches.sweep();
+                    sweeper.infer_batches.sweep();
+                }
             }
         }
     });

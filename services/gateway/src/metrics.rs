@@ -19,6 +19,8 @@ pub struct GatewayMetrics {
     pub auth_failures: IntCounterVec,
     /// Items per coalesced backend call, by route.
     pub batch_size: HistogramVec,
+    /// Batch keys held, by route (bounded by `routes.<route>.max_batch_keys`).
+    pub batch_keys: IntGaugeVec,
 }
 
 impl GatewayMetrics {
@@ -51,6 +53,17 @@ impl GatewayMetrics {
         registry
             .register(Box::new(batch_size.clone()))
             .expect("unique metric, this is a bug");
+        let batch_keys = IntGaugeVec::new(
+            Opts::new(
+                "marquee_gateway_batch_keys",
+                "Batch keys (model and call shape) held by the cross-client batcher.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric, this is a bug");
+        registry
+            .register(Box::new(batch_keys.clone()))
+            .expect("unique metric, this is a bug");
         Self {
             requests: counter(
                 "marquee_gateway_requests_total",
@@ -79,6 +92,7 @@ impl GatewayMetrics {
                 &["reason"],
             ),
             batch_size,
+            batch_keys,
         }
     }
 }

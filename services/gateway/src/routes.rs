@@ -32,7 +32,9 @@ use tonic::{Request, Response, Status};
 
 use crate::access::principal;
 use crate::backend::outgoing;
-use crate::batch::{ClassifyDispatch, InferDispatch, InferKey};
+use crate::batch::{
+    ClassifyDispatch, InferDispatch, InferKey, InferPlan, MAX_BATCHED_TOP_K, check_name, send_infer,
+};
 use crate::config::BackendKind;
 use crate::error::GatewayError;
 use crate::{Gateway, check_size, deadline};
@@ -80,17 +82,21 @@ impl VisionRoute {
         let _slot = backend
             .admit(&self.gw.quotas, &who.tenant, deadline)
             .await?;
-        if route.batching {
+        // A `top_k` past what any model here has classes for goes alone: the backend judges
+        // it, and made-up values never become batch keys.
+        if route.batching && (1..=MAX_BATCHED_TOP_K).contains(&req.top_k) {
             let (model, top_k) = (req.model.clone(), req.top_k);
-            let coalescer = self
+            let (labels, model_version) = self
                 .gw
                 .classify_batches
-                .get((model.clone(), top_k), &backend, || ClassifyDispatch {
-                    model,
-                    top_k,
-                });
-            let (labels, model_version) = coalescer
-                .call(req.image.unwrap_or_default(), deadline)
+                .call(
+                    (model.clone(), top_k),
+                    &req.model,
+                    &backend,
+                    || ClassifyDispatch { model, top_k },
+                    req.image.unwrap_or_default(),
+                    deadline,
+                )
                 .await?;
             return Ok(ClassifyResponse {
                 model: req.model,
@@ -305,11 +311,7 @@ impl GrpcInferenceService for InferenceRoute {
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let route = &self.gw.settings.routes.inference;
-        let key = route
-            .batching
-            .then(|| InferKey::of(req.get_ref()))
-            .flatten();
-        let Some(key) = key else {
+        if !route.batching {
             return self
                 .forward(
                     req,
@@ -318,18 +320,32 @@ impl GrpcInferenceService for InferenceRoute {
                     |mut c, r| async move { c.model_infer(r).await },
                 )
                 .await;
-        };
+        }
         let who = principal(&req)?;
         let deadline = deadline(req.metadata(), route);
         let req = req.into_inner();
         check_size("inference", route, req.encoded_len())?;
+        check_name("model_name", &req.model_name)?;
         let backend = self.gw.backend_for(&req.model_name, None).await?;
         who.require(backend.cfg.kind.scope())?;
+        // Checked before a fair slot is taken: a request whose payload does not match its
+        // shape is refused alone and never joins a batch.
+        let served = self.gw.served_version(&req.model_name);
+        let plan = InferKey::plan(req, route, served.as_deref())?;
         let _slot = backend
             .admit(&self.gw.quotas, &who.tenant, deadline)
             .await?;
-        let coalescer = self.gw.infer_batches.get(key, &backend, || InferDispatch);
-        Ok(Response::new(coalescer.call(req, deadline).await?))
+        let resp = match plan {
+            InferPlan::Batch(key, item) => {
+                let model = key.model.clone();
+                self.gw
+                    .infer_batches
+                    .call(key, &model, &backend, || InferDispatch, item, deadline)
+                    .await?
+            }
+            InferPlan::Alone(req) => send_infer(&backend, req, deadline).await?,
+        };
+        Ok(Response::new(resp))
     }
 
     async fn repository_index(
