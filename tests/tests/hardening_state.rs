@@ -449,8 +449,8 @@ fn a_full_disk_mid_record_loses_no_acknowledged_feedback() {
         }
         assert_eq!(acked.values().sum::<u32>(), 20, "20 records fit: {acked:?}");
         // Still full: refused again, and nothing of these is kept either.
-        for n in 0..5 {
-            let e = c.record_feedback(watch(a, items[n])).await.unwrap_err();
+        for &item in &items[..5] {
+            let e = c.record_feedback(watch(a, item)).await.unwrap_err();
             assert_eq!(e.code(), Code::Unavailable, "{e:?}");
         }
         // The operator frees the disk: events after the failures are acknowledged.
@@ -467,8 +467,8 @@ fn a_full_disk_mid_record_loses_no_acknowledged_feedback() {
             .await
             .expect("forget");
         acked.remove(&gone);
-        for n in 0..10 {
-            c.record_feedback(watch(a, items[n]))
+        for &item in &items[..10] {
+            c.record_feedback(watch(a, item))
                 .await
                 .expect("after compaction");
             *acked.entry(a).or_insert(0) += 1;
