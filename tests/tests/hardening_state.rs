@@ -206,12 +206,8 @@ async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
         );
         seen_at_reply.push(seen);
     }
-    // The stream outlived the burst (fewer than its 200 tokens when the last reply came), so
-    // it ran during every OIP batch counted below.
-    assert!(
-        seen_at_reply.iter().all(|&n| n < 200),
-        "the stream finished before the burst: {seen_at_reply:?}"
-    );
+    // Every OIP batch since the stream started was followed by a decode step (the stream,
+    // 200 tokens long, outlives the burst's few dozen batches unless the batches starve it).
     let oip_batches = step_count(&server, "oip") - oip_steps_before;
     let decode_steps = step_count(&server, "decode") - decode_steps_before;
     assert!(
