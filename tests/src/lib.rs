@@ -2,6 +2,8 @@
 //! repository, real gRPC clients over loopback. No fixed ports, no sleeps: servers are used
 //! once they report ready.
 
+pub mod state;
+
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

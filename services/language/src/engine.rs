@@ -10,6 +10,13 @@
 //!    and the prefill stays within `max_prefill_tokens`; they are prefilled together;
 //! 3. one decode step advances every running sequence by one token.
 //!
+//! Open Inference Protocol calls (raw logits by full recompute) share the loop but not its
+//! budget: each iteration computes queued OIP requests in arrival order up to
+//! `oip_max_tokens_per_step` token positions, before its decode step, so a burst of them
+//! delays each decode step by at most that much compute instead of stalling every stream until
+//! the burst is done. An OIP request whose caller left or whose deadline passed is dropped
+//! before compute; the OIP queue has its own bound (`oip_queue_capacity`).
+//!
 //! The KV cache is two preallocated buffers `[layers, max_batch, heads, context, head_dim]`.
 //! Running sequences occupy slots `0..n` contiguously (a leaving sequence's slot is refilled
 //! by copying the last one into it), so a decode step passes `narrow` views of the buffers and
@@ -36,6 +43,11 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     pub decode_steps_per_prefill: usize,
     pub max_prefill_tokens: usize,
+    /// OIP requests waiting; beyond it, `RESOURCE_EXHAUSTED`.
+    pub oip_queue_capacity: usize,
+    /// Token positions (rows x tokens) of OIP requests computed per engine iteration; a
+    /// request larger than this is refused by the handler.
+    pub oip_max_tokens_per_step: usize,
     pub threads: usize,
     pub device: Device,
 }
@@ -110,7 +122,15 @@ struct ForwardJob {
     ids: Vec<i64>,
     batch: usize,
     len: usize,
+    deadline: Instant,
     reply: oneshot::Sender<Result<Vec<f32>, ServeError>>,
+}
+
+impl ForwardJob {
+    /// Token positions the full recompute runs over: its share of the step budget.
+    fn tokens(&self) -> usize {
+        self.batch * self.len
+    }
 }
 
 enum Work {
@@ -118,9 +138,19 @@ enum Work {
     Forward(ForwardJob),
 }
 
+/// Generation and OIP work in one arrival-ordered queue (so a failing engine answers both
+/// alike), bounded separately: `forwards` counts the `Work::Forward` items.
 struct Queue {
     items: VecDeque<Work>,
+    forwards: usize,
     closed: bool,
+}
+
+impl Queue {
+    fn generations(&self) -> usize {
+        // Saturating: a failed engine empties `items` without recounting.
+        self.items.len().saturating_sub(self.forwards)
+    }
 }
 
 struct Shared {
@@ -177,6 +207,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
+                forwards: 0,
                 closed: false,
             }),
             wake: Condvar::new(),
@@ -258,18 +289,34 @@ impl Engine {
         self.push(Work::Generate(job))
     }
 
-    /// Full-recompute logits `[batch, len, vocab]` for `ids` (`batch * len` token ids).
+    /// The most token positions (rows x tokens) one OIP request may ask for.
+    pub fn oip_max_tokens(&self) -> usize {
+        self.cfg.oip_max_tokens_per_step
+    }
+
+    /// Full-recompute logits `[batch, len, vocab]` for `ids` (`batch * len` token ids, at most
+    /// [`Self::oip_max_tokens`]). Dropped unanswered if the caller goes away first (dropping
+    /// this future), refused with `DEADLINE_EXCEEDED` if `deadline` passes before compute.
     pub async fn forward(
         &self,
         ids: Vec<i64>,
         batch: usize,
         len: usize,
+        deadline: Instant,
     ) -> Result<Vec<f32>, ServeError> {
+        debug_assert!(batch * len <= self.cfg.oip_max_tokens_per_step);
+        if Instant::now() >= deadline {
+            self.metrics.oip_outcome("deadline");
+            return Err(ServeError::DeadlineExceeded(
+                "the deadline passed before the request reached the engine".into(),
+            ));
+        }
         let (reply, rx) = oneshot::channel();
         self.push(Work::Forward(ForwardJob {
             ids,
             batch,
             len,
+            deadline,
             reply,
         }))?;
         rx.await
@@ -287,27 +334,41 @@ impl Engine {
                 "the language engine is shutting down".into(),
             ));
         }
-        if q.items.len() >= self.cfg.queue_capacity {
+        let full = match &work {
+            Work::Generate(_) if q.generations() >= self.cfg.queue_capacity => Some(format!(
+                "the generation queue is full ({} requests waiting, `language.queue_capacity` = {}); retry later",
+                q.generations(),
+                self.cfg.queue_capacity
+            )),
+            Work::Forward(_) if q.forwards >= self.cfg.oip_queue_capacity => {
+                self.metrics.oip_outcome("queue_full");
+                Some(format!(
+                    "the OIP queue is full ({} requests waiting, `language.oip_queue_capacity` = {}); retry later",
+                    q.forwards, self.cfg.oip_queue_capacity
+                ))
+            }
+            _ => None,
+        };
+        if let Some(message) = full {
             self.metrics
                 .core
                 .rejected
                 .with_label_values(&[&self.metrics.model, "queue_full"])
                 .inc();
             return Err(ServeError::Overloaded {
-                message: format!(
-                    "the generation queue is full ({} requests waiting, `language.queue_capacity` = {}); retry later",
-                    q.items.len(),
-                    self.cfg.queue_capacity
-                ),
+                message,
                 retry_after: Duration::from_millis(200),
             });
         }
+        if matches!(work, Work::Forward(_)) {
+            q.forwards += 1;
+            self.metrics
+                .oip_queued
+                .with_label_values(&[&self.metrics.model])
+                .inc();
+        }
         q.items.push_back(work);
-        self.metrics
-            .core
-            .queue_depth
-            .with_label_values(&[&self.metrics.model])
-            .set(q.items.len() as i64);
+        self.metrics.queue_depths(q.generations(), q.forwards);
         drop(q);
         self.shared.wake.notify_one();
         Ok(())
@@ -437,10 +498,7 @@ impl Worker {
             let admit_now =
                 self.running.is_empty() || steps_since_prefill >= self.cfg.decode_steps_per_prefill;
             let (jobs, forwards, closed) = self.take_work(admit_now);
-            for f in forwards {
-                let out = self.forward_logits(&f.ids, f.batch, f.len);
-                let _ = f.reply.send(out);
-            }
+            self.run_forwards(forwards);
             if !jobs.is_empty() {
                 self.admit(jobs);
                 steps_since_prefill = 0;
@@ -454,7 +512,9 @@ impl Worker {
         }
     }
 
-    /// Takes forward jobs and, when `admit` is set, the generation jobs that fit; blocks while
+    /// Takes this iteration's share of OIP work (arrival order, within
+    /// `oip_max_tokens_per_step`) and, when `admit` is set, the generation jobs that fit;
+    /// drops OIP work whose caller left or whose deadline passed wherever it waits; blocks while
     /// there is nothing at all to do.
     fn take_work(&mut self, admit: bool) -> (Vec<Job>, Vec<ForwardJob>, bool) {
         let Ok(mut q) = self.shared.queue.lock() else {
@@ -466,16 +526,36 @@ impl Worker {
                 Err(_) => return (Vec::new(), Vec::new(), true),
             };
         }
+        let now = Instant::now();
         let mut forwards = Vec::new();
+        let mut forward_tokens = 0usize;
+        // Arrival order for OIP too: one that does not fit this step's budget waits for the
+        // next, and so do those behind it.
+        let mut forwards_blocked = false;
         let mut jobs = Vec::new();
         let mut slots = self.cfg.max_batch - self.running.len();
         let mut tokens = self.used_tokens;
         let mut prefill_tokens = 0usize;
         let mut kept = VecDeque::with_capacity(q.items.len());
+        let mut kept_forwards = 0usize;
         let mut blocked = !admit;
         while let Some(work) = q.items.pop_front() {
             match work {
-                Work::Forward(f) => forwards.push(f),
+                Work::Forward(f) => {
+                    let Some(f) = self.screen_forward(f, now) else {
+                        continue;
+                    };
+                    if !forwards_blocked
+                        && forward_tokens + f.tokens() <= self.cfg.oip_max_tokens_per_step
+                    {
+                        forward_tokens += f.tokens();
+                        forwards.push(f);
+                    } else {
+                        forwards_blocked = true;
+                        kept_forwards += 1;
+                        kept.push_back(Work::Forward(f));
+                    }
+                }
                 Work::Generate(job) if blocked => kept.push_back(Work::Generate(job)),
                 Work::Generate(job) => {
                     if job.events.is_closed() {
@@ -510,12 +590,57 @@ impl Worker {
             }
         }
         q.items = kept;
-        self.metrics
-            .core
-            .queue_depth
-            .with_label_values(&[&self.metrics.model])
-            .set(q.items.len() as i64);
+        q.forwards = kept_forwards;
+        self.metrics.queue_depths(q.generations(), q.forwards);
         (jobs, forwards, q.closed)
+    }
+
+    /// Drops OIP work that must not be computed: its caller left (the reply channel is
+    /// closed: cancelled, or the transport's deadline dropped the call) or its deadline passed.
+    fn screen_forward(&self, f: ForwardJob, now: Instant) -> Option<ForwardJob> {
+        if f.reply.is_closed() {
+            self.metrics.oip_outcome("cancelled");
+            self.metrics.rejected("cancelled");
+            return None;
+        }
+        if now >= f.deadline {
+            self.metrics.oip_outcome("deadline");
+            self.metrics.rejected("deadline");
+            let _ = f.reply.send(Err(ServeError::DeadlineExceeded(
+                "the deadline passed while the request waited in the OIP queue".into(),
+            )));
+            return None;
+        }
+        Some(f)
+    }
+
+    /// Computes this iteration's OIP requests one by one, each checked again just before its
+    /// compute (the ones before it took time).
+    fn run_forwards(&mut self, forwards: Vec<ForwardJob>) {
+        if forwards.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let (mut computed, mut tokens) = (0usize, 0usize);
+        for f in forwards {
+            let Some(f) = self.screen_forward(f, Instant::now()) else {
+                continue;
+            };
+            let out = self.forward_logits(&f.ids, f.batch, f.len);
+            self.metrics
+                .oip_outcome(if out.is_ok() { "computed" } else { "failed" });
+            computed += 1;
+            tokens += f.tokens();
+            let _ = f.reply.send(out);
+        }
+        if computed > 0 {
+            self.metrics
+                .observe_step("oip", started.elapsed(), computed);
+            self.metrics
+                .oip_step_tokens
+                .with_label_values(&[&self.metrics.model])
+                .observe(tokens as f64);
+        }
     }
 
     /// Removes sequences whose caller cancelled or whose deadline passed.

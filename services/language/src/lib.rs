@@ -28,6 +28,15 @@ use tonic_health::ServingStatus;
 /// Service name in metadata, logs and traces.
 pub const NAME: &str = "marquee-language";
 
+/// Default of `language.oip_queue_capacity`: OIP calls are single forward passes; 64 waiting
+/// is a few seconds of work at most on CPU, beyond which a caller is better told to retry.
+pub const DEFAULT_OIP_QUEUE_CAPACITY: usize = 64;
+
+/// Default of `language.oip_max_tokens_per_step`: 8 rows (the most one OIP request may have)
+/// of the default model's 256-token context, so every request that was valid before the
+/// budget existed still is. Lower it to favour the running streams over raw-logit callers.
+pub const DEFAULT_OIP_MAX_TOKENS_PER_STEP: usize = 2048;
+
 /// All settings of the language service.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +66,14 @@ pub struct LanguageSettings {
     pub decode_steps_per_prefill: usize,
     /// Prompt tokens one prefill may take (bounds how long a prefill stalls running streams).
     pub max_prefill_tokens: usize,
+    /// OIP `ModelInfer` calls waiting for the engine; beyond it, `RESOURCE_EXHAUSTED` with
+    /// `RetryInfo`.
+    pub oip_queue_capacity: usize,
+    /// Token positions (rows x tokens) of OIP `ModelInfer` work the engine computes per
+    /// iteration, before its decode step: bounds how long raw-logit calls delay the running
+    /// streams. A request larger than this is refused (`INVALID_ARGUMENT`); at least the
+    /// model's context length.
+    pub oip_max_tokens_per_step: usize,
     /// Upper bound of a request's `max_new_tokens`.
     pub max_new_tokens: usize,
     /// `max_new_tokens` when a request sets none.
@@ -83,6 +100,8 @@ impl Default for LanguageSettings {
             queue_capacity: 128,
             decode_steps_per_prefill: 4,
             max_prefill_tokens: 2048,
+            oip_queue_capacity: DEFAULT_OIP_QUEUE_CAPACITY,
+            oip_max_tokens_per_step: DEFAULT_OIP_MAX_TOKENS_PER_STEP,
             max_new_tokens: 256,
             default_max_new_tokens: 64,
             max_stop_sequences: 4,
@@ -105,6 +124,8 @@ impl Validate for Settings {
             ("queue_capacity", l.queue_capacity),
             ("decode_steps_per_prefill", l.decode_steps_per_prefill),
             ("max_prefill_tokens", l.max_prefill_tokens),
+            ("oip_queue_capacity", l.oip_queue_capacity),
+            ("oip_max_tokens_per_step", l.oip_max_tokens_per_step),
             ("max_new_tokens", l.max_new_tokens),
             ("default_max_new_tokens", l.default_max_new_tokens),
             ("max_stop_bytes", l.max_stop_bytes),
@@ -164,6 +185,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             spec.context_length
         );
     }
+    if l.oip_max_tokens_per_step < spec.context_length {
+        anyhow::bail!(
+            "`language.oip_max_tokens_per_step` ({}) must be >= the model's context_length ({}), or a one-row full-context OIP request could never run",
+            l.oip_max_tokens_per_step,
+            spec.context_length
+        );
+    }
     if l.max_total_tokens < spec.context_length {
         anyhow::bail!(
             "`language.max_total_tokens` ({}) must be >= the model's context_length ({})",
@@ -194,6 +222,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         queue_capacity: l.queue_capacity,
         decode_steps_per_prefill: l.decode_steps_per_prefill,
         max_prefill_tokens: l.max_prefill_tokens,
+        oip_queue_capacity: l.oip_queue_capacity,
+        oip_max_tokens_per_step: l.oip_max_tokens_per_step,
         threads: l.threads.unwrap_or(files.manifest.instance.threads),
         device,
     };
@@ -275,4 +305,29 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         metrics,
         task: serving.task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oip_share_settings_must_be_positive() {
+        let mut s = Settings::default();
+        s.language.oip_queue_capacity = 0;
+        s.language.oip_max_tokens_per_step = 0;
+        let mut errors = Vec::new();
+        s.validate(&mut errors);
+        for key in ["oip_queue_capacity", "oip_max_tokens_per_step"] {
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains(&format!("`language.{key}` must be at least 1"))),
+                "{errors:?}"
+            );
+        }
+        let mut errors = Vec::new();
+        Settings::default().validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
 }

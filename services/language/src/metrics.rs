@@ -13,6 +13,16 @@ const TOKEN_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Token positions of OIP work per engine iteration: powers of two, so that a power-of-two
+/// `language.oip_max_tokens_per_step` is a bucket bound and "never above the budget" reads
+/// off one bucket.
+const OIP_TOKEN_BUCKETS: &[f64] = &[
+    16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
+/// What became of an OIP request (the `outcome` label of `marquee_language_oip_requests_total`).
+pub const OIP_OUTCOMES: &[&str] = &["computed", "failed", "deadline", "cancelled", "queue_full"];
+
 #[derive(Clone)]
 pub struct LanguageMetrics {
     pub core: Metrics,
@@ -29,6 +39,12 @@ pub struct LanguageMetrics {
     pub budget_used: IntGaugeVec,
     pub budget_capacity: IntGaugeVec,
     pub finished: IntCounterVec,
+    /// OIP requests by outcome (one of [`OIP_OUTCOMES`]).
+    pub oip_requests: IntCounterVec,
+    /// OIP requests accepted into the queue.
+    pub oip_queued: IntCounterVec,
+    pub oip_queue_depth: IntGaugeVec,
+    pub oip_step_tokens: HistogramVec,
 }
 
 impl LanguageMetrics {
@@ -105,7 +121,52 @@ impl LanguageMetrics {
                 "Generations finished, by reason (length, stop, eos).",
                 &["model", "reason"],
             )?,
+            oip_requests: counter(
+                "marquee_language_oip_requests_total",
+                "OIP ModelInfer requests by outcome: computed, failed, or dropped before compute (deadline, cancelled, queue_full).",
+                &["model", "outcome"],
+            )?,
+            oip_queued: counter(
+                "marquee_language_oip_queued_total",
+                "OIP ModelInfer requests accepted into the engine queue.",
+                &["model"],
+            )?,
+            oip_queue_depth: gauge(
+                "marquee_language_oip_queue_depth",
+                "OIP ModelInfer requests waiting for the engine.",
+            )?,
+            oip_step_tokens: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "marquee_language_oip_step_tokens",
+                        "Token positions (rows x tokens) of OIP requests computed in one engine iteration.",
+                    )
+                    .buckets(OIP_TOKEN_BUCKETS.to_vec()),
+                    &["model"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
         })
+    }
+
+    /// Counts an OIP request's outcome; `outcome` is one of [`OIP_OUTCOMES`].
+    pub fn oip_outcome(&self, outcome: &'static str) {
+        debug_assert!(OIP_OUTCOMES.contains(&outcome));
+        self.oip_requests
+            .with_label_values(&[&self.model, outcome])
+            .inc();
+    }
+
+    /// The engine queue's depth: generation requests (the core gauge) and OIP requests.
+    pub fn queue_depths(&self, generations: usize, forwards: usize) {
+        self.core
+            .queue_depth
+            .with_label_values(&[&self.model])
+            .set(generations as i64);
+        self.oip_queue_depth
+            .with_label_values(&[&self.model])
+            .set(forwards as i64);
     }
 
     pub fn rejected(&self, reason: &str) {

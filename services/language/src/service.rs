@@ -380,6 +380,17 @@ impl LanguageOip {
             ));
         }
         let (batch, len) = (input.shape[0] as usize, input.shape[1] as usize);
+        let budget = self.0.engine.oip_max_tokens();
+        if batch * len > budget {
+            return Err(ServeError::invalid(
+                "inputs[0].shape",
+                format!(
+                    "`inputs[0].shape` {:?} asks for {} token positions; at most {budget} per request (`language.oip_max_tokens_per_step`)",
+                    input.shape,
+                    batch * len
+                ),
+            ));
+        }
         let ids: Vec<i64> = if let Some(raw) = req.raw_input_contents.first() {
             if raw.len() != batch * len * 8 {
                 return Err(ServeError::invalid(
@@ -487,10 +498,11 @@ impl GrpcInferenceService for LanguageOip {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = deadline(req.metadata(), &self.0.server);
         let req = req.into_inner();
         self.check(&req.model_name, &req.model_version)?;
         let (ids, batch, len) = self.ids(&req)?;
-        let logits = self.0.engine.forward(ids, batch, len).await?;
+        let logits = self.0.engine.forward(ids, batch, len, deadline).await?;
         let vocab = self.0.engine.shape.vocab as i64;
         let raw = !req.raw_input_contents.is_empty();
         let (contents, raw_output_contents) = if raw {

@@ -9,6 +9,13 @@
 //! record that does not check out, truncates the file to the last good record and fsyncs it:
 //! nothing after a bad record can be trusted, and everything acknowledged before it was
 //! fsync'd whole.
+//!
+//! Since replay stops at the first bad record, no record may ever follow one: a write or fsync
+//! that fails (a full disk: `ENOSPC`, `EFBIG`; an I/O error) can leave part of a record behind,
+//! so the log cuts the file back to the end of the last good record and fsyncs that before it
+//! answers, and until that cut has succeeded it refuses every write (`UNAVAILABLE`). So an
+//! acknowledged record is always followed only by whole, acknowledged records, and replay (and
+//! compaction, which parses the same way) sees every one of them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -127,10 +134,125 @@ pub struct Replay {
     pub dropped_bytes: u64,
 }
 
+/// Why the log did not take a record. Either way the record was not acknowledged, and nothing
+/// of it will be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Writing or fsyncing the record failed and whatever it left was cut off again: the log
+    /// is whole and takes the next record.
+    #[error("writing the feedback log failed ({0}); the event was not recorded, retry later")]
+    Write(std::io::Error),
+    /// The log takes no records until a repair succeeds: cutting off a partial record, or
+    /// reopening the log after a compaction. Each later write retries the repair first.
+    #[error("the feedback log is not writable ({0}); the event was not recorded, retry later")]
+    Unavailable(String),
+    /// A compaction (`ForgetUser`) failed before replacing the log: the old log is in place,
+    /// unchanged.
+    #[error("compacting the feedback log failed ({0}); nothing was forgotten, retry later")]
+    Compact(std::io::Error),
+}
+
+/// What the log needs of its file: a `File` in production, a fake that fails on cue in the
+/// unit tests of [`Tail`].
+pub trait LogFile {
+    /// Writes all of `buf` at byte `offset`. A failure may leave any prefix of it written.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Makes the written data durable.
+    fn sync_data(&mut self) -> std::io::Result<()>;
+    /// Cuts the file to `len` bytes and makes the new length durable.
+    fn truncate(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl LogFile for File {
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.seek(SeekFrom::Start(offset))?;
+        self.write_all(buf)
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)?;
+        self.sync_all()
+    }
+}
+
+/// The appending end of the log: the file, where its last good record ends, and whether bytes
+/// after that end (a partial record) must be cut off before anything else is written.
+pub struct Tail<F> {
+    file: F,
+    end: u64,
+    dirty: bool,
+}
+
+impl<F: LogFile> Tail<F> {
+    /// A tail whose file holds `end` good bytes; `dirty` when bytes after them may exist.
+    pub fn new(file: F, end: u64, dirty: bool) -> Self {
+        Self { file, end, dirty }
+    }
+
+    /// Length of the good records (header included).
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Writes and fsyncs one frame after the last good record. On failure the frame's leftovers
+    /// are cut off at once; if that fails too, the tail stays dirty and refuses frames until a
+    /// later cut succeeds.
+    pub fn append(&mut self, frame: &[u8]) -> Result<(), LogError> {
+        if self.dirty {
+            self.repair().map_err(|e| {
+                LogError::Unavailable(format!("cutting off a partial record failed: {e}"))
+            })?;
+        }
+        let written = self
+            .file
+            .write_all_at(frame, self.end)
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.end += frame.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the frame may be on disk (a write cut short by a full disk), or all of
+                // it without a durable fsync: either way it was not acknowledged and must go.
+                self.dirty = true;
+                match self.repair() {
+                    Ok(()) => Err(LogError::Write(e)),
+                    Err(cut) => Err(LogError::Unavailable(format!(
+                        "{e}; cutting off the partial record failed too: {cut}"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Cuts the file back to the last good record, durably.
+    fn repair(&mut self) -> std::io::Result<()> {
+        self.file.truncate(self.end)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// Where appends go.
+enum Handle {
+    Open(Tail<File>),
+    /// A compaction replaced the log but reopening it failed: the old handle points at the
+    /// unlinked file, where records would be lost, so it is gone; the next append reopens the
+    /// log (`end` bytes of good records) or is refused.
+    Reopen {
+        end: u64,
+    },
+}
+
 /// The open log.
 pub struct FeedbackLog {
     path: PathBuf,
-    file: File,
+    handle: Handle,
     records: u64,
 }
 
@@ -211,27 +333,62 @@ impl FeedbackLog {
             }
             replay.records = records;
         }
-        file.seek(SeekFrom::End(0))?;
+        let end = file.seek(SeekFrom::End(0))?;
         let records = replay.records.len() as u64;
         Ok((
             Self {
                 path: path.to_path_buf(),
-                file,
+                handle: Handle::Open(Tail::new(file, end, false)),
                 records,
             },
             replay,
         ))
     }
 
-    /// Appends one record and fsyncs it; returns its sequence number (0-based).
-    pub fn append(&mut self, record: &Record) -> std::io::Result<u64> {
+    /// Appends one record and fsyncs it; returns its sequence number (0-based). An error means
+    /// the record was not written (and will not be replayed).
+    pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
         let frame = record.encode();
         // One write: a crash leaves the whole frame, a prefix of it (torn, dropped at
         // replay) or nothing.
-        self.file.write_all(&frame)?;
-        self.file.sync_data()?;
+        self.tail()?.append(&frame)?;
         self.records += 1;
         Ok(self.records - 1)
+    }
+
+    /// Whether appends go to the log now (false while a reopen after compaction is pending).
+    pub fn is_open(&self) -> bool {
+        matches!(self.handle, Handle::Open(_))
+    }
+
+    /// The open tail, reopening the log first if a compaction left it closed.
+    fn tail(&mut self) -> Result<&mut Tail<File>, LogError> {
+        if let Handle::Reopen { end } = self.handle {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| {
+                    LogError::Unavailable(format!(
+                        "reopening `{}` after compaction failed: {e}",
+                        self.path.display()
+                    ))
+                })?;
+            // Dirty: cut to the known end before the first write, whatever the file holds.
+            self.handle = Handle::Open(Tail::new(file, end, true));
+        }
+        match &mut self.handle {
+            Handle::Open(tail) => Ok(tail),
+            Handle::Reopen { .. } => unreachable!("reopened above, this is a bug"),
+        }
+    }
+
+    /// Length of the good records in the log file.
+    fn end(&self) -> u64 {
+        match &self.handle {
+            Handle::Open(tail) => tail.end(),
+            Handle::Reopen { end } => *end,
+        }
     }
 
     /// Records in the log.
@@ -247,28 +404,47 @@ impl FeedbackLog {
     /// replay also drops the user's training history). Write to a temporary file, fsync it,
     /// rename over the log, fsync the directory: a crash leaves the old or the new log, never a
     /// mix. Returns how many records of the user were removed.
-    pub fn forget(&mut self, user: UserHash) -> std::io::Result<u64> {
-        let bytes = std::fs::read(&self.path)?;
+    ///
+    /// Once the rename is done the user is forgotten durably, whatever follows: if reopening
+    /// the new log fails, appends are refused until a reopen succeeds (never written to the
+    /// old, unlinked file).
+    pub fn forget(&mut self, user: UserHash) -> Result<u64, LogError> {
+        let mut bytes = std::fs::read(&self.path).map_err(LogError::Compact)?;
+        // Only the good records: bytes after them are a partial record awaiting its cut.
+        bytes.truncate(self.end() as usize);
         let (records, _) = parse(&bytes);
         let before = records.len();
         let kept: Vec<Record> = records.into_iter().filter(|r| r.user() != user).collect();
         let removed = (before - kept.len()) as u64;
         let tmp = self.path.with_extension("compact.tmp");
-        {
+        let mut buf = Vec::with_capacity(bytes.len());
+        buf.extend_from_slice(MAGIC);
+        for r in kept.iter().chain(std::iter::once(&Record::Forget { user })) {
+            buf.extend_from_slice(&r.encode());
+        }
+        let written = (|| {
             let mut out = File::create(&tmp)?;
-            let mut buf = Vec::with_capacity(bytes.len());
-            buf.extend_from_slice(MAGIC);
-            for r in kept.iter().chain(std::iter::once(&Record::Forget { user })) {
-                buf.extend_from_slice(&r.encode());
-            }
             out.write_all(&buf)?;
             out.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = written {
+            // The old log is untouched; don't leave a partial copy of it behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(LogError::Compact(e));
         }
-        std::fs::rename(&tmp, &self.path)?;
-        sync_dir(parent(&self.path))?;
-        self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
-        self.file.seek(SeekFrom::End(0))?;
         self.records = kept.len() as u64 + 1;
+        // The old handle points at the unlinked file from here on: never write through it.
+        self.handle = Handle::Reopen {
+            end: buf.len() as u64,
+        };
+        let synced = sync_dir(parent(&self.path));
+        if let Err(e) = self.tail() {
+            tracing::error!(error = %e, "feedback log not reopened after compaction; refusing feedback until it is");
+        }
+        // Without the directory fsync the rename may not survive a crash: not acknowledged
+        // (a retry compacts again, finding nothing more to remove).
+        synced.map_err(LogError::Compact)?;
         Ok(removed)
     }
 }
@@ -387,6 +563,224 @@ mod tests {
         let mentions = raw.windows(16).filter(|w| *w == [1u8; 16]).count();
         assert_eq!(mentions, 1, "only the tombstone mentions the user");
         assert!(!dir.path().join("feedback.compact.tmp").exists());
+    }
+
+    /// A file in memory with a size limit (a full disk, `RLIMIT_FSIZE`: a write past it is
+    /// cut short there and fails) and fsync / truncate failures on cue.
+    struct FakeFile {
+        data: Vec<u8>,
+        limit: Option<usize>,
+        fail_syncs: usize,
+        fail_truncates: usize,
+    }
+
+    impl FakeFile {
+        fn new() -> Self {
+            Self {
+                data: MAGIC.to_vec(),
+                limit: None,
+                fail_syncs: 0,
+                fail_truncates: 0,
+            }
+        }
+    }
+
+    impl LogFile for FakeFile {
+        fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            let offset = offset as usize;
+            let room = self.limit.map_or(usize::MAX, |l| l.saturating_sub(offset));
+            let n = buf.len().min(room);
+            if self.data.len() < offset + n {
+                self.data.resize(offset + n, 0);
+            }
+            self.data[offset..offset + n].copy_from_slice(&buf[..n]);
+            if n < buf.len() {
+                Err(std::io::Error::from_raw_os_error(27)) // EFBIG
+            } else {
+                Ok(())
+            }
+        }
+
+        fn sync_data(&mut self) -> std::io::Result<()> {
+            if self.fail_syncs > 0 {
+                self.fail_syncs -= 1;
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            Ok(())
+        }
+
+        fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+            if self.fail_truncates > 0 {
+                self.fail_truncates -= 1;
+                return Err(std::io::Error::other("injected truncate failure"));
+            }
+            self.data.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    fn fake_tail() -> Tail<FakeFile> {
+        Tail::new(FakeFile::new(), MAGIC.len() as u64, false)
+    }
+
+    /// What replay would see in the fake file: the records, and whether every byte is part of
+    /// one (no torn tail for replay to stop at).
+    fn replayed(tail: &Tail<FakeFile>) -> (Vec<Record>, bool) {
+        let (records, good) = parse(&tail.file.data);
+        (records, good == tail.file.data.len())
+    }
+
+    #[test]
+    fn a_write_cut_short_by_a_full_disk_is_cut_off_and_later_records_replay() {
+        let mut tail = fake_tail();
+        for i in 0..3 {
+            tail.append(&fb(1, i).encode()).unwrap();
+        }
+        let end = tail.file.data.len();
+        tail.file.limit = Some(end + 20);
+        let err = tail.append(&fb(1, 3).encode()).unwrap_err();
+        assert!(matches!(err, LogError::Write(_)), "{err:?}");
+        assert_eq!(tail.file.data.len(), end, "the partial record was cut off");
+        // The disk has room again: the next record follows the last good one.
+        tail.file.limit = None;
+        tail.append(&fb(1, 4).encode()).unwrap();
+        assert_eq!(
+            replayed(&tail),
+            (vec![fb(1, 0), fb(1, 1), fb(1, 2), fb(1, 4)], true)
+        );
+    }
+
+    #[test]
+    fn a_failed_fsync_is_cut_off_too() {
+        let mut tail = fake_tail();
+        tail.append(&fb(1, 0).encode()).unwrap();
+        tail.file.fail_syncs = 1;
+        assert!(matches!(
+            tail.append(&fb(1, 1).encode()),
+            Err(LogError::Write(_))
+        ));
+        tail.append(&fb(1, 2).encode()).unwrap();
+        assert_eq!(replayed(&tail), (vec![fb(1, 0), fb(1, 2)], true));
+    }
+
+    #[test]
+    fn while_the_cut_fails_nothing_is_written_and_the_next_success_cuts_first() {
+        let mut tail = fake_tail();
+        tail.append(&fb(1, 0).encode()).unwrap();
+        tail.file.limit = Some(tail.file.data.len() + 10);
+        tail.file.fail_truncates = 2;
+        assert!(matches!(
+            tail.append(&fb(1, 1).encode()),
+            Err(LogError::Unavailable(_))
+        ));
+        let torn = tail.file.data.clone();
+        tail.file.limit = None;
+        assert!(matches!(
+            tail.append(&fb(1, 2).encode()),
+            Err(LogError::Unavailable(_))
+        ));
+        assert_eq!(
+            tail.file.data, torn,
+            "nothing written after a partial record"
+        );
+        tail.append(&fb(1, 3).encode()).unwrap();
+        assert_eq!(replayed(&tail), (vec![fb(1, 0), fb(1, 3)], true));
+    }
+
+    #[test]
+    fn under_random_failures_replay_sees_exactly_the_acknowledged_records() {
+        let mut tail = fake_tail();
+        let mut acked = Vec::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for i in 0..3000 {
+            let len = tail.file.data.len();
+            tail.file.limit = match rand(4) {
+                0 => Some(len + rand(80) as usize),
+                _ => None,
+            };
+            tail.file.fail_syncs = usize::from(rand(8) == 0);
+            tail.file.fail_truncates = rand(6).saturating_sub(3) as usize;
+            let r = fb((i % 7) as u8, i);
+            if tail.append(&r.encode()).is_ok() {
+                acked.push(r);
+            }
+        }
+        assert!(acked.len() > 1000 && acked.len() < 3000, "{}", acked.len());
+        (
+            tail.file.limit,
+            tail.file.fail_syncs,
+            tail.file.fail_truncates,
+        ) = (None, 0, 0);
+        let last = fb(9, 9999);
+        tail.append(&last.encode()).unwrap();
+        acked.push(last);
+        assert_eq!(replayed(&tail), (acked, true));
+    }
+
+    #[test]
+    fn after_a_failed_reopen_writes_are_refused_then_go_to_the_new_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feedback.log");
+        let (mut log, _) = FeedbackLog::open(&path).unwrap();
+        log.append(&fb(1, 10)).unwrap();
+        log.append(&fb(2, 20)).unwrap();
+        assert_eq!(log.forget(UserHash([1; 16])).unwrap(), 1);
+        assert!(log.is_open());
+        // What a compaction whose reopen failed leaves: no handle (the old one points at the
+        // unlinked file), and for now nothing openable at the log's path.
+        log.handle = Handle::Reopen { end: log.end() };
+        let aside = dir.path().join("aside");
+        std::fs::rename(&path, &aside).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = log.append(&fb(2, 21)).unwrap_err();
+        assert!(matches!(err, LogError::Unavailable(_)), "{err:?}");
+        assert!(!log.is_open());
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::rename(&aside, &path).unwrap();
+        assert_eq!(log.append(&fb(2, 22)).unwrap(), 2);
+        assert!(log.is_open());
+        drop(log);
+        assert_eq!(
+            read_all(&path).unwrap().records,
+            vec![
+                fb(2, 20),
+                Record::Forget {
+                    user: UserHash([1; 16])
+                },
+                fb(2, 22)
+            ]
+        );
+    }
+
+    #[test]
+    fn forget_ignores_a_partial_record_awaiting_its_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feedback.log");
+        let (mut log, _) = FeedbackLog::open(&path).unwrap();
+        log.append(&fb(1, 10)).unwrap();
+        log.append(&fb(2, 20)).unwrap();
+        // A whole but unacknowledged record after the good end (fsync failed, cut failed).
+        {
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(&fb(2, 21).encode()).unwrap();
+        }
+        assert_eq!(log.forget(UserHash([1; 16])).unwrap(), 1);
+        drop(log);
+        assert_eq!(
+            read_all(&path).unwrap().records,
+            vec![
+                fb(2, 20),
+                Record::Forget {
+                    user: UserHash([1; 16])
+                }
+            ]
+        );
     }
 
     #[test]

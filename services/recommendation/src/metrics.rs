@@ -37,6 +37,9 @@ pub struct RecMetrics {
     pub feedback: IntCounterVec,
     pub forgotten: IntCounter,
     pub log_dropped_bytes: IntCounter,
+    /// Feedback-log writes refused, by `error`: `write` (failed and cut off again),
+    /// `unavailable` (refused until a repair or reopen succeeds), `compact` (ForgetUser).
+    pub log_errors: IntCounterVec,
     exposure: Arc<Mutex<Exposure>>,
 }
 
@@ -96,6 +99,14 @@ impl RecMetrics {
             &["event"],
         )?;
         registry.register(Box::new(feedback.clone()))?;
+        let log_errors = IntCounterVec::new(
+            Opts::new(
+                "marquee_recommendation_feedback_log_errors_total",
+                "Feedback-log operations that failed (nothing acknowledged), by error: write, unavailable, compact.",
+            ),
+            &["error"],
+        )?;
+        registry.register(Box::new(log_errors.clone()))?;
         let exposure = Arc::new(Mutex::new(Exposure {
             counts: vec![0; num_items + 1],
             ..Exposure::default()
@@ -146,6 +157,7 @@ impl RecMetrics {
                 "marquee_recommendation_feedback_log_dropped_bytes_total",
                 "Bytes of torn or corrupt feedback-log tail cut off at start.",
             )?,
+            log_errors,
             exposure,
         })
     }

@@ -46,8 +46,12 @@ impl UserKey {
         Self(key)
     }
 
-    /// Reads the key file, or creates it (32 random bytes, mode 0600, fsync'd) when missing:
-    /// the key must survive restarts because the feedback log stores hashes.
+    /// Reads the key file, or creates it (32 random bytes, mode 0600) when missing: the key
+    /// must survive restarts because the feedback log stores hashes.
+    ///
+    /// Created atomically: written to a temporary file, fsync'd, renamed into place, directory
+    /// fsync'd. A crash (or a full disk) mid-way leaves no key file or a whole one, never a
+    /// short one that would refuse every later start or, worse, hash with a different key.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
         if path.exists() {
             let key = std::fs::read(path)?;
@@ -63,20 +67,32 @@ impl UserKey {
             }
             return Ok(Self(key));
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(dir)?;
         let mut key = vec![0u8; 32];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(path)?;
-        f.write_all(&key)?;
-        f.sync_all()?;
-        if let Some(dir) = path.parent() {
-            crate::feedback::sync_dir(dir)?;
+        let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = path.with_file_name(tmp_name);
+        // A temporary file left by an earlier crash is not the key: start it afresh.
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| {
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(&tmp)?;
+            f.write_all(&key)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            crate::feedback::sync_dir(dir)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         Ok(Self(key))
     }
@@ -117,5 +133,23 @@ mod tests {
         assert_eq!(k1.hash(7), k2.hash(7));
         std::fs::write(&path, b"short").unwrap();
         assert!(UserKey::load_or_create(&path).is_err());
+    }
+
+    #[test]
+    fn key_file_is_created_whole_with_no_temporary_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user_id.key");
+        // A temporary file left by a crash mid-creation is not the key, and is replaced.
+        std::fs::write(dir.path().join("user_id.key.tmp"), b"torn").unwrap();
+        let key = UserKey::load_or_create(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 32);
+        assert!(!dir.path().join("user_id.key.tmp").exists());
+        assert_eq!(UserKey::load_or_create(&path).unwrap().hash(1), key.hash(1));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::RecommendationSettings;
 use crate::engine::{Engine, EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, ValidFilter};
-use crate::feedback::{EventKind, FeedbackLog, Record};
+use crate::feedback::{EventKind, FeedbackLog, LogError, Record};
 use crate::model::Catalog;
 use crate::privacy::UserKey;
 use crate::users::{Subject, Users};
@@ -32,7 +32,10 @@ pub enum RecError {
     NotFound { field: String, message: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// Writing or compacting the feedback log failed; the event was not acknowledged.
+    /// Writing or compacting the feedback log failed; nothing was acknowledged.
+    #[error(transparent)]
+    Feedback(#[from] LogError),
+    /// The task writing the feedback log failed (a bug).
     #[error("feedback log: {0}")]
     Log(String),
 }
@@ -89,6 +92,12 @@ impl From<RecError> for Status {
                 ServeError::Unavailable("the recommender is shutting down".into()).into()
             }
             RecError::Engine(EngineError::Model(m)) => ServeError::Internal(m).into(),
+            RecError::Feedback(e) => {
+                // A full or failing disk is the operator's to fix and the caller's to retry:
+                // UNAVAILABLE, and nothing was acknowledged that a restart would not replay.
+                tracing::warn!(error = %e, "feedback log refused a write");
+                ServeError::Unavailable(e.to_string()).into()
+            }
             RecError::Log(m) => ServeError::Internal(format!("feedback log: {m}")).into(),
         }
     }
@@ -405,6 +414,15 @@ impl Recommender {
     }
 }
 
+fn count_log_error(metrics: &crate::metrics::RecMetrics, e: &LogError) {
+    let kind = match e {
+        LogError::Write(_) => "write",
+        LogError::Unavailable(_) => "unavailable",
+        LogError::Compact(_) => "compact",
+    };
+    metrics.log_errors.with_label_values(&[kind]).inc();
+}
+
 #[tonic::async_trait]
 impl RecommenderApi for Recommender {
     async fn recommend(
@@ -436,7 +454,9 @@ impl RecommenderApi for Recommender {
         for (i, r) in results.into_iter().enumerate() {
             let result = match r {
                 Ok(resp) => pb::recommend_batch_item::Result::Response(resp),
-                Err(e @ RecError::Engine(_)) | Err(e @ RecError::Log(_)) => {
+                Err(e @ RecError::Engine(_))
+                | Err(e @ RecError::Log(_))
+                | Err(e @ RecError::Feedback(_)) => {
                     // Server-side trouble fails the whole call, as it would each request.
                     return Err(e.into());
                 }
@@ -487,6 +507,7 @@ impl RecommenderApi for Recommender {
         let span = tracing::debug_span!("record_feedback", user = %record.user());
         let (log, users) = (self.log.clone(), self.users.clone());
         let catalog_owner = self.engine.shared.clone();
+        let metrics = self.engine.shared.metrics.clone();
         let event_name = match &record {
             Record::Feedback { event, .. } => event.name(),
             Record::Forget { .. } => "forget",
@@ -497,7 +518,7 @@ impl RecommenderApi for Recommender {
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             let seq = log
                 .append(&record)
-                .map_err(|e| RecError::Log(e.to_string()))?;
+                .inspect_err(|e| count_log_error(&metrics, e))?;
             // Under the log lock: memory applies events in log order.
             let len = users
                 .write()
@@ -526,10 +547,13 @@ impl RecommenderApi for Recommender {
         let user = self.key.hash(request.get_ref().user_id);
         let span = tracing::info_span!("forget_user", user = %user);
         let (log, users) = (self.log.clone(), self.users.clone());
+        let metrics = self.engine.shared.metrics.clone();
         let (removed_log, removed_mem) = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-            let removed = log.forget(user).map_err(|e| RecError::Log(e.to_string()))?;
+            let removed = log
+                .forget(user)
+                .inspect_err(|e| count_log_error(&metrics, e))?;
             let mem = users
                 .write()
                 .unwrap_or_else(|p| p.into_inner())

@@ -1,0 +1,610 @@
+//! Issue 10, items 10 and 11, end to end over real gRPC:
+//! - the language service's OIP `ModelInfer` (raw logits) gets a bounded share of each engine
+//!   iteration and a bounded queue, and work whose caller left is never computed;
+//! - the recommendation feedback log never acknowledges an event that a restart would not
+//!   replay, also when the disk fills up mid-record (`RLIMIT_FSIZE` on the real binary).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use marquee_e2e::state::{histogram, wait_until};
+use marquee_e2e::*;
+use marquee_proto::inference::ModelInferRequest;
+use marquee_proto::inference::model_infer_request::InferInputTensor;
+use marquee_proto::language::text_generation_client::TextGenerationClient;
+use marquee_proto::language::{FinishReason, GenerateRequest, GenerationParameters};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+// === item 10: the language service's OIP share ===
+
+const LM: &str = "gpt_reviews";
+/// The model's context: every OIP call below is one full-context row.
+const CONTEXT: usize = 256;
+
+/// A one-row full-context `input_ids`, distinct per `k`, as raw little-endian INT64.
+fn oip_ids(k: usize) -> Vec<i64> {
+    (0..CONTEXT)
+        .map(|i| ((i * 7 + k * 131) % 2000 + 1) as i64)
+        .collect()
+}
+
+fn oip_request(ids: &[i64], rows: usize) -> ModelInferRequest {
+    let mut raw = Vec::with_capacity(ids.len() * 8 * rows);
+    for _ in 0..rows {
+        raw.extend(ids.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    ModelInferRequest {
+        model_name: LM.into(),
+        inputs: vec![InferInputTensor {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![rows as i64, ids.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    }
+}
+
+fn lm_metric(server: &TestServer, name: &str, extra: &[(&str, &str)]) -> f64 {
+    let mut labels = vec![("model", LM)];
+    labels.extend_from_slice(extra);
+    server.metric(name, &labels)
+}
+
+fn oip_outcome(server: &TestServer, outcome: &str) -> f64 {
+    lm_metric(
+        server,
+        "marquee_language_oip_requests_total",
+        &[("outcome", outcome)],
+    )
+}
+
+fn step_count(server: &TestServer, phase: &str) -> u64 {
+    histogram(
+        &server.metrics,
+        "marquee_language_step_seconds",
+        &[("model", LM), ("phase", phase)],
+    )
+    .count
+}
+
+/// A burst of raw-logit calls while a stream runs: 40 valid calls, 12 whose callers leave
+/// while they wait, 12 with a 2 ms deadline. With an OIP budget of one full-context row per
+/// engine iteration, the stream gets a decode step after every OIP batch, no iteration computes
+/// more than the budget, the valid calls get the same logits bit for bit as when sent alone,
+/// and no call whose caller left is computed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
+    const VALID: usize = 40;
+    const LEAVING: usize = 12;
+    const SHORT: usize = 12;
+    let mut s = language_settings();
+    s.language.oip_max_tokens_per_step = CONTEXT;
+    let server = start_language(s).await;
+    let oip = server.oip().await.max_decoding_message_size(16 << 20);
+
+    // Each distinct input sent alone, on a quiet engine: the reference logits.
+    let mut reference = Vec::new();
+    for k in 0..4 {
+        let resp = oip
+            .clone()
+            .model_infer(oip_request(&oip_ids(k), 1))
+            .await
+            .expect("a lone OIP call is served")
+            .into_inner();
+        assert_eq!(resp.outputs[0].shape, vec![1, CONTEXT as i64, 2048]);
+        reference.push(resp.raw_output_contents[0].clone());
+    }
+    let computed_before = oip_outcome(&server, "computed");
+    let queued_before = lm_metric(&server, "marquee_language_oip_queued_total", &[]);
+    let dropped =
+        |server: &TestServer| oip_outcome(server, "cancelled") + oip_outcome(server, "deadline");
+    let dropped_before = dropped(&server);
+
+    // 1. The valid burst; it waits in the OIP queue, one call per iteration.
+    let stream_tokens = Arc::new(AtomicUsize::new(0));
+    let valid: Vec<_> = (0..VALID)
+        .map(|i| {
+            let (mut c, seen) = (oip.clone(), stream_tokens.clone());
+            tokio::spawn(async move {
+                let mut r = tonic::Request::new(oip_request(&oip_ids(i % 4), 1));
+                r.set_timeout(Duration::from_secs(60));
+                let out = c.model_infer(r).await;
+                (out, seen.load(Ordering::SeqCst))
+            })
+        })
+        .collect();
+    let depth = || lm_metric(&server, "marquee_language_oip_queue_depth", &[]);
+    wait_until("24 OIP calls queued", Duration::from_secs(20), || {
+        depth() >= 24.0
+    })
+    .await;
+
+    // 2. A stream starts meanwhile, and must keep receiving tokens through the burst.
+    let mut text = TextGenerationClient::new(server.channel().await);
+    let mut stream = text
+        .generate_stream(GenerateRequest {
+            model: String::new(),
+            prompt: "The dress".into(),
+            parameters: Some(GenerationParameters {
+                max_new_tokens: Some(200),
+                min_new_tokens: 200,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let first = stream.next().await.expect("a first message").expect("ok");
+    stream_tokens.fetch_add(first.token_ids.len(), Ordering::SeqCst);
+    let decode_steps_before = step_count(&server, "decode");
+    let oip_steps_before = step_count(&server, "oip");
+    let seen = stream_tokens.clone();
+    let reader = tokio::spawn(async move {
+        let mut summary = None;
+        while let Some(msg) = stream.next().await {
+            let msg = msg.expect("stream message");
+            seen.fetch_add(msg.token_ids.len(), Ordering::SeqCst);
+            summary = summary.or(msg.summary);
+        }
+        summary.expect("a final summary")
+    });
+
+    // 3. Callers that leave while their call waits behind the valid burst.
+    let leaving: Vec<_> = (0..LEAVING)
+        .map(|i| {
+            let mut c = oip.clone();
+            tokio::spawn(async move { c.model_infer(oip_request(&oip_ids(i % 4), 1)).await })
+        })
+        .collect();
+    let queued = || lm_metric(&server, "marquee_language_oip_queued_total", &[]) - queued_before;
+    wait_until(
+        "the leaving callers' calls queued",
+        Duration::from_secs(20),
+        || queued() >= (VALID + LEAVING) as f64,
+    )
+    .await;
+    assert!(
+        depth() >= (LEAVING + 6) as f64,
+        "the leaving calls wait behind the burst (depth {})",
+        depth()
+    );
+    for h in &leaving {
+        h.abort();
+    }
+
+    // 4. Calls whose 2 ms deadline passes long before their turn.
+    let short = futures::future::join_all((0..SHORT).map(|i| {
+        let mut c = oip.clone();
+        async move {
+            let mut r = tonic::Request::new(oip_request(&oip_ids(i % 4), 1));
+            r.set_timeout(Duration::from_millis(2));
+            c.model_infer(r).await
+        }
+    }))
+    .await;
+    for r in &short {
+        let code = r.as_ref().expect_err("a 2 ms call behind the burst").code();
+        assert!(
+            matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+            "{code:?}"
+        );
+    }
+
+    // Every valid call: the reference logits, bit for bit.
+    let mut seen_at_reply = Vec::new();
+    for (i, h) in valid.into_iter().enumerate() {
+        let (out, seen) = h.await.unwrap();
+        let resp = out.expect("valid call served").into_inner();
+        assert!(
+            resp.raw_output_contents[0] == reference[i % 4],
+            "call {i}: logits differ from the same call sent alone"
+        );
+        seen_at_reply.push(seen);
+    }
+    // Every OIP batch since the stream started was followed by a decode step (the stream,
+    // 200 tokens long, outlives the burst's few dozen batches unless the batches starve it).
+    let oip_batches = step_count(&server, "oip") - oip_steps_before;
+    let decode_steps = step_count(&server, "decode") - decode_steps_before;
+    assert!(
+        decode_steps + 1 >= oip_batches,
+        "{decode_steps} decode steps for {oip_batches} OIP batches: the stream waited"
+    );
+    // Among the replies after the stream's first token, the stream's count kept rising.
+    let during: Vec<usize> = seen_at_reply.into_iter().filter(|&n| n > 0).collect();
+    assert!(
+        during.len() >= 2,
+        "OIP replies while the stream ran: {during:?}"
+    );
+    let (lo, hi) = (*during.iter().min().unwrap(), *during.iter().max().unwrap());
+    assert!(
+        hi > lo,
+        "the stream received tokens between OIP replies ({lo}..{hi})"
+    );
+
+    // Nothing queued remains; the leaving and expired calls were dropped, never computed.
+    wait_until("the OIP queue to empty", Duration::from_secs(20), || {
+        depth() == 0.0
+    })
+    .await;
+    assert_eq!(
+        oip_outcome(&server, "computed") - computed_before,
+        VALID as f64,
+        "only the valid calls were computed"
+    );
+    let dropped_n = dropped(&server) - dropped_before;
+    assert!(
+        dropped_n >= queued() - VALID as f64 && dropped_n >= LEAVING as f64,
+        "{dropped_n} dropped of {} queued",
+        queued()
+    );
+    let per_step = histogram(
+        &server.metrics,
+        "marquee_language_oip_step_tokens",
+        &[("model", LM)],
+    );
+    assert_eq!(
+        per_step.at_most(CONTEXT as f64),
+        per_step.count,
+        "no iteration computed more than the OIP budget: {per_step:?}"
+    );
+    assert_eq!(
+        per_step.sum,
+        (CONTEXT * (VALID + 4)) as f64,
+        "the references and the valid calls, nothing else"
+    );
+
+    let summary = reader.await.unwrap();
+    assert_eq!(summary.generated_tokens, 200);
+    assert_eq!(summary.finish_reason, FinishReason::Length as i32);
+    assert_eq!(stream_tokens.load(Ordering::SeqCst), 200);
+    server.shutdown.cancel();
+}
+
+/// The OIP queue is bounded (`RESOURCE_EXHAUSTED` with `RetryInfo`, naming the key), a call
+/// larger than the per-iteration budget is refused naming its key, and a budget below the
+/// model's context fails the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oip_queue_is_bounded_and_oversize_calls_are_refused() {
+    let mut bad = language_settings();
+    bad.language.oip_max_tokens_per_step = CONTEXT - 1;
+    let err = marquee_language::start(bad, Default::default())
+        .await
+        .err()
+        .expect("a budget below the context is refused at start");
+    assert!(err.to_string().contains("oip_max_tokens_per_step"), "{err}");
+
+    let mut s = language_settings();
+    s.language.oip_max_tokens_per_step = CONTEXT;
+    s.language.oip_queue_capacity = 4;
+    let server = start_language(s).await;
+    let oip = server.oip().await.max_decoding_message_size(16 << 20);
+
+    let err = oip
+        .clone()
+        .model_infer(oip_request(&oip_ids(0)[..200], 2))
+        .await
+        .expect_err("2 x 200 tokens > the budget of 256");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("language.oip_max_tokens_per_step") && err.message().contains("400"),
+        "{}",
+        err.message()
+    );
+
+    // Bursts of 24 concurrent full-context calls against a queue of 4: some are refused at
+    // once, every other one is served. (A few rounds, bounded, in case one burst drained.)
+    let mut refused = 0;
+    for _round in 0..5 {
+        let results = futures::future::join_all((0..24).map(|i| {
+            let mut c = oip.clone();
+            async move { c.model_infer(oip_request(&oip_ids(i % 4), 1)).await }
+        }))
+        .await;
+        for r in results {
+            match r {
+                Ok(resp) => assert_eq!(
+                    resp.into_inner().raw_output_contents[0].len(),
+                    CONTEXT * 2048 * 4
+                ),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    assert!(
+                        e.message().contains("language.oip_queue_capacity"),
+                        "{}",
+                        e.message()
+                    );
+                    assert!(e.get_details_retry_info().is_some(), "RetryInfo attached");
+                    refused += 1;
+                }
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "a queue of 4 never overflowed");
+    assert_eq!(oip_outcome(&server, "queue_full"), refused as f64);
+    server.shutdown.cancel();
+}
+
+// === item 11: the feedback log on a full disk ===
+
+use marquee_e2e::state::{
+    command_with_file_limit, run_to_exit, set_file_size_limit, spawn_listening,
+};
+use marquee_proto::recommendation as pb;
+use marquee_proto::recommendation::recommender_client::RecommenderClient;
+use tonic::transport::Channel;
+
+/// Log header, and one feedback record (8-byte frame head + 34-byte payload).
+const LOG_HEADER: u64 = 8;
+const RECORD: u64 = 42;
+
+fn rec_env(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "MARQUEE__REPOSITORY__PATH",
+            model_repo().display().to_string(),
+        ),
+        ("MARQUEE__REPOSITORY__THREADS", "1".to_string()),
+        (
+            "MARQUEE__RECOMMENDATION__STATE_DIR",
+            dir.display().to_string(),
+        ),
+    ]
+}
+
+/// Catalogue item ids to give feedback on.
+fn catalogue_items(n: usize) -> Vec<i64> {
+    let data = marquee_recommendation::model::ModelData::load(&model_repo().join("recommender"))
+        .expect("recommender built");
+    let mut ids: Vec<i64> = data.catalog.by_id.keys().copied().collect();
+    ids.sort_unstable();
+    ids.truncate(n);
+    ids
+}
+
+async fn rec_client(addr: std::net::SocketAddr) -> RecommenderClient<Channel> {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("recommender accepts connections");
+    RecommenderClient::new(ch)
+}
+
+fn watch(user_id: i64, item_id: i64) -> pb::RecordFeedbackRequest {
+    pb::RecordFeedbackRequest {
+        user_id,
+        item_id,
+        event: pb::FeedbackEvent::Watch as i32,
+        timestamp_ms: 0,
+    }
+}
+
+/// A user's history length as the service holds it: the `history_length` of one more event.
+/// Test users are not training users, so it is their replayed feedback + 1.
+async fn history_after_one_more(c: &mut RecommenderClient<Channel>, user: i64, item: i64) -> u32 {
+    c.record_feedback(watch(user, item))
+        .await
+        .expect("feedback accepted after the restart")
+        .into_inner()
+        .history_length
+}
+
+async fn admin_metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The real binary with a file-size limit that ends mid-record (a full disk): events are
+/// refused with UNAVAILABLE once the log is full, the disk is then freed, more events are
+/// acknowledged, a user is forgotten (compaction), more events follow, then SIGKILL. After a
+/// restart every acknowledged event is in the users' histories (also those acknowledged after
+/// the first failure), the forgotten user's are not, and the log had no torn tail to cut.
+#[test]
+fn a_full_disk_mid_record_loses_no_acknowledged_feedback() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = catalogue_items(50);
+    let (a, b, gone) = (9_100_001i64, 9_100_002i64, 9_100_003i64);
+    let mut child = spawn_listening(command_with_file_limit(
+        "marquee-recommendation",
+        &rec_env(dir.path()),
+        None,
+    ));
+    // Room for 20 whole records and 17 bytes of the 21st.
+    set_file_size_limit(child.child.id(), Some(LOG_HEADER + 20 * RECORD + 17));
+    let rt = runtime();
+    let acked: std::collections::HashMap<i64, u32> = rt.block_on(async {
+        let mut c = rec_client(child.grpc_addr).await;
+        let mut acked = std::collections::HashMap::new();
+        // The forgotten user's events come first, so compaction has something to remove.
+        for (n, user) in [gone, gone, a, b].into_iter().cycle().enumerate().take(200) {
+            match c.record_feedback(watch(user, items[n % items.len()])).await {
+                Ok(_) => *acked.entry(user).or_insert(0) += 1,
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "a full disk: {e:?}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(acked.values().sum::<u32>(), 20, "20 records fit: {acked:?}");
+        // Still full: refused again, and nothing of these is kept either.
+        for &item in &items[..5] {
+            let e = c.record_feedback(watch(a, item)).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        }
+        // The operator frees the disk: events after the failures are acknowledged.
+        set_file_size_limit(child.child.id(), None);
+        for n in 0..30 {
+            let user = if n % 2 == 0 { a } else { b };
+            c.record_feedback(watch(user, items[n % items.len()]))
+                .await
+                .expect("the disk has room again");
+            *acked.entry(user).or_insert(0) += 1;
+        }
+        // A compaction, then more events.
+        c.forget_user(pb::ForgetUserRequest { user_id: gone })
+            .await
+            .expect("forget");
+        acked.remove(&gone);
+        for &item in &items[..10] {
+            c.record_feedback(watch(a, item))
+                .await
+                .expect("after compaction");
+            *acked.entry(a).or_insert(0) += 1;
+        }
+        assert!(
+            admin_metric(
+                child.admin_addr,
+                "marquee_recommendation_feedback_log_errors_total"
+            )
+            .await
+                >= 6.0
+        );
+        acked
+    });
+    child.kill();
+    rt.shutdown_background();
+
+    let child = ChildServer::start("marquee-recommendation", &rec_env(dir.path()));
+    let rt = runtime();
+    rt.block_on(async {
+        assert_eq!(
+            admin_metric(
+                child.admin_addr,
+                "marquee_recommendation_feedback_log_dropped_bytes_total"
+            )
+            .await,
+            0.0,
+            "no partial record was left in the log"
+        );
+        let mut c = rec_client(child.grpc_addr).await;
+        for user in [a, b] {
+            assert_eq!(
+                history_after_one_more(&mut c, user, items[0]).await,
+                acked[&user] + 1,
+                "user {user}: every acknowledged event replayed, nothing else"
+            );
+        }
+        assert_eq!(
+            history_after_one_more(&mut c, gone, items[0]).await,
+            1,
+            "the forgotten user stays forgotten"
+        );
+    });
+}
+
+/// Four concurrent writers while the disk fills up mid-record, is freed again, and the process
+/// is SIGKILLed mid-load: after a restart each user's history holds every acknowledged event
+/// (and at most the one in flight per writer when the kill came).
+#[test]
+fn sigkill_mid_load_after_a_full_disk_loses_no_acknowledged_feedback() {
+    const WRITERS: i64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let items = catalogue_items(50);
+    let mut child = spawn_listening(command_with_file_limit(
+        "marquee-recommendation",
+        &rec_env(dir.path()),
+        None,
+    ));
+    set_file_size_limit(child.child.id(), Some(LOG_HEADER + 30 * RECORD + 29));
+    let rt = runtime();
+    let user = |w: i64| 9_200_000 + w;
+    let acked: Vec<u32> = rt.block_on(async {
+        let acked: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..WRITERS).map(|_| AtomicUsize::new(0)).collect());
+        let refused = Arc::new(AtomicUsize::new(0));
+        for w in 0..WRITERS {
+            let (acked, refused, items) = (acked.clone(), refused.clone(), items.clone());
+            let mut c = rec_client(child.grpc_addr).await;
+            tokio::spawn(async move {
+                for n in 0.. {
+                    match c
+                        .record_feedback(watch(user(w), items[n % items.len()]))
+                        .await
+                    {
+                        Ok(_) => {
+                            acked[w as usize].fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) if e.code() == Code::Unavailable => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(_) => return, // the server was killed
+                    }
+                }
+            });
+        }
+        let total = |a: &[AtomicUsize]| a.iter().map(|n| n.load(Ordering::SeqCst)).sum::<usize>();
+        wait_until("refusals on the full disk", Duration::from_secs(30), || {
+            refused.load(Ordering::SeqCst) >= 20
+        })
+        .await;
+        assert_eq!(total(&acked), 30, "exactly the whole records that fit");
+        set_file_size_limit(child.child.id(), None);
+        wait_until(
+            "writes after the disk was freed",
+            Duration::from_secs(30),
+            || total(&acked) >= 130,
+        )
+        .await;
+        // SIGKILL with the writers still going.
+        child.kill();
+        acked
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst) as u32)
+            .collect()
+    });
+    rt.shutdown_background();
+
+    let child = ChildServer::start("marquee-recommendation", &rec_env(dir.path()));
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = rec_client(child.grpc_addr).await;
+        for w in 0..WRITERS {
+            let h = history_after_one_more(&mut c, user(w), items[0]).await;
+            let n = acked[w as usize];
+            assert!(
+                h > n && h <= n + 2,
+                "writer {w}: {n} events acknowledged, {} replayed",
+                h - 1
+            );
+        }
+    });
+}
+
+/// The user-id key is created atomically: a start that cannot write it whole (a file-size
+/// limit below the key's 32 bytes) fails and leaves no key file behind, so the next start
+/// creates a whole key instead of refusing a short one.
+#[test]
+fn a_key_file_that_cannot_be_written_whole_is_not_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = run_to_exit(
+        command_with_file_limit("marquee-recommendation", &rec_env(dir.path()), Some(10)),
+        Duration::from_secs(60),
+    );
+    assert!(!status.success(), "the start must fail without a key");
+    let key = dir.path().join("user_id.key");
+    assert!(!key.exists(), "no partial key file");
+    assert!(!dir.path().join("user_id.key.tmp").exists());
+    let child = ChildServer::start("marquee-recommendation", &rec_env(dir.path()));
+    assert_eq!(std::fs::read(&key).unwrap().len(), 32);
+    drop(child);
+}
