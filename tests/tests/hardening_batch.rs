@@ -194,7 +194,8 @@ async fn dishonest_model_infer_callers_are_refused_alone_and_never_shift_rows() 
         // caller must get through the gateway. Not bit for bit: libtorch's CPU kernels are not
         // batch-size invariant (a row computed in a batch of 7 differs from the same row in a
         // batch of 2 in the last bits), so a row matches its own answer within 1e-4 and must
-        // match no other caller's row in the round: a shifted row is always caught.
+        // match no other caller's row in the round: a shifted row is always caught. The strict,
+        // bit-for-bit version of this test uses a batch-invariant model: `honest_model_infer_…`.
         let mut want = Vec::new();
         for c in &calls {
             want.push(match c.lie {
@@ -423,6 +424,8 @@ async fn honest_model_infer_callers_get_their_own_rows_bit_for_bit_through_merge
     };
     let mut rng = Rng(0x5EED_0011);
     let (mut honest, mut dishonest, mut backend_calls) = (0usize, 0usize, 0.0);
+    // Every failure is collected, so a run on a leaking gateway says how many callers it hit.
+    let (mut wrong, mut answered) = (Vec::new(), Vec::new());
     for r in 0..40 {
         let calls = affine_round(&mut rng, r);
         let mut want = Vec::new();
@@ -451,18 +454,14 @@ async fn honest_model_infer_callers_get_their_own_rows_bit_for_bit_through_merge
             match (c.lie, want) {
                 (Some(lie), _) => {
                     dishonest += 1;
-                    let e = got
-                        .as_ref()
-                        .err()
-                        .unwrap_or_else(|| panic!("{id} ({lie:?}) was answered: {got:?}"));
-                    assert_eq!(e.code(), Code::InvalidArgument, "{id} ({lie:?}): {e:?}");
+                    match got {
+                        Err(e) if e.code() == Code::InvalidArgument => {}
+                        Err(e) => answered.push(format!("{id} ({lie:?}): {e:?}")),
+                        Ok(r) => answered.push(format!("{id} ({lie:?}) was answered: {r:?}")),
+                    }
                 }
                 (None, Some(want)) => {
                     honest += 1;
-                    let got = got
-                        .as_ref()
-                        .unwrap_or_else(|e| panic!("honest {id} failed: {e:?}"));
-                    assert_eq!(&got.id, id, "each caller gets its own response id");
                     let rows = c.req.inputs[0].shape[0];
                     let (y, sum) = affine_formula(input);
                     let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -475,18 +474,35 @@ async fn honest_model_infer_callers_get_their_own_rows_bit_for_bit_through_merge
                         formula,
                         "{id}: the direct call computes the formula"
                     );
-                    assert_eq!(
-                        output_bits(got),
-                        output_bits(want),
-                        "{id}: outputs through the gateway are not the direct call's, bit for bit (input {input:?})"
-                    );
+                    match got {
+                        Err(e) => wrong.push(format!("honest {id} failed: {e:?}")),
+                        Ok(got) if &got.id != id => {
+                            wrong.push(format!("{id} got response id {}", got.id))
+                        }
+                        Ok(got) if output_bits(got) != formula => wrong.push(format!(
+                            "{id}: outputs through the gateway are not the direct call's, bit for bit\n got {:?}\nwant {formula:?}",
+                            output_bits(got)
+                        )),
+                        Ok(_) => {}
+                    }
                 }
                 (None, None) => unreachable!(),
             }
         }
     }
     eprintln!(
-        "{honest} honest callers bit for bit equal to the direct call, {dishonest} dishonest ones refused, {backend_calls} backend ModelInfer RPCs"
+        "{honest} honest callers ({} wrong), {dishonest} dishonest ones ({} not refused with INVALID_ARGUMENT), {backend_calls} backend ModelInfer RPCs",
+        wrong.len(),
+        answered.len()
+    );
+    assert!(
+        wrong.is_empty() && answered.is_empty(),
+        "{} of {honest} honest callers did not get exactly the direct call's outputs, e.g. {:#?}; \
+         {} of {dishonest} dishonest callers were not refused with INVALID_ARGUMENT, e.g. {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)],
+        answered.len(),
+        &answered[..answered.len().min(3)]
     );
     assert!(dishonest > 300 && honest > 600, "{dishonest} / {honest}");
     assert!(
