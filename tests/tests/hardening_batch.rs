@@ -194,7 +194,8 @@ async fn dishonest_model_infer_callers_are_refused_alone_and_never_shift_rows() 
         // caller must get through the gateway. Not bit for bit: libtorch's CPU kernels are not
         // batch-size invariant (a row computed in a batch of 7 differs from the same row in a
         // batch of 2 in the last bits), so a row matches its own answer within 1e-4 and must
-        // match no other caller's row in the round: a shifted row is always caught.
+        // match no other caller's row in the round: a shifted row is always caught. The strict,
+        // bit-for-bit version of this test uses a batch-invariant model: `honest_model_infer_…`.
         let mut want = Vec::new();
         for c in &calls {
             want.push(match c.lie {
@@ -285,6 +286,225 @@ async fn dishonest_model_infer_callers_are_refused_alone_and_never_shift_rows() 
     );
     assert!(dishonest > 300 && honest > 600, "{dishonest} / {honest}");
     // Honest callers reached the backend as fewer, merged calls: batching really happened.
+    assert!(
+        backend_calls < honest as f64 * 0.8,
+        "{honest} honest callers reached the backend as {backend_calls} ModelInfer RPCs: too little merging to test anything"
+    );
+    gw.shutdown.cancel();
+    backend.shutdown.cancel();
+}
+
+/// Elements of one `affine` row (`[4]`).
+const AFFINE_ROW: usize = 4;
+
+/// A model whose every output row depends on its own input row only, by construction: an
+/// elementwise `y = 4x + 1` (exact product, one rounding, with or without FMA) and a row sum
+/// added in a fixed order. Unlike a CNN, its rows are bit-for-bit the same at any batch size,
+/// so a caller's answer through a merged batch can be compared bit for bit.
+fn affine_repo() -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    marquee_e2e::torchscript::build_model(
+        repo.path(),
+        "affine",
+        "y = x * 4.0 + 1.0\n\
+         s = ((x[:, 0] + x[:, 1]) + x[:, 2]) + x[:, 3]\n\
+         return y, s.unsqueeze(1)",
+        r#"name = "affine"
+platform = "torchscript"
+description = "y = 4x + 1 and the row sum ((x0 + x1) + x2) + x3; built by the test"
+
+[[inputs]]
+name = "x"
+datatype = "FP32"
+dims = [4]
+
+[[outputs]]
+name = "y"
+datatype = "FP32"
+dims = [4]
+
+[[outputs]]
+name = "sum"
+datatype = "FP32"
+dims = [1]
+
+[batching]
+max_batch_size = 32
+max_queue_delay_us = 0
+queue_capacity = 1024
+
+[instance]
+lanes = 1
+threads = 1
+device = "cpu"
+"#,
+    );
+    repo
+}
+
+/// The outputs `affine` must return for `x`, computed here: (`y`, `sum`).
+fn affine_formula(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let y = x.iter().map(|v| v * 4.0 + 1.0).collect();
+    let sum = x
+        .chunks(AFFINE_ROW)
+        .map(|r| ((r[0] + r[1]) + r[2]) + r[3])
+        .collect();
+    (y, sum)
+}
+
+/// Each output of a response as (name, shape, bit patterns), raw or typed.
+fn output_bits(r: &ModelInferResponse) -> Vec<(String, Vec<i64>, Vec<u32>)> {
+    r.outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let bits = match r.raw_output_contents.get(i) {
+                Some(raw) => raw
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                None => o
+                    .contents
+                    .as_ref()
+                    .unwrap()
+                    .fp32_contents
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            };
+            (o.name.clone(), o.shape.clone(), bits)
+        })
+        .collect()
+}
+
+/// One round of `affine` callers: the same mix as [`round`] (four lies in nine, honest callers
+/// with 1–3 rows of their own data, raw or typed). Each call comes with its input values.
+fn affine_round(rng: &mut Rng, r: usize) -> Vec<(Call, Vec<f32>)> {
+    (0..32)
+        .map(|c| {
+            let data: Vec<f32> = (0..3 * AFFINE_ROW).map(|_| rng.value()).collect();
+            let data = |n: usize| data[..n * AFFINE_ROW].to_vec();
+            let (kind, rows) = (rng.below(9), 1 + rng.below(3) as usize);
+            let (rows, values, raw, lie) = match kind {
+                0 => (1, vec![], true, Some(Lie::Empty)),
+                1 => (2, data(1), true, Some(Lie::Short)),
+                2 => (1, data(2), true, Some(Lie::Long)),
+                3 => {
+                    let mut v = data(2);
+                    v.pop();
+                    (2, v, false, Some(Lie::TypedCount))
+                }
+                k => (rows, data(rows), k != 4, None),
+            };
+            let mut req = infer(format!("r{r}-c{c}"), rows as i64, &values, raw);
+            req.model_name = "affine".into();
+            req.inputs[0].name = "x".into();
+            req.inputs[0].shape = vec![rows as i64, AFFINE_ROW as i64];
+            (Call { req, lie }, values)
+        })
+        .collect()
+}
+
+/// The issue's test, strictly: through merged batches, every honest caller's outputs equal, bit
+/// for bit, the same request sent directly to the backend (and the formula on its own input);
+/// every dishonest caller is refused alone with `INVALID_ARGUMENT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_model_infer_callers_get_their_own_rows_bit_for_bit_through_merged_batches() {
+    let repo = affine_repo();
+    let mut bs = marquee_e2e::settings(repo.path());
+    bs.repository.lanes = Some(1);
+    let backend = start(bs).await;
+    let gw = start_gateway(settings(backend.grpc_addr)).await;
+    let (direct, through) = (backend.channel().await, gw.channel().await);
+    let infer_rpcs = || {
+        backend.metric(
+            "marquee_grpc_requests_total",
+            &[("method", "/inference.GRPCInferenceService/ModelInfer")],
+        )
+    };
+    let mut rng = Rng(0x5EED_0011);
+    let (mut honest, mut dishonest, mut backend_calls) = (0usize, 0usize, 0.0);
+    // Every failure is collected, so a run on a leaking gateway says how many callers it hit.
+    let (mut wrong, mut answered) = (Vec::new(), Vec::new());
+    for r in 0..40 {
+        let calls = affine_round(&mut rng, r);
+        let mut want = Vec::new();
+        for (c, _) in &calls {
+            want.push(match c.lie {
+                None => Some(
+                    oip(&direct)
+                        .model_infer(c.req.clone())
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                ),
+                Some(_) => None,
+            });
+        }
+        let before = infer_rpcs();
+        let results = join_all(calls.iter().map(|(c, _)| {
+            let mut client = oip(&through);
+            let req = with_key(c.req.clone(), ACME_KEY);
+            async move { client.model_infer(req).await.map(|r| r.into_inner()) }
+        }))
+        .await;
+        backend_calls += infer_rpcs() - before;
+        for (((c, input), got), want) in calls.iter().zip(&results).zip(&want) {
+            let id = &c.req.id;
+            match (c.lie, want) {
+                (Some(lie), _) => {
+                    dishonest += 1;
+                    match got {
+                        Err(e) if e.code() == Code::InvalidArgument => {}
+                        Err(e) => answered.push(format!("{id} ({lie:?}): {e:?}")),
+                        Ok(r) => answered.push(format!("{id} ({lie:?}) was answered: {r:?}")),
+                    }
+                }
+                (None, Some(want)) => {
+                    honest += 1;
+                    let rows = c.req.inputs[0].shape[0];
+                    let (y, sum) = affine_formula(input);
+                    let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    let formula = vec![
+                        ("y".to_string(), vec![rows, 4], bits(y)),
+                        ("sum".to_string(), vec![rows, 1], bits(sum)),
+                    ];
+                    assert_eq!(
+                        output_bits(want),
+                        formula,
+                        "{id}: the direct call computes the formula"
+                    );
+                    match got {
+                        Err(e) => wrong.push(format!("honest {id} failed: {e:?}")),
+                        Ok(got) if &got.id != id => {
+                            wrong.push(format!("{id} got response id {}", got.id))
+                        }
+                        Ok(got) if output_bits(got) != formula => wrong.push(format!(
+                            "{id}: outputs through the gateway are not the direct call's, bit for bit\n got {:?}\nwant {formula:?}",
+                            output_bits(got)
+                        )),
+                        Ok(_) => {}
+                    }
+                }
+                (None, None) => unreachable!(),
+            }
+        }
+    }
+    eprintln!(
+        "{honest} honest callers ({} wrong), {dishonest} dishonest ones ({} not refused with INVALID_ARGUMENT), {backend_calls} backend ModelInfer RPCs",
+        wrong.len(),
+        answered.len()
+    );
+    assert!(
+        wrong.is_empty() && answered.is_empty(),
+        "{} of {honest} honest callers did not get exactly the direct call's outputs, e.g. {:#?}; \
+         {} of {dishonest} dishonest callers were not refused with INVALID_ARGUMENT, e.g. {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)],
+        answered.len(),
+        &answered[..answered.len().min(3)]
+    );
+    assert!(dishonest > 300 && honest > 600, "{dishonest} / {honest}");
     assert!(
         backend_calls < honest as f64 * 0.8,
         "{honest} honest callers reached the backend as {backend_calls} ModelInfer RPCs: too little merging to test anything"
