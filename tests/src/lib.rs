@@ -15,6 +15,7 @@ use marquee_proto::vision::image_service_client::ImageServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub mod lifecycle;
 pub mod torchscript;
 
 /// The model repository built by `make models` (the `model-repository` link at the root).

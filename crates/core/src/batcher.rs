@@ -45,6 +45,8 @@ struct State {
     items: VecDeque<Item>,
     rows: usize,
     closed: bool,
+    /// Why the queue was closed when a lane died rather than for a swap or shutdown.
+    failed: Option<String>,
     idle_lanes: usize,
 }
 
@@ -83,6 +85,7 @@ impl BatchQueue {
                 items: VecDeque::new(),
                 rows: 0,
                 closed: false,
+                failed: None,
                 idle_lanes: 0,
             }),
             cv: Condvar::new(),
@@ -127,10 +130,16 @@ impl BatchQueue {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         if st.closed {
-            return Err(ServeError::Unavailable(format!(
-                "model `{}` is shutting down or being replaced; retry",
-                self.cfg.model
-            )));
+            return Err(ServeError::Unavailable(match &st.failed {
+                Some(why) => format!(
+                    "model `{}` is out of service on this replica ({why}); retry on another",
+                    self.cfg.model
+                ),
+                None => format!(
+                    "model `{}` is shutting down or being replaced; retry",
+                    self.cfg.model
+                ),
+            }));
         }
         if st.rows + rows > self.cfg.queue_capacity {
             let queued = st.rows;
@@ -175,6 +184,17 @@ impl BatchQueue {
     /// Stops accepting items; lanes finish what is queued, then exit.
     pub fn close(&self) {
         self.lock().closed = true;
+        self.cv.notify_all();
+    }
+
+    /// Closes the queue because a lane died: new requests are refused at once with `why`
+    /// instead of waiting for lanes that may never come; the surviving lanes drain what is
+    /// queued.
+    pub fn fail(&self, why: String) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.failed.get_or_insert(why);
+        drop(st);
         self.cv.notify_all();
     }
 

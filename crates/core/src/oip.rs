@@ -210,7 +210,9 @@ impl GrpcInferenceService for OipService {
         &self,
         _: Request<ServerLiveRequest>,
     ) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: true }))
+        Ok(Response::new(ServerLiveResponse {
+            live: self.repo.liveness().is_alive(),
+        }))
     }
 
     async fn server_ready(
@@ -259,10 +261,15 @@ impl GrpcInferenceService for OipService {
 
     async fn repository_index(
         &self,
-        _: Request<RepositoryIndexRequest>,
+        req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let only_ready = req.into_inner().ready;
         let ready = self.repo.is_ready();
-        let models = self
+        let not_ready_reason = match self.repo.liveness().death() {
+            Some(death) => format!("server is not live: {death}"),
+            None => "server is draining".into(),
+        };
+        let mut models: Vec<_> = self
             .repo
             .names()
             .into_iter()
@@ -274,10 +281,22 @@ impl GrpcInferenceService for OipService {
                 reason: if ready {
                     String::new()
                 } else {
-                    "server is draining".into()
+                    not_ready_reason.clone()
                 },
             })
             .collect();
+        // Like Triton, a version that failed to load is listed as UNAVAILABLE with the reason
+        // (next to the version still serving), unless the caller asked for ready models only.
+        if !only_ready {
+            models.extend(self.repo.refused().into_iter().map(|r| {
+                repository_index_response::ModelIndex {
+                    name: r.model,
+                    version: r.version.to_string(),
+                    state: "UNAVAILABLE".into(),
+                    reason: r.reason,
+                }
+            }));
+        }
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 

@@ -3,14 +3,21 @@
 //!
 //! Layout, like Triton's: `<repo>/<model>/model.toml` and `<repo>/<model>/<version>/model.pt`,
 //! where `<version>` is a positive integer and the largest one serves.
+//!
+//! A version that fails to load or whose warm-up outputs do not match `model.toml` is refused
+//! once: one log line, one count in `marquee_model_load_failures_total`, and an `UNAVAILABLE`
+//! entry with the reason in `RepositoryIndex` (as Triton shows a model that failed to load).
+//! It is not tried again until its files change (size or modification time of `model.toml`,
+//! the files next to it or in the version directory), and the serving version stays.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntCounterVec, Opts};
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -18,6 +25,7 @@ use tonic_health::server::HealthReporter;
 use crate::batcher::{BatchQueue, Outputs, QueueConfig};
 use crate::config::RepositorySettings;
 use crate::error::ServeError;
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::model::{ModelSpec, parse_device};
 use crate::runner::{LaneConfig, WarmupReport, start_lanes};
@@ -42,6 +50,7 @@ impl LoadedModel {
         version: u64,
         settings: &RepositorySettings,
         metrics: &Metrics,
+        liveness: &Liveness,
     ) -> Result<Self, String> {
         let spec = ModelSpec::load(dir)?;
         let labels = spec.load_labels(dir)?.map(Arc::new);
@@ -85,7 +94,9 @@ impl LoadedModel {
                 lanes,
                 threads: settings.threads.unwrap_or(spec.instance.threads),
                 input_dims: spec.inputs[0].dims.clone(),
+                outputs: spec.outputs.clone(),
                 profile: settings.profile_batching && max_batch_size > 1,
+                liveness: liveness.clone(),
             },
             &queue,
         )?;
@@ -152,6 +163,32 @@ pub struct Repository {
     metrics: Metrics,
     health: HealthReporter,
     draining: AtomicBool,
+    liveness: Liveness,
+    /// The newest version of a model that was refused, by model: skipped until its files change.
+    refused: Mutex<HashMap<String, Refused>>,
+    /// Versions refused by hot reload, by model (each counted once, not once per poll).
+    load_failures: IntCounterVec,
+    /// Repository scans done by the hot-reload watcher.
+    polls: IntCounter,
+}
+
+/// A version hot reload refused, and the state of its files when it was tried.
+#[derive(Debug, Clone)]
+struct Refused {
+    version: u64,
+    files: Fingerprint,
+    reason: String,
+}
+
+/// Size and modification time of every file a version is loaded from.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// What `RepositoryIndex` shows of a refused version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedVersion {
+    pub model: String,
+    pub version: u64,
+    pub reason: String,
 }
 
 impl Repository {
@@ -161,13 +198,32 @@ impl Repository {
         settings: RepositorySettings,
         metrics: Metrics,
         health: HealthReporter,
+        liveness: Liveness,
     ) -> anyhow::Result<Arc<Self>> {
+        // Registered here rather than in `Metrics`: only servers with a repository have them.
+        let load_failures = IntCounterVec::new(
+            Opts::new(
+                "marquee_model_load_failures_total",
+                "Model versions refused by hot reload (load or warm-up failed), each counted once.",
+            ),
+            &["model"],
+        )?;
+        let polls = IntCounter::new(
+            "marquee_model_repository_polls_total",
+            "Scans of the model repository for new versions.",
+        )?;
+        metrics.registry.register(Box::new(load_failures.clone()))?;
+        metrics.registry.register(Box::new(polls.clone()))?;
         let repo = Arc::new(Self {
             settings,
             models: ArcSwap::from_pointee(HashMap::new()),
             metrics,
             health,
             draining: AtomicBool::new(false),
+            liveness,
+            refused: Mutex::new(HashMap::new()),
+            load_failures,
+            polls,
         });
         let found = scan(&repo.settings.path, &repo.settings.models)?;
         for wanted in &repo.settings.models {
@@ -195,8 +251,9 @@ impl Repository {
     async fn load_version(&self, dir: PathBuf, version: u64) -> Result<(), String> {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
+        let liveness = self.liveness.clone();
         let model = tokio::task::spawn_blocking(move || {
-            LoadedModel::load(&dir, version, &settings, &metrics)
+            LoadedModel::load(&dir, version, &settings, &metrics, &liveness)
         })
         .await
         .map_err(|e| format!("model loader panicked: {e}"))??;
@@ -216,7 +273,8 @@ impl Repository {
         let mut map = HashMap::clone(&self.models.load());
         map.insert(name.clone(), Arc::new(model));
         self.models.store(Arc::new(map));
-        if !self.draining.load(Ordering::Relaxed) {
+        // A dead process stays NOT_SERVING: a new version does not make it trustworthy again.
+        if !self.draining.load(Ordering::Relaxed) && self.liveness.is_alive() {
             self.health
                 .set_service_status(&name, ServingStatus::Serving)
                 .await;
@@ -260,7 +318,48 @@ impl Repository {
 
     /// Whether requests should still be sent here.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && !self.models.load().is_empty()
+        !self.draining.load(Ordering::Relaxed)
+            && self.liveness.is_alive()
+            && !self.models.load().is_empty()
+    }
+
+    /// The liveness of this server's lanes.
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// Versions hot reload refused that are still the newest on disk, sorted by model.
+    pub fn refused(&self) -> Vec<RefusedVersion> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<RefusedVersion> = refused
+            .iter()
+            .map(|(model, r)| RefusedVersion {
+                model: model.clone(),
+                version: r.version,
+                reason: r.reason.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.model.cmp(&b.model));
+        v
+    }
+
+    /// Reports every model NOT_SERVING once a lane died, until `shutdown`. (The server-wide
+    /// status and the dead lane's model are flipped by [`crate::serve`]; the other models on
+    /// this process go with them, as OIP `ModelReady` does.)
+    pub fn spawn_liveness_watch(self: &Arc<Self>, shutdown: CancellationToken) {
+        let repo = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = repo.liveness.died() => {
+                    for name in repo.names() {
+                        repo.health
+                            .set_service_status(&name, ServingStatus::NotServing)
+                            .await;
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
     }
 
     /// Reports every model NOT_SERVING (shutdown has begun).
@@ -293,8 +392,10 @@ impl Repository {
     }
 
     /// Loads any version newer than the serving one (and any new model). A version that fails
-    /// to load is logged and skipped; the old one keeps serving.
+    /// to load is refused once (logged, counted, shown in `RepositoryIndex`) and not tried
+    /// again until its files change; the old one keeps serving.
     pub async fn reload_changed(&self) {
+        self.polls.inc();
         let found = match scan(&self.settings.path, &self.settings.models) {
             Ok(f) => f,
             Err(e) => {
@@ -302,17 +403,74 @@ impl Repository {
                 return;
             }
         };
+        // A refusal is about one version: forget it once that version is gone or superseded.
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, r| found.iter().any(|(n, _, v)| n == name && *v == r.version));
         for (name, dir, version) in found {
             let current = self.models.load().get(&name).map(|m| m.version);
             if current.is_some_and(|v| v >= version) {
                 continue;
             }
+            let files = fingerprint(&dir, version);
+            let unchanged = self
+                .refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .is_some_and(|r| r.version == version && r.files == files);
+            if unchanged {
+                continue;
+            }
             tracing::info!(model = %name, version, previous = ?current, "loading new version");
-            if let Err(e) = self.load_version(dir, version).await {
-                tracing::error!(model = %name, version, error = %e, "new version failed to load; keeping the serving one");
+            match self.load_version(dir, version).await {
+                Ok(()) => {
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&name);
+                }
+                Err(reason) => {
+                    tracing::error!(
+                        model = %name, version, error = %reason,
+                        "new version refused; keeping the serving one, not retrying until its files change"
+                    );
+                    self.load_failures.with_label_values(&[&name]).inc();
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            name,
+                            Refused {
+                                version,
+                                files,
+                                reason,
+                            },
+                        );
+                }
             }
         }
     }
+}
+
+/// The size and modification time of `model.toml` and the files beside it, and of every file
+/// in the version directory: a refused version is tried again once any of them changes.
+fn fingerprint(dir: &Path, version: u64) -> Fingerprint {
+    let mut files = Vec::new();
+    for d in [dir.to_path_buf(), dir.join(version.to_string())] {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_file() {
+                files.push((entry.path(), meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 /// Models this loader serves: a `forward` over batched tensors. A repository also holds models
@@ -364,4 +522,32 @@ fn scan(root: &Path, only: &[String]) -> anyhow::Result<Vec<(String, PathBuf, u6
     }
     found.sort();
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_fingerprint_changes_with_its_files_and_model_toml_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        std::fs::create_dir_all(model.join("2")).unwrap();
+        std::fs::create_dir_all(model.join("1")).unwrap();
+        std::fs::write(model.join("model.toml"), "name = 'm'").unwrap();
+        std::fs::write(model.join("2/model.pt"), "bad").unwrap();
+        let before = fingerprint(&model, 2);
+        assert_eq!(before.len(), 2, "model.toml and the version's model.pt");
+        std::fs::write(model.join("1/model.pt"), "another version").unwrap();
+        assert_eq!(
+            fingerprint(&model, 2),
+            before,
+            "other versions do not count"
+        );
+        std::fs::write(model.join("2/model.pt"), "fixed model").unwrap();
+        assert_ne!(fingerprint(&model, 2), before, "a replaced model.pt counts");
+        let after = fingerprint(&model, 2);
+        std::fs::write(model.join("model.toml"), "name = 'm' # fixed").unwrap();
+        assert_ne!(fingerprint(&model, 2), after, "an edited model.toml counts");
+    }
 }

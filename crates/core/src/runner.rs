@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::batcher::{BatchQueue, Executor, run_lane};
+use crate::liveness::Liveness;
+use crate::model::TensorSpec;
 
 /// A TorchScript module on one device.
 pub struct TchExecutor {
@@ -31,8 +33,9 @@ impl TchExecutor {
     }
 }
 
-impl Executor for TchExecutor {
-    fn execute(&mut self, input: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, String> {
+impl TchExecutor {
+    /// One forward pass; the module's output tensors, in output order, still on the device.
+    fn forward(&mut self, input: &[f32], rows: usize) -> Result<Vec<Tensor>, String> {
         let mut shape = Vec::with_capacity(self.input_dims.len() + 1);
         shape.push(rows as i64);
         shape.extend_from_slice(&self.input_dims);
@@ -41,28 +44,74 @@ impl Executor for TchExecutor {
             .to_device(self.device);
         let out = tch::no_grad(|| self.module.forward_is(&[IValue::Tensor(x)]))
             .map_err(|e| e.to_string())?;
-        let tensors = match out {
-            IValue::Tensor(t) => vec![t],
+        match out {
+            IValue::Tensor(t) => Ok(vec![t]),
             IValue::Tuple(items) | IValue::GenericList(items) => items
                 .into_iter()
                 .map(|v| match v {
                     IValue::Tensor(t) => Ok(t),
                     other => Err(format!("model returned a non-tensor output: {other:?}")),
                 })
-                .collect::<Result<_, _>>()?,
-            other => return Err(format!("model returned {other:?}, expected tensors")),
-        };
-        tensors
-            .into_iter()
-            .map(|t| {
-                let t = t
-                    .to_device(Device::Cpu)
-                    .to_kind(Kind::Float)
-                    .contiguous()
-                    .view(-1);
-                Vec::<f32>::try_from(&t).map_err(|e| e.to_string())
-            })
-            .collect()
+                .collect(),
+            other => Err(format!("model returned {other:?}, expected tensors")),
+        }
+    }
+
+    /// Runs `rows` items of `input` and checks every output against `model.toml`: the count,
+    /// and each shape against `[rows, dims…]`. Never panics: a panic in libtorch (a
+    /// sparse or otherwise unreadable output) becomes the error, so warm-up refuses the
+    /// version instead of killing the loader.
+    fn check(&mut self, input: &[f32], rows: usize, outputs: &[TensorSpec]) -> Result<(), String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let tensors = self.forward(input, rows)?;
+            if tensors.len() != outputs.len() {
+                return Err(format!(
+                    "the model returned {} outputs, model.toml declares {} ({})",
+                    tensors.len(),
+                    outputs.len(),
+                    outputs
+                        .iter()
+                        .map(|o| format!("`{}`", o.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            for (t, spec) in tensors.iter().zip(outputs) {
+                let mut want = vec![rows as i64];
+                want.extend_from_slice(&spec.dims);
+                let got = t.size();
+                if got != want {
+                    return Err(format!(
+                        "output `{}` has shape {got:?} for a batch of {rows}, model.toml declares {want:?} (dims {:?})",
+                        spec.name, spec.dims
+                    ));
+                }
+                values(t)?;
+            }
+            Ok(())
+        }))
+        .unwrap_or_else(|p| {
+            Err(format!(
+                "the model panicked: {}",
+                crate::liveness::panic_message(p.as_ref())
+            ))
+        })
+    }
+}
+
+/// The elements of `t` as flat f32 values on the CPU.
+fn values(t: &Tensor) -> Result<Vec<f32>, String> {
+    let t = t
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .view(-1);
+    Vec::<f32>::try_from(&t).map_err(|e| e.to_string())
+}
+
+impl Executor for TchExecutor {
+    fn execute(&mut self, input: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, String> {
+        self.forward(input, rows)?.iter().map(values).collect()
     }
 }
 
@@ -74,8 +123,12 @@ pub struct LaneConfig {
     pub lanes: usize,
     pub threads: usize,
     pub input_dims: Vec<i64>,
+    /// Declared outputs (`model.toml`), checked by warm-up before the version may serve.
+    pub outputs: Vec<TensorSpec>,
     /// Profile batch sizes on the first lane during warm-up.
     pub profile: bool,
+    /// The server's workers' liveness: a lane that panics while serving marks it dead.
+    pub liveness: Liveness,
 }
 
 /// What warm-up learned.
@@ -123,12 +176,29 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
                             return;
                         }
                     };
-                let report = warm_up(&mut exec, &queue, &warm, profile.as_deref(), lane == 0);
+                let report = warm_up(
+                    &mut exec,
+                    &queue,
+                    &cfg.outputs,
+                    &warm,
+                    profile.as_deref(),
+                    lane == 0,
+                );
                 let failed = report.is_err();
                 let _ = ready_tx.send(report);
                 drop(ready_tx);
-                if !failed {
-                    run_lane(&queue, &mut exec);
+                if failed {
+                    return;
+                }
+                let model = queue.config().model.clone();
+                if cfg
+                    .liveness
+                    .supervise(&model, || run_lane(&queue, &mut exec))
+                    .is_none()
+                {
+                    // Fail fast rather than let calls wait for a lane that is gone; the
+                    // server now reports NOT_SERVING and waits for its restart.
+                    queue.fail(format!("a lane of model `{model}` died"));
                 }
             })
             .map_err(|e| format!("cannot spawn a lane thread: {e}"))?;
@@ -198,6 +268,7 @@ impl Profile {
 fn warm_up(
     exec: &mut TchExecutor,
     queue: &BatchQueue,
+    outputs: &[TensorSpec],
     warm: &std::sync::Barrier,
     profile: Option<&Profile>,
     report: bool,
@@ -205,7 +276,15 @@ fn warm_up(
     let cfg = queue.config();
     let item = vec![0f32; cfg.item_len];
     // The first calls pay for graph optimisation and allocation; never let a client pay them.
-    let warmed = (0..3).try_for_each(|_| exec.execute(&item, 1).map(drop));
+    // Each also checks the outputs against `model.toml`: a version whose outputs do not match
+    // would fail every request, so it must never become the serving one.
+    // A batch of two as well: an output that ignores the batch dimension passes at one item.
+    let warmed = (0..3)
+        .try_for_each(|_| exec.check(&item, 1, outputs))
+        .and_then(|()| match cfg.max_batch_size {
+            1 => Ok(()),
+            _ => exec.check(&vec![0f32; cfg.item_len * 2], 2, outputs),
+        });
     // Every lane reaches the barrier, failed or not, so none waits forever.
     warm.wait();
     let Some(p) = profile else {
@@ -225,7 +304,7 @@ fn warm_up(
             let t0 = Instant::now();
             let mut runs = 0;
             while runs < 3 || (t0.elapsed() < budget && runs < 50) {
-                if let Err(e) = exec.execute(&input, n) {
+                if let Err(e) = exec.check(&input, n, outputs) {
                     p.failed.store(true, Ordering::Relaxed);
                     error = Some(e);
                     break;

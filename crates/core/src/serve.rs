@@ -21,6 +21,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::admin::Readiness;
 use crate::config::ServerSettings;
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 
 /// Work to do when shutdown begins, before the drain delay.
@@ -32,6 +33,9 @@ pub struct ServeParts {
     pub metrics: Metrics,
     pub health: HealthReporter,
     pub ready: Readiness,
+    /// The workers' liveness: once one dies, `/healthz` and `/readyz` fail and gRPC health
+    /// reports NOT_SERVING for `""` and the worker's model.
+    pub liveness: Liveness,
     pub on_drain: OnDrain,
 }
 
@@ -62,6 +66,7 @@ pub async fn serve(
         metrics,
         health,
         ready,
+        liveness,
         on_drain,
     } = parts;
     let grpc = TcpListener::bind(settings.grpc_addr).await.map_err(|e| {
@@ -76,7 +81,13 @@ pub async fn serve(
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let admin_shutdown = CancellationToken::new();
-    crate::admin::spawn(admin, metrics.clone(), ready, admin_shutdown.clone());
+    crate::admin::spawn(
+        admin,
+        metrics.clone(),
+        ready,
+        liveness.clone(),
+        admin_shutdown.clone(),
+    );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(marquee_proto::FILE_DESCRIPTOR_SET)
@@ -93,6 +104,20 @@ pub async fn serve(
         .add_service(reflection_v1alpha);
 
     health.set_service_status("", ServingStatus::Serving).await;
+    // A dead worker must turn the probes and the balancers' checks red for good: without this
+    // the gateway ejects the replica on its failed calls and restores it on the next SERVING
+    // health check, every interval, and Kubernetes never restarts it.
+    let dead_health = health.clone();
+    let dead_stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            death = liveness.died() => {
+                dead_health.set_service_status("", ServingStatus::NotServing).await;
+                dead_health.set_service_status(&death.model, ServingStatus::NotServing).await;
+            }
+            _ = dead_stop.cancelled() => {}
+        }
+    });
     let stack = crate::layers::server_stack(
         metrics.clone(),
         settings.max_message_bytes,

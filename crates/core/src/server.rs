@@ -12,6 +12,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::{RepositorySettings, ServerSettings};
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::oip::OipService;
 use crate::repository::Repository;
@@ -51,7 +52,8 @@ impl Core {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        let repo = Repository::open(repository, metrics.clone(), health.clone()).await?;
+        let repo =
+            Repository::open(repository, metrics.clone(), health.clone(), Liveness::new()).await?;
         Ok(Self {
             name,
             settings,
@@ -69,6 +71,7 @@ impl Core {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Running> {
         self.repo.spawn_watcher(shutdown.clone());
+        self.repo.spawn_liveness_watch(shutdown.clone());
         let oip = marquee_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
             OipService::new(self.repo.clone(), self.settings.clone(), self.name),
         )
@@ -80,6 +83,7 @@ impl Core {
             metrics: self.metrics.clone(),
             health: self.health,
             ready: Arc::new(move || ready_repo.is_ready().then(|| ready_repo.names().join(", "))),
+            liveness: self.repo.liveness().clone(),
             on_drain: Box::new(move || Box::pin(async move { drain_repo.start_draining().await })),
         };
         let serving = serve(

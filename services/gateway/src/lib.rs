@@ -268,6 +268,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
                     .join(", ")
             })
         }),
+        // No worker threads of its own: the gateway's liveness never fails.
+        liveness: marquee_core::liveness::Liveness::new(),
         on_drain: Box::new(|| Box::pin(async {})),
     };
     let serving = serve(

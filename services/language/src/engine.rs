@@ -27,6 +27,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use marquee_core::ServeError;
+use marquee_core::liveness::Liveness;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,6 +51,8 @@ pub struct EngineConfig {
     pub oip_max_tokens_per_step: usize,
     pub threads: usize,
     pub device: Device,
+    /// The server's liveness: a panic of the engine thread marks the process dead.
+    pub liveness: Liveness,
 }
 
 /// One generation request, validated and tokenized.
@@ -217,6 +220,7 @@ impl Engine {
         let thread_shared = shared.clone();
         let thread_cfg = cfg.clone();
         let thread_metrics = metrics.clone();
+        let model = files.manifest.name.clone();
         std::thread::Builder::new()
             .name(format!("lm-{}", files.manifest.name))
             .spawn(move || {
@@ -234,13 +238,12 @@ impl Engine {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
                         let shared = worker.shared.clone();
-                        let run =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
-                        if run.is_err() {
-                            // A bug or a libtorch failure: the running sequences' senders are
-                            // gone with the worker (their callers get an error); refuse the
-                            // queued and future requests instead of leaving them waiting.
-                            tracing::error!("the language engine panicked; refusing requests");
+                        let liveness = worker.cfg.liveness.clone();
+                        if liveness.supervise(&model, || worker.run()).is_none() {
+                            // A bug or a libtorch failure (logged once, and the server now fails
+                            // liveness and readiness): the running sequences' senders are gone
+                            // with the worker (their callers get an error); refuse the queued
+                            // and future requests instead of leaving them waiting.
                             let queued = shared
                                 .queue
                                 .lock()
@@ -277,6 +280,11 @@ impl Engine {
             shape,
             metrics,
         })
+    }
+
+    /// False once any worker of this server died (the engine thread panicked).
+    pub fn is_alive(&self) -> bool {
+        self.cfg.liveness.is_alive()
     }
 
     /// False once the engine thread has failed (or the engine is shutting down).

@@ -205,6 +205,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .unwrap_or_else(|| files.manifest.instance.device.clone());
     let device = marquee_core::model::parse_device(&device_name).map_err(anyhow::Error::msg)?;
     let metrics = Metrics::new();
+    let liveness = marquee_core::liveness::Liveness::new();
     let lm = metrics::LanguageMetrics::new(&metrics, &l.model)?;
     let (health, health_service) = marquee_core::serve::health();
     health
@@ -226,6 +227,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         oip_max_tokens_per_step: l.oip_max_tokens_per_step,
         threads: l.threads.unwrap_or(files.manifest.instance.threads),
         device,
+        liveness: liveness.clone(),
     };
     let (engine_files, engine_vocab, engine_lm) = (files.clone(), vocab.clone(), lm.clone());
     let engine = Arc::new(
@@ -289,6 +291,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             (!ready_flag.load(std::sync::atomic::Ordering::Relaxed) && ready_engine.is_serving())
                 .then(|| ready_model.clone())
         }),
+        liveness,
         on_drain: Box::new(move || {
             Box::pin(async move {
                 draining.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -440,14 +440,18 @@ impl GrpcInferenceService for LanguageOip {
         &self,
         _: Request<ServerLiveRequest>,
     ) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: true }))
+        Ok(Response::new(ServerLiveResponse {
+            live: self.0.engine.is_alive(),
+        }))
     }
 
     async fn server_ready(
         &self,
         _: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: true }))
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.0.engine.is_serving(),
+        }))
     }
 
     async fn model_ready(
@@ -456,7 +460,7 @@ impl GrpcInferenceService for LanguageOip {
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let req = req.into_inner();
         Ok(Response::new(ModelReadyResponse {
-            ready: self.check(&req.name, &req.version).is_ok(),
+            ready: self.0.engine.is_serving() && self.check(&req.name, &req.version).is_ok(),
         }))
     }
 

@@ -11,6 +11,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use marquee_core::liveness::Liveness;
 use tch::{CModule, Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
@@ -56,6 +57,9 @@ pub struct EngineConfig {
     pub explain_history: usize,
     /// Ranking features named per explanation.
     pub explain_features: usize,
+    /// The server's liveness: a worker that panics marks the process dead (the service sets
+    /// the one it serves with; a fresh one otherwise).
+    pub liveness: Liveness,
 }
 
 /// Filters in their checked form.
@@ -324,7 +328,7 @@ impl Engine {
             span: tracing::Span::current(),
             reply,
         })?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        rx.await.map_err(|_| worker_died())?
     }
 
     /// The items nearest to one item.
@@ -335,8 +339,15 @@ impl Engine {
             span: tracing::Span::current(),
             reply,
         })?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        rx.await.map_err(|_| worker_died())?
     }
+}
+
+/// The reply of an accepted job was dropped unanswered: the worker died (panicked) with it.
+/// `INTERNAL`, not `UNAVAILABLE`: a request that killed a worker must not be retried onto the
+/// next replica.
+fn worker_died() -> EngineError {
+    EngineError::Model("the recommendation worker died computing this request".into())
 }
 
 /// A worker's own model copies.
@@ -380,6 +391,21 @@ fn worker(
         }
     }
     let _ = ready.send(Ok(()));
+    let model = shared
+        .data
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A panic here (a bug, or libtorch failing on a model output) ends this worker: the server
+    // then fails liveness and readiness until it is restarted, instead of looking healthy with
+    // fewer (or no) workers.
+    let liveness = shared.config.liveness.clone();
+    liveness.supervise(&model, || serve_jobs(&models, &shared, &rx));
+}
+
+/// A worker's loop: one job at a time until every [`Engine`] handle is gone.
+fn serve_jobs(models: &Models, shared: &Shared, rx: &Mutex<Receiver<Job>>) {
     loop {
         // The lock is held only while waiting for the next job, never while computing.
         let job = match rx.lock() {
@@ -393,7 +419,7 @@ fn worker(
                     continue; // The caller left: do not compute for nobody.
                 }
                 let _enter = span.enter();
-                let result = run_recommend(&models, &shared, &query);
+                let result = run_recommend(models, shared, &query);
                 if let Ok(out) = &result {
                     shared
                         .metrics
@@ -406,7 +432,7 @@ fn worker(
                     continue;
                 }
                 let _enter = span.enter();
-                let _ = reply.send(Ok(run_similar(&shared, &query)));
+                let _ = reply.send(Ok(run_similar(shared, &query)));
             }
         }
     }

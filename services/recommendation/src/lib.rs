@@ -215,6 +215,7 @@ impl RecommendationSettings {
             }),
             explain_history: self.explain_history,
             explain_features: self.explain_features,
+            liveness: marquee_core::liveness::Liveness::new(),
         }
     }
 
@@ -281,11 +282,13 @@ pub async fn start_with_parts(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
+    let liveness = marquee_core::liveness::Liveness::new();
     let (health, health_service) = marquee_core::serve::health();
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
     let rec = settings.recommendation.clone();
+    let engine_liveness = liveness.clone();
     let threads = settings.repository.threads.or(data.threads).unwrap_or(1);
     let registry = metrics.registry.clone();
     let recommender = tokio::task::spawn_blocking(move || {
@@ -310,7 +313,10 @@ pub async fn start_with_parts(
             users = users.len(),
             "feedback log replayed"
         );
-        let config = rec.engine_config(threads);
+        let config = EngineConfig {
+            liveness: engine_liveness,
+            ..rec.engine_config(threads)
+        };
         let engine = match index {
             Some(index) => Engine::start_with_index(data, item_emb, index, config, rec_metrics)?,
             None => Engine::start(data, item_emb, config, rec_metrics)?,
@@ -332,6 +338,7 @@ pub async fn start_with_parts(
         metrics: metrics.clone(),
         health,
         ready: Arc::new(move || ready_read.load(Ordering::Relaxed).then(|| model.clone())),
+        liveness,
         on_drain: Box::new(move || {
             Box::pin(async move {
                 ready_drain.store(false, Ordering::Relaxed);
