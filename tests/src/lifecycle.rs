@@ -14,17 +14,21 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The Python with torch that builds the model repository (`scripts/bootstrap.sh`'s venv), or
-/// `MARQUEE_PYTHON`.
+/// The Python with torch that builds the model repository: `MARQUEE_PYTHON`, else the venv
+/// named by `VIRTUAL_ENV` (set by the cargo config `scripts/bootstrap.sh` writes), else
+/// bootstrap's default venv.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("MARQUEE_PYTHON") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").expect("HOME is set");
-    let venv = Path::new(&home).join(".cache/marquee/venv/bin/python");
+    let venv = match std::env::var_os("VIRTUAL_ENV") {
+        Some(v) => PathBuf::from(v).join("bin/python"),
+        None => Path::new(&std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/marquee/venv/bin/python"),
+    };
     assert!(
         venv.is_file(),
-        "{} missing: run `make bootstrap` (or set MARQUEE_PYTHON)",
+        "{} missing: run `make setup` (or set MARQUEE_PYTHON)",
         venv.display()
     );
     venv
