@@ -23,6 +23,11 @@ use tonic::transport::Channel;
 
 /// The model every case serves: small enough that two replicas start in seconds on 2 cores.
 pub const MODEL: &str = "fashion_cnn";
+/// The model the poison image is sent to: it resizes the shorter side to 256, the resize that
+/// turns a 1 × 16,000,000 image into a 256 × 4,096,000,000 allocation (issue 10, item 2).
+/// (`fashion_cnn` resizes to 28: on an unbounded decoder the same image then costs a replica
+/// gigabytes and tens of seconds instead of an abort, which is no test for a shared machine.)
+pub const POISON_MODEL: &str = "efficientnet_lite0";
 /// Fashion-MNIST images the load cycles through (each with its reference answer).
 const IMAGES: usize = 8;
 /// Each load call's own deadline: generous on 2 busy cores, still bounds a hung call.
@@ -81,9 +86,11 @@ pub async fn try_http_get(addr: SocketAddr, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.ok()?;
         buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
@@ -119,9 +126,19 @@ pub fn series(text: &str) -> usize {
 /// no batch-size profiling (fast start), repository polling every `poll_ms` (0: off) and a
 /// drain delay of `drain_ms` after SIGTERM.
 pub fn replica_env(repo: &Path, poll_ms: u64, drain_ms: u64) -> Vec<(&'static str, String)> {
+    replica_env_serving(repo, &[MODEL], poll_ms, drain_ms)
+}
+
+/// As [`replica_env`], serving `models`.
+pub fn replica_env_serving(
+    repo: &Path,
+    models: &[&str],
+    poll_ms: u64,
+    drain_ms: u64,
+) -> Vec<(&'static str, String)> {
     vec![
         ("MARQUEE__REPOSITORY__PATH", repo.display().to_string()),
-        ("MARQUEE__REPOSITORY__MODELS", MODEL.into()),
+        ("MARQUEE__REPOSITORY__MODELS", models.join(",")),
         ("MARQUEE__REPOSITORY__LANES", "1".into()),
         ("MARQUEE__REPOSITORY__THREADS", "1".into()),
         ("MARQUEE__REPOSITORY__PROFILE_BATCHING", "false".into()),
@@ -384,7 +401,8 @@ impl Cluster {
 
     /// Calls the gateway resent to another replica.
     pub fn retries(&self) -> f64 {
-        self.gw.metric("marquee_gateway_retries_total", &[])
+        // `+ 0.0`: an empty float sum is -0.0, which prints as "-0".
+        self.gw.metric("marquee_gateway_retries_total", &[]) + 0.0
     }
 
     /// `n` load targets through the gateway, each its own client connection.
@@ -475,10 +493,8 @@ impl Load {
                         let sent = Instant::now();
                         let (result, version, correct) = match kind {
                             CallKind::Classify => {
-                                let mut req = with_key(
-                                    classify_request(inputs.pngs[img].clone()),
-                                    ACME_KEY,
-                                );
+                                let mut req =
+                                    with_key(classify_request(inputs.pngs[img].clone()), ACME_KEY);
                                 req.set_timeout(CALL_TIMEOUT);
                                 match vision.classify(req).await {
                                     Ok(r) => {
@@ -492,10 +508,8 @@ impl Load {
                             }
                             CallKind::Infer => {
                                 let id = task * MAX_CALLS_PER_TASK + seq;
-                                let mut req = with_key(
-                                    infer_request(id, inputs.rows[img].clone()),
-                                    ACME_KEY,
-                                );
+                                let mut req =
+                                    with_key(infer_request(id, inputs.rows[img].clone()), ACME_KEY);
                                 req.set_timeout(CALL_TIMEOUT);
                                 match oip.model_infer(req).await {
                                     Ok(r) => {

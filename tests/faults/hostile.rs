@@ -14,15 +14,15 @@
 //! | JWT without `iss`/`aud` while both are configured (item 5) | `UNAUTHENTICATED` |
 //! | 12 KiB header value (inside HTTP/2's 16 KiB header list), valid call | `OK` |
 //! | 20 KiB header value (over the 16 KiB header list) | `UNKNOWN` (HTTP 431 from h2; no gRPC status exists yet) |
-//! | 80 KiB header value (over h2's 4 × 16 KiB abuse bound; own connection) | `UNKNOWN`/`UNAVAILABLE`/`INTERNAL` (the connection is closed) |
+//! | 80 KiB header value (over h2's 4 × 16 KiB abuse bound; own connection) | `RESOURCE_EXHAUSTED` (h2 closes the connection with ENHANCE_YOUR_CALM), or `UNKNOWN` "transport error" when the close overtakes the reason |
 //! | length prefix declaring 1 GiB (5 + 64 bytes sent) | `RESOURCE_EXHAUSTED` (message limit, before buffering) |
 //! | 8 MiB + 1 KiB message (over `routes.vision.max_request_bytes`) | `RESOURCE_EXHAUSTED` |
-//! | malformed protobuf body | `INTERNAL` (the gRPC convention for an undecodable request, as grpc-go) |
+//! | malformed protobuf body | `INVALID_ARGUMENT` naming the field (`marquee_proto::codec`) |
 //! | valid request, bytes that are no image | `INVALID_ARGUMENT` |
 //! | unknown model | `NOT_FOUND` |
 //! | unknown `model_version` (OIP) | `NOT_FOUND` |
 //! | 64 KiB `model_version` (OIP; item 4) | `NOT_FOUND` or `INVALID_ARGUMENT` (refused before any batching state exists) |
-//! | hostile images: the poison PNG (item 2) | `INVALID_ARGUMENT` |
+//! | hostile images to `efficientnet_lite0`: the poison PNG (item 2) | `INVALID_ARGUMENT` |
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -106,16 +106,15 @@ fn kind_of(i: usize) -> Kind {
 impl Kind {
     fn expected(self) -> &'static [Code] {
         match self {
-            Kind::UnknownPathNoAuth
-            | Kind::BadApiKey
-            | Kind::BadJwt
-            | Kind::JwtWithoutIssAud => &[Code::Unauthenticated],
+            Kind::UnknownPathNoAuth | Kind::BadApiKey | Kind::BadJwt | Kind::JwtWithoutIssAud => {
+                &[Code::Unauthenticated]
+            }
             Kind::UnknownPathWithKey => &[Code::Unimplemented],
             Kind::BigMetadataWithinLimit => &[Code::Ok],
             Kind::MetadataOverLimit => &[Code::Unknown],
-            Kind::MetadataFarOverLimit => &[Code::Unknown, Code::Unavailable, Code::Internal],
+            Kind::MetadataFarOverLimit => &[Code::ResourceExhausted, Code::Unknown],
             Kind::DeclaredOversize | Kind::RouteOversize => &[Code::ResourceExhausted],
-            Kind::MalformedProtobuf => &[Code::Internal],
+            Kind::MalformedProtobuf => &[Code::InvalidArgument],
             Kind::GarbageImage => &[Code::InvalidArgument],
             Kind::UnknownModel | Kind::UnknownVersion => &[Code::NotFound],
             Kind::HugeVersion => &[Code::NotFound, Code::InvalidArgument],
@@ -439,7 +438,9 @@ async fn hostile_call(i: usize, ch: &Channel, a: &Arsenal) -> (Kind, Code, Strin
                 // Field 1, length-delimited, longer than the message.
                 1 => vec![0x0A, 0xFF, 0xFF, 0x03, 0x61],
                 // A varint that never ends.
-                _ => vec![0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+                _ => vec![
+                    0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                ],
             };
             let path = if rng.below(2) == 0 {
                 CLASSIFY
@@ -470,7 +471,9 @@ async fn hostile_call(i: usize, ch: &Channel, a: &Arsenal) -> (Kind, Code, Strin
         Kind::HostileImage => {
             let (_, bytes, expect) = &a.images[(i / 100) % a.images.len()];
             expected = vec![*expect];
-            raw_call(ch, CLASSIFY, &[key()], classify(bytes.clone())).await
+            let mut req = classify_request(bytes.clone());
+            req.model = POISON_MODEL.into();
+            raw_call(ch, CLASSIFY, &[key()], req.encode_to_vec().into()).await
         }
     };
     (kind, code, message, expected)
@@ -537,7 +540,8 @@ async fn ten_thousand_hostile_calls_get_their_documented_status_and_leave_the_se
     let secrets = tempfile::tempdir().unwrap();
     let secret_file = secrets.path().join("hs256.secret");
     std::fs::write(&secret_file, JWT_SECRET).unwrap();
-    let mut c = Cluster::start(replica_env(&model_repo(), 0, 0), |s| {
+    let env = replica_env_serving(&model_repo(), &[MODEL, POISON_MODEL], 0, 0);
+    let mut c = Cluster::start(env, |s| {
         s.auth.jwt.hs256_secret_file = Some(secret_file.clone());
         s.auth.jwt.issuer = Some(ISSUER.into());
         s.auth.jwt.audience = Some(AUDIENCE.into());
@@ -604,10 +608,7 @@ async fn ten_thousand_hostile_calls_get_their_documented_status_and_leave_the_se
         let (name, how) = (r.name, r.describe());
         replicas_text.push(format!(
             "{name} {how} RSS {:.0}→{:.0} MiB, series {}→{}",
-            replica_rss_1[i],
-            rss,
-            replica_series_1[i],
-            series_now
+            replica_rss_1[i], rss, replica_series_1[i], series_now
         ));
     }
 

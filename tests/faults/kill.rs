@@ -51,5 +51,8 @@ async fn sigkill_of_a_replica_mid_load_fails_no_call_and_the_restarted_replica_i
     assert_eq!(s.failed, 0, "no call failed: {:?}", s.examples);
     assert_eq!(s.wrong, 0, "every caller got its own answer");
     assert!(ejected, "the killed replica was ejected");
-    assert!(readmitted, "the restarted replica was re-admitted and served calls");
+    assert!(
+        readmitted,
+        "the restarted replica was re-admitted and served calls"
+    );
 }

@@ -62,7 +62,9 @@ fn the_poison_png_is_small_and_declares_16_million_rows() {
         .unwrap();
     assert_eq!(decoder, (POISON_WIDTH, POISON_HEIGHT));
     // A small image of the same construction decodes to what it says.
-    let small = image::load_from_memory(&black_png(3, 5)).unwrap().to_luma8();
+    let small = image::load_from_memory(&black_png(3, 5))
+        .unwrap()
+        .to_luma8();
     assert_eq!(small.dimensions(), (3, 5));
     assert!(small.pixels().all(|p| p.0 == [0]));
 }

@@ -19,7 +19,8 @@ use crate::png::poison_png;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_image_mid_load_fails_only_its_own_call_and_both_replicas_stay_up() {
-    let mut c = Cluster::start(replica_env(&model_repo(), 0, 0), |_| {}).await;
+    let env = replica_env_serving(&model_repo(), &[MODEL, POISON_MODEL], 0, 0);
+    let mut c = Cluster::start(env, |_| {}).await;
     let load = Load::start(
         c.gateway_targets(6).await,
         c.inputs.clone(),
@@ -30,7 +31,9 @@ async fn a_poison_image_mid_load_fails_only_its_own_call_and_both_replicas_stay_
         "both replicas serve the load before the poison"
     );
     let mut client = ImageServiceClient::new(c.gw.channel().await);
-    let mut req = with_key(classify_request(poison_png()), ACME_KEY);
+    let mut poison_req = classify_request(poison_png());
+    poison_req.model = POISON_MODEL.into();
+    let mut req = with_key(poison_req, ACME_KEY);
     req.set_timeout(Duration::from_secs(30));
     let poison = client.classify(req).await;
     let (poison_code, poison_message) = match &poison {
@@ -67,17 +70,18 @@ async fn a_poison_image_mid_load_fails_only_its_own_call_and_both_replicas_stay_
     }
     let healthy = eventually(Duration::from_secs(5), || async { c.healthy() == 2.0 }).await;
     report(
-        "Poison image (1×16,000,000 greyscale PNG, 31 KB) through the gateway mid-load",
+        "Poison image (1×16,000,000 greyscale PNG, 31 KB, to `efficientnet_lite0`) through the gateway mid-load",
         "that call alone fails with INVALID_ARGUMENT; 0 other calls fail; both replicas stay up",
         &format!(
-            "poison call {} ({}); other calls {}, failed {}; replicas: {}; gateway sees {} healthy; codes: {}",
+            "poison call {} ({}); other calls {}, failed {}; replicas: {}; gateway sees {} healthy; codes: {}; first failures: {:?}",
             code_name(poison_code),
             truncate(&poison_message, 160),
             s.calls,
             s.failed,
             replica_state.join(", "),
             c.healthy(),
-            s.codes_text()
+            s.codes_text(),
+            s.examples.iter().take(2).collect::<Vec<_>>()
         ),
     );
     c.stop();

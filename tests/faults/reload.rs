@@ -69,7 +69,9 @@ async fn a_new_model_version_mid_load_fails_no_call_and_responses_switch_without
     let all_switched = Instant::now();
     let switch_took = all_switched - dropped_in;
     let at_switch = load.completed();
-    let flowed = load.wait_more(at_switch, 200, Duration::from_secs(60)).await;
+    let flowed = load
+        .wait_more(at_switch, 200, Duration::from_secs(60))
+        .await;
     let outcomes = load.finish().await;
     let s = Stats::of(&outcomes);
 
@@ -145,5 +147,8 @@ async fn a_new_model_version_mid_load_fails_no_call_and_responses_switch_without
         gw_v1_after_switch, 0,
         "once both replicas switched, no call answered version 1"
     );
-    assert_eq!(v1_still_ready, 0.0, "version 1 is unloaded on both replicas");
+    assert_eq!(
+        v1_still_ready, 0.0,
+        "version 1 is unloaded on both replicas"
+    );
 }
