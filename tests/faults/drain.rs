@@ -12,6 +12,7 @@ const DRAIN_DELAY_MS: u64 = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_of_a_replica_mid_load_drains_it_without_failing_a_call() {
+    let _one_at_a_time = serial().await;
     let mut c = Cluster::start(
         replica_env(&marquee_e2e::model_repo(), 0, DRAIN_DELAY_MS),
         |_| {},

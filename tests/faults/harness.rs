@@ -38,6 +38,15 @@ pub fn report(case: &str, expected: &str, measured: &str) {
     eprintln!("FAULT-RESULT | {case} | {expected} | {measured}");
 }
 
+/// Holds the machine for one case: `cargo test` runs a binary's tests on parallel threads, and
+/// two clusters at once on 2 cores would blur each other's measurements (the gateway's memory
+/// is this process's). Every case takes this first.
+/// (A tokio mutex: it is held across awaits, and a case that panics releases it unpoisoned.)
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE_AT_A_TIME.lock().await
+}
+
 pub fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }

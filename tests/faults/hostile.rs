@@ -537,6 +537,7 @@ async fn run_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_hostile_calls_get_their_documented_status_and_leave_the_services_bounded() {
+    let _one_at_a_time = serial().await;
     let secrets = tempfile::tempdir().unwrap();
     let secret_file = secrets.path().join("hs256.secret");
     std::fs::write(&secret_file, JWT_SECRET).unwrap();

@@ -8,6 +8,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_replica_mid_load_fails_no_call_and_the_restarted_replica_is_readmitted() {
+    let _one_at_a_time = serial().await;
     let mut c = Cluster::start(replica_env(&marquee_e2e::model_repo(), 0, 0), |_| {}).await;
     let load = Load::start(
         c.gateway_targets(6).await,

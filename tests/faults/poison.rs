@@ -19,6 +19,7 @@ use crate::png::poison_png;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_image_mid_load_fails_only_its_own_call_and_both_replicas_stay_up() {
+    let _one_at_a_time = serial().await;
     let env = replica_env_serving(&model_repo(), &[MODEL, POISON_MODEL], 0, 0);
     let mut c = Cluster::start(env, |_| {}).await;
     let load = Load::start(

@@ -20,6 +20,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_model_version_mid_load_fails_no_call_and_responses_switch_without_mixing() {
+    let _one_at_a_time = serial().await;
     let repo = temp_repo(&[MODEL]);
     let c = Cluster::start(replica_env(repo.path(), 100, 0), |_| {}).await;
     let mut targets = c.gateway_targets(4).await;
