@@ -10,6 +10,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod layers;
+pub mod methods;
 pub mod metrics;
 #[cfg(feature = "torch")]
 pub mod model;
