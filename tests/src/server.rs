@@ -17,7 +17,7 @@ impl Rng {
         Self(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -28,11 +28,11 @@ impl Rng {
     /// `_`, `-` and `/`.
     pub fn path(&mut self, max_len: usize) -> String {
         const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/";
-        let len = 1 + (self.next() as usize) % (max_len - 1);
+        let len = 1 + (self.next_u64() as usize) % (max_len - 1);
         let mut p = String::with_capacity(len + 1);
         p.push('/');
         for _ in 0..len {
-            p.push(CHARS[(self.next() as usize) % CHARS.len()] as char);
+            p.push(CHARS[(self.next_u64() as usize) % CHARS.len()] as char);
         }
         p
     }
@@ -209,9 +209,7 @@ impl RawH2 {
                     .map(|c| {
                         let msg = h
                             .get("grpc-message")
-                            .map(|m| {
-                                percent_decode(m.as_bytes())
-                            })
+                            .map(|m| percent_decode(m.as_bytes()))
                             .unwrap_or_default();
                         Stalled::Status(tonic::Code::from_i32(c), msg)
                     })
@@ -240,7 +238,8 @@ fn percent_decode(b: &[u8]) -> String {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
         {
             out.push(v);
             i += 3;

@@ -59,7 +59,10 @@ fn assert_same_series(who: &str, before: &str, after: &str) {
         new.len() <= 4 && new.iter().all(|s| !s.contains("unknown")),
         "{who}: random paths added {} series, e.g. {:?}",
         new.len(),
-        new.iter().take(3).map(|s| &s[..s.len().min(200)]).collect::<Vec<_>>()
+        new.iter()
+            .take(3)
+            .map(|s| &s[..s.len().min(200)])
+            .collect::<Vec<_>>()
     );
     assert!(
         after.len() <= before.len() + 8 * 1024,
@@ -77,8 +80,14 @@ async fn random_paths_add_no_metric_series() {
     let be = backend.channel().await;
 
     // The first unknown path of each kind creates its `unknown` series.
-    assert_eq!(call_path(gw.clone(), "/a/b", None).await, Code::Unauthenticated);
-    assert_eq!(call_path(be.clone(), "/a/b", None).await, Code::Unimplemented);
+    assert_eq!(
+        call_path(gw.clone(), "/a/b", None).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        call_path(be.clone(), "/a/b", None).await,
+        Code::Unimplemented
+    );
     let mut limited = Vec::new();
     for _ in 0..6 {
         limited.push(call_path(gw.clone(), "/a/b", Some(LIMITED_KEY)).await);
@@ -108,11 +117,7 @@ async fn random_paths_add_no_metric_series() {
         "the backend serves no random path"
     );
 
-    assert_same_series(
-        "gateway",
-        &gw_before,
-        &scrape(gateway.admin_addr).await,
-    );
+    assert_same_series("gateway", &gw_before, &scrape(gateway.admin_addr).await);
     assert_same_series("backend", &be_before, &scrape(backend.admin_addr).await);
     // The one `unknown` label carries every call.
     assert!(
@@ -136,8 +141,18 @@ fn assert_reference_only(who: &str, code: Code, message: &str) {
         marquee_core::error::is_internal_reference(message),
         "{who}: the message is only a reference, got {message:?}"
     );
-    for leak in ["fault", "secret", "RuntimeError", "Traceback", ".py", "model `"] {
-        assert!(!message.contains(leak), "{who}: {leak:?} leaked in {message:?}");
+    for leak in [
+        "fault",
+        "secret",
+        "RuntimeError",
+        "Traceback",
+        ".py",
+        "model `",
+    ] {
+        assert!(
+            !message.contains(leak),
+            "{who}: {leak:?} leaked in {message:?}"
+        );
     }
 }
 
@@ -216,15 +231,20 @@ async fn internal_errors_carry_only_a_reference() {
         Some(ItemResult::Classification(_))
     ));
     match &batch.items[1].result {
-        Some(ItemResult::Error(e)) => {
-            assert_reference_only("backend ClassifyBatch item", Code::from_i32(e.code), &e.message)
-        }
+        Some(ItemResult::Error(e)) => assert_reference_only(
+            "backend ClassifyBatch item",
+            Code::from_i32(e.code),
+            &e.message,
+        ),
         other => panic!("the failing item reports an error, got {other:?}"),
     }
 
     // Through the gateway: ModelInfer (coalesced) and Classify (coalesced into a batch).
     let ch = gateway.channel().await;
-    let mut oip = marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch.clone());
+    let mut oip =
+        marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+            ch.clone(),
+        );
     let err = oip
         .model_infer(with_key(infer(1.0), ACME_KEY))
         .await
@@ -311,18 +331,17 @@ async fn stalled_open_calls_neither_take_serving_capacity_nor_keep_their_permits
         let labels = vision
             .classify(classify())
             .await
-            .unwrap_or_else(|s| panic!("round {round}: inference refused while probes stall: {s:?}"))
+            .unwrap_or_else(|s| {
+                panic!("round {round}: inference refused while probes stall: {s:?}")
+            })
             .into_inner()
             .labels;
         assert_eq!(labels.len(), 1);
         // The stalled calls are cut by the body timeout, with a status that says why.
         let cut = next_outcomes(&mut calls, OPEN).await;
         assert!(
-            cut.iter().all(|s| is_code(
-                s,
-                Code::DeadlineExceeded,
-                "server.body_read_timeout_ms"
-            )),
+            cut.iter()
+                .all(|s| is_code(s, Code::DeadlineExceeded, "server.body_read_timeout_ms")),
             "round {round}: {cut:?}"
         );
     }
@@ -360,7 +379,7 @@ async fn stalled_request_bodies_are_cut_and_free_their_permits() {
     );
     // The permits came back: the server serves again, at its full limit.
     let (images, _) = fashion_test_set(LIMIT);
-    let mut vision = backend.vision().await;
+    let vision = backend.vision().await;
     let calls = images.iter().map(|px| {
         let mut v = vision.clone();
         let req = ClassifyRequest {
@@ -375,5 +394,4 @@ async fn stalled_request_bodies_are_cut_and_free_their_permits() {
     for r in futures::future::join_all(calls).await {
         assert_eq!(r.expect("served after the stalled calls were cut"), 1);
     }
-    let _ = &mut vision;
 }

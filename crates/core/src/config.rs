@@ -396,8 +396,14 @@ mod tests {
             ),
         ];
         let err = load_from::<S, _>(None, env).unwrap_err().to_string();
-        assert!(err.contains("`server.max_concurrent_open_requests`"), "{err}");
-        assert!(err.contains("`server.body_read_timeout_ms` must be in"), "{err}");
+        assert!(
+            err.contains("`server.max_concurrent_open_requests`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`server.body_read_timeout_ms` must be in"),
+            "{err}"
+        );
         assert!(err.contains("got 400000"), "{err}");
     }
 

@@ -99,7 +99,11 @@ impl ServeError {
 /// current trace id when there is one, and returns the reference.
 pub fn report_internal(detail: &str) -> String {
     let reference = RandomIdGenerator::default().new_span_id().to_string();
-    let trace = tracing::Span::current().context().span().span_context().clone();
+    let trace = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .clone();
     if trace.is_valid() {
         let trace_id = trace.trace_id().to_string();
         tracing::error!(%reference, %trace_id, %detail, "internal error");
@@ -118,7 +122,10 @@ pub fn internal_message(reference: &str) -> String {
 /// a proxy may pass it through unchanged and the reference still names the origin's log line.
 pub fn is_internal_reference(message: &str) -> bool {
     message.strip_prefix(INTERNAL_PREFIX).is_some_and(|id| {
-        id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        id.len() == 16
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -185,14 +192,24 @@ mod tests {
         let detail = "model `m` failed: RuntimeError at /opt/secret/model.py:3";
         let status: Status = ServeError::Internal(detail.into()).into();
         assert_eq!(status.code(), Code::Internal);
-        assert!(is_internal_reference(status.message()), "{}", status.message());
+        assert!(
+            is_internal_reference(status.message()),
+            "{}",
+            status.message()
+        );
         assert!(!status.message().contains("RuntimeError"));
         let info = status.get_details_request_info().expect("request info");
         assert_eq!(status.message(), internal_message(&info.request_id));
         let other: Status = ServeError::Internal(detail.into()).into();
-        assert_ne!(other.message(), status.message(), "each error has its own reference");
+        assert_ne!(
+            other.message(),
+            status.message(),
+            "each error has its own reference"
+        );
         let item = ServeError::Internal(detail.into()).public_message();
         assert!(is_internal_reference(&item), "{item}");
-        assert!(!is_internal_reference("internal error; reference /etc/passwd"));
+        assert!(!is_internal_reference(
+            "internal error; reference /etc/passwd"
+        ));
     }
 }

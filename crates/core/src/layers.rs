@@ -28,10 +28,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Frame;
 use opentelemetry::propagation::Extractor;
-use tonic::body::Body;
-use tonic::{Code, Status};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tonic::body::Body;
+use tonic::{Code, Status};
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -464,7 +464,9 @@ impl http_body::Body for TimedBody {
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             match &frame {
                 Some(Ok(_)) if *this.streaming => {
-                    this.sleep.as_mut().reset(tokio::time::Instant::now() + *this.timeout);
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + *this.timeout);
                 }
                 Some(Ok(_)) => {}
                 _ => *this.done = true,

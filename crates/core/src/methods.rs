@@ -116,13 +116,19 @@ mod tests {
     fn only_probes_and_discovery_are_open() {
         assert!(is_open("/grpc.health.v1.Health/Check"));
         assert!(is_open("/grpc.health.v1.Health/Watch"));
-        assert!(is_open("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
+        assert!(is_open(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        ));
         assert!(is_open("/inference.GRPCInferenceService/ServerLive"));
         assert!(!is_open("/inference.GRPCInferenceService/ModelInfer"));
         assert!(!is_open("/marquee.vision.v1.ImageService/Classify"));
         assert!(!is_open("/grpc.health.v1.Health/Unknown"));
         let refl = lookup("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").unwrap();
         assert!(refl.client_streaming);
-        assert!(!lookup("/grpc.health.v1.Health/Check").unwrap().client_streaming);
+        assert!(
+            !lookup("/grpc.health.v1.Health/Check")
+                .unwrap()
+                .client_streaming
+        );
     }
 }

@@ -80,7 +80,11 @@ mod tests {
         assert!(marquee_core::error::is_internal_reference(status.message()));
         let referenced = marquee_core::error::internal_status("detail");
         let passed: Status = GatewayError::Backend(referenced.clone()).into();
-        assert_eq!(passed.message(), referenced.message(), "the origin's reference is kept");
+        assert_eq!(
+            passed.message(),
+            referenced.message(),
+            "the origin's reference is kept"
+        );
         let other: Status = GatewayError::Backend(Status::not_found("no model `x`")).into();
         assert_eq!(other.message(), "no model `x`");
     }
