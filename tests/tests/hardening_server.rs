@@ -217,26 +217,26 @@ async fn internal_errors_carry_only_a_reference() {
     };
     let err = vision.classify(classify(1.0)).await.unwrap_err();
     assert_internal_status("backend Classify", &err);
+    // Each item of a batch that fails carries its own reference (items computed in one
+    // model execution fail together, so every item here is a failing one).
     let batch = vision
         .classify_batch(ClassifyBatchRequest {
             model: "faulty".into(),
-            images: vec![tensor_input(0.0).unwrap(), tensor_input(1.0).unwrap()],
+            images: vec![tensor_input(1.0).unwrap(), tensor_input(1.0).unwrap()],
             top_k: 1,
         })
         .await
-        .expect("a batch with one failing item succeeds")
+        .expect("a batch whose items fail still answers")
         .into_inner();
-    assert!(matches!(
-        batch.items[0].result,
-        Some(ItemResult::Classification(_))
-    ));
-    match &batch.items[1].result {
-        Some(ItemResult::Error(e)) => assert_reference_only(
-            "backend ClassifyBatch item",
-            Code::from_i32(e.code),
-            &e.message,
-        ),
-        other => panic!("the failing item reports an error, got {other:?}"),
+    for item in &batch.items {
+        match &item.result {
+            Some(ItemResult::Error(e)) => assert_reference_only(
+                "backend ClassifyBatch item",
+                Code::from_i32(e.code),
+                &e.message,
+            ),
+            other => panic!("a failing item reports an error, got {other:?}"),
+        }
     }
 
     // Through the gateway: ModelInfer (coalesced) and Classify (coalesced into a batch).
