@@ -75,6 +75,9 @@ SERVER = obj(
     {
         "max_message_bytes": integer(1024),
         "max_concurrent_requests": integer(1),
+        "max_concurrent_open_requests": integer(1),
+        "body_read_timeout_ms": integer(1),
+        "http2_keepalive_interval_ms": integer(0),
         "default_timeout_ms": integer(1),
         "max_timeout_ms": integer(1),
         "drain_delay_ms": integer(0),

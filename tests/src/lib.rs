@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 pub mod lifecycle;
 pub mod torchscript;
+pub mod server;
 
 /// The model repository built by `make models` (the `model-repository` link at the root).
 pub fn model_repo() -> PathBuf {

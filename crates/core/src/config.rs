@@ -89,6 +89,17 @@ pub struct ServerSettings {
     /// Requests in flight across all connections; past it new calls are shed at once with
     /// `RESOURCE_EXHAUSTED` instead of queueing unboundedly.
     pub max_concurrent_requests: usize,
+    /// Open calls (health, reflection, OIP liveness/readiness: no credentials needed at the
+    /// gateway) in flight, from a pool of their own: they never take `max_concurrent_requests`
+    /// permits, and are not starved by them either.
+    pub max_concurrent_open_requests: usize,
+    /// How long a request body may take to arrive: a unary request must be complete this long
+    /// after its headers, a client stream may not be silent longer. Past it the call ends with
+    /// `DEADLINE_EXCEEDED` and frees its permit (slow-loris defence).
+    pub body_read_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle gRPC connections; a peer that does not answer within 20 s
+    /// is disconnected, with everything it held. 0 disables.
+    pub http2_keepalive_interval_ms: u64,
     /// Deadline applied when the client sends none, so no call can wait forever.
     pub default_timeout_ms: u64,
     /// Upper bound on any client-supplied deadline.
@@ -122,6 +133,17 @@ pub struct ServerTls {
     pub client_ca_file: Option<PathBuf>,
 }
 
+/// Default of `server.max_concurrent_open_requests`: a few dozen probes and reflection
+/// streams at once is far more than any orchestrator or tool sends; more is an attack.
+pub const DEFAULT_MAX_CONCURRENT_OPEN_REQUESTS: usize = 32;
+/// Default of `server.body_read_timeout_ms`: a 16 MiB message (the default
+/// `max_message_bytes`) arrives in time at 5 Mbit/s; a stalled client is cut within 30 s
+/// instead of holding a permit until the 300 s deadline cap.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default of `server.http2_keepalive_interval_ms`: dead peers (and peers stuck mid-frame) are
+/// found within a minute, at one small frame a minute per idle connection.
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 60_000;
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
@@ -131,6 +153,9 @@ impl Default for ServerSettings {
             max_message_bytes: 16 << 20,
             // Far above what 2 cores can compute at once; bounds memory under a connection flood.
             max_concurrent_requests: 1024,
+            max_concurrent_open_requests: DEFAULT_MAX_CONCURRENT_OPEN_REQUESTS,
+            body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
+            http2_keepalive_interval_ms: DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS,
             default_timeout_ms: 30_000,
             max_timeout_ms: 300_000,
             drain_delay_ms: 0,
@@ -152,6 +177,15 @@ impl Validate for ServerSettings {
         }
         if self.max_concurrent_requests == 0 {
             errors.push("`server.max_concurrent_requests` must be at least 1, got 0".into());
+        }
+        if self.max_concurrent_open_requests == 0 {
+            errors.push("`server.max_concurrent_open_requests` must be at least 1, got 0".into());
+        }
+        if self.body_read_timeout_ms == 0 || self.body_read_timeout_ms > self.max_timeout_ms {
+            errors.push(format!(
+                "`server.body_read_timeout_ms` must be in 1..=`server.max_timeout_ms` ({}), got {}",
+                self.max_timeout_ms, self.body_read_timeout_ms
+            ));
         }
         if self.default_timeout_ms == 0 || self.default_timeout_ms > self.max_timeout_ms {
             errors.push(format!(
@@ -347,6 +381,30 @@ mod tests {
         assert_eq!(err.0.len(), 2, "{err}");
         assert!(err.to_string().contains("`server.max_concurrent_requests`"));
         assert!(err.to_string().contains("got `xml`"));
+    }
+
+    #[test]
+    fn open_limit_and_body_timeout_are_validated() {
+        let env = [
+            (
+                "MARQUEE__SERVER__MAX_CONCURRENT_OPEN_REQUESTS".to_string(),
+                "0".to_string(),
+            ),
+            (
+                "MARQUEE__SERVER__BODY_READ_TIMEOUT_MS".to_string(),
+                "400000".to_string(),
+            ),
+        ];
+        let err = load_from::<S, _>(None, env).unwrap_err().to_string();
+        assert!(
+            err.contains("`server.max_concurrent_open_requests`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`server.body_read_timeout_ms` must be in"),
+            "{err}"
+        );
+        assert!(err.contains("got 400000"), "{err}");
     }
 
     #[test]

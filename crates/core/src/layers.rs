@@ -1,13 +1,19 @@
 //! The one server layer stack every Marquee gRPC server runs, outermost first:
 //!
-//! 1. [`MessageLimitLayer`]: refuses an oversized request message from its 5-byte gRPC prefix,
+//! 1. [`BodyTimeoutLayer`]: a request body that does not arrive in time
+//!    (`server.body_read_timeout_ms`) fails the call with `DEADLINE_EXCEEDED`, so a client that
+//!    stalls mid-request (slow loris) cannot hold a permit until the call's deadline.
+//! 2. [`MessageLimitLayer`]: refuses an oversized request message from its 5-byte gRPC prefix,
 //!    before the body is buffered, with `RESOURCE_EXHAUSTED` (tonic's own limit says
 //!    OUT_OF_RANGE, which clients do not treat as "too big").
-//! 2. [`GrpcTraceLayer`]: one server span per call, parented on the caller's W3C
-//!    `traceparent`, plus call counts and latency by method and code.
-//! 3. [`OverloadLayer`] over tower's load shed over a global concurrency limit: past
-//!    `max_concurrent_requests` calls are refused at once with `RESOURCE_EXHAUSTED` and
-//!    `RetryInfo` instead of queueing without bound.
+//! 3. [`GrpcTraceLayer`]: one server span per call, parented on the caller's W3C
+//!    `traceparent`, plus call counts and latency by method and code. The method label comes
+//!    from the closed set in [`crate::methods`], never from the raw path.
+//! 4. [`AdmissionLayer`]: a permit per call from one of two pools: open methods (health,
+//!    reflection, OIP liveness/readiness) from a small pool of their own
+//!    (`server.max_concurrent_open_requests`), everything else from
+//!    `server.max_concurrent_requests`. Without a permit a call is refused at once with
+//!    `RESOURCE_EXHAUSTED` and `RetryInfo` instead of queueing without bound.
 //!
 //! Deadlines are enforced by tonic (the client's `grpc-timeout`, capped by the server's
 //! maximum) and, per request, by the batcher.
@@ -22,11 +28,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Frame;
 use opentelemetry::propagation::Extractor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::layer::util::{Identity, Stack};
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -34,6 +40,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub use marquee_proto::code_name;
 
 use crate::error::ServeError;
+use crate::methods;
 use crate::metrics::Metrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -223,13 +230,15 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let path = req.uri().path().to_owned();
+        // Only known methods name a label or a span: a client picks the path freely (any
+        // length), and every distinct label value is a new series kept for ever.
+        let method = methods::label(req.uri().path());
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(req.headers()))
         });
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %path.trim_start_matches('/'),
+            otel.name = %method.trim_start_matches('/'),
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.grpc.status_code = tracing::field::Empty,
@@ -253,13 +262,6 @@ where
                     Err(_) => Code::Unknown,
                 };
                 record_span.record("rpc.grpc.status_code", code as i32);
-                // Unknown paths answer UNIMPLEMENTED; label them together so clients cannot
-                // mint label values.
-                let method = if code == Code::Unimplemented {
-                    "unknown"
-                } else {
-                    path.as_str()
-                };
                 metrics
                     .grpc_requests
                     .with_label_values(&[method, code_name(code)])
@@ -275,93 +277,262 @@ where
     }
 }
 
-// === impl Overload ===
+// === impl Admission ===
 
-/// Turns tower's `Overloaded` (from load shed) into a `RESOURCE_EXHAUSTED` response.
+/// One pool of call permits and the setting that sizes it (named in the refusal).
 #[derive(Clone)]
-pub struct OverloadLayer {
+struct Pool {
+    permits: Arc<Semaphore>,
     limit: usize,
+    setting: &'static str,
 }
 
-impl OverloadLayer {
-    pub fn new(limit: usize) -> Self {
-        Self { limit }
+impl Pool {
+    fn new(limit: usize, setting: &'static str) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            setting,
+        }
     }
 }
 
-impl<S> Layer<S> for OverloadLayer {
-    type Service = Overload<S>;
+/// Admits a call only with a permit from its pool, held until the response head is ready (for
+/// a unary call: until its handler has answered). Open methods use their own small pool: an
+/// unauthenticated caller can then hold at most that many permits, never the serving ones, and
+/// health checks still answer while the server is saturated with work.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    serving: Pool,
+    open: Pool,
+}
+
+impl AdmissionLayer {
+    pub fn new(max_concurrent: usize, max_concurrent_open: usize) -> Self {
+        Self {
+            serving: Pool::new(max_concurrent, "server.max_concurrent_requests"),
+            open: Pool::new(max_concurrent_open, "server.max_concurrent_open_requests"),
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Overload {
+        Admission {
             inner,
-            limit: self.limit,
+            layer: self.clone(),
         }
     }
 }
 
 #[derive(Clone)]
-pub struct Overload<S> {
+pub struct Admission<S> {
     inner: S,
-    limit: usize,
+    layer: AdmissionLayer,
 }
 
-impl<S> Service<Request<Body>> for Overload<S>
+impl<S> Service<Request<Body>> for Admission<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
-    S::Error: Into<tower::BoxError>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = Response<Body>;
-    type Error = tower::BoxError;
-    type Future = BoxFuture<Result<Response<Body>, tower::BoxError>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let limit = self.limit;
+        let pool = if methods::is_open(req.uri().path()) {
+            &self.layer.open
+        } else {
+            &self.layer.serving
+        };
+        let permit: OwnedSemaphorePermit = match pool.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let status: Status = ServeError::Overloaded {
+                    message: format!(
+                        "server is at its limit of {} concurrent calls (`{}`); retry shortly",
+                        pool.limit, pool.setting
+                    ),
+                    retry_after: Duration::from_millis(50),
+                }
+                .into();
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            match fut.await.map_err(Into::into) {
-                Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
-                    let status: Status = ServeError::Overloaded {
-                        message: format!(
-                            "server is at its limit of {limit} concurrent calls (`server.max_concurrent_requests`); retry shortly"
-                        ),
-                        retry_after: Duration::from_millis(50),
-                    }
-                    .into();
-                    Ok(status.into_http())
-                }
-                other => other,
-            }
+            let result = fut.await;
+            drop(permit);
+            result
         })
+    }
+}
+
+// === impl BodyTimeout ===
+
+/// Bounds how long a request body may take to arrive: a unary request (one message) must be
+/// complete within `timeout` of its headers; a client stream may not go silent for longer than
+/// `timeout` between frames. Past it the body fails with `DEADLINE_EXCEEDED`, which ends the
+/// call and returns its permit.
+#[derive(Clone)]
+pub struct BodyTimeoutLayer {
+    timeout: Duration,
+}
+
+impl BodyTimeoutLayer {
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for BodyTimeoutLayer {
+    type Service = BodyTimeout<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyTimeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct BodyTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> Service<Request<Body>> for BodyTimeout<S>
+where
+    S: Service<Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let timeout = self.timeout;
+        let streaming = methods::lookup(req.uri().path()).is_some_and(|m| m.client_streaming);
+        self.inner.call(req.map(|body| {
+            Body::new(TimedBody {
+                inner: body,
+                // The clock starts now, at the request headers, not at the first poll.
+                sleep: tokio::time::sleep(timeout),
+                timeout,
+                streaming,
+                done: false,
+            })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails once its [`BodyTimeout`] passes.
+    struct TimedBody {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: Sleep,
+        timeout: Duration,
+        streaming: bool,
+        done: bool,
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let mut this = self.project();
+        if *this.done {
+            return this.inner.poll_frame(cx);
+        }
+        if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
+            match &frame {
+                Some(Ok(_)) if *this.streaming => {
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + *this.timeout);
+                }
+                Some(Ok(_)) => {}
+                _ => *this.done = true,
+            }
+            return Poll::Ready(frame);
+        }
+        ready!(this.sleep.poll(cx));
+        *this.done = true;
+        let ms = this.timeout.as_millis();
+        let message = if *this.streaming {
+            format!(
+                "no request message arrived for {ms} ms (`server.body_read_timeout_ms`); the stream is cut so a stalled client cannot hold server capacity"
+            )
+        } else {
+            format!(
+                "the request body did not arrive within {ms} ms (`server.body_read_timeout_ms`); the call is cut so a stalled client cannot hold server capacity"
+            )
+        };
+        Poll::Ready(Some(Err(ServeError::DeadlineExceeded(message).into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 /// The layers of [`server_stack`], outermost first.
 pub type ServerStack = tower::ServiceBuilder<
     Stack<
-        GlobalConcurrencyLimitLayer,
-        Stack<
-            LoadShedLayer,
-            Stack<OverloadLayer, Stack<GrpcTraceLayer, Stack<MessageLimitLayer, Identity>>>,
-        >,
+        AdmissionLayer,
+        Stack<GrpcTraceLayer, Stack<MessageLimitLayer, Stack<BodyTimeoutLayer, Identity>>>,
     >,
 >;
 
+/// The limits [`server_stack`] enforces, from `[server]`.
+#[derive(Debug, Clone)]
+pub struct StackLimits {
+    pub max_message_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub max_concurrent_open_requests: usize,
+    pub body_read_timeout: Duration,
+}
+
+impl StackLimits {
+    pub fn from_settings(s: &crate::config::ServerSettings) -> Self {
+        Self {
+            max_message_bytes: s.max_message_bytes,
+            max_concurrent_requests: s.max_concurrent_requests,
+            max_concurrent_open_requests: s.max_concurrent_open_requests,
+            body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
+        }
+    }
+}
+
 /// The whole stack, for `tonic::transport::Server::layer`.
-pub fn server_stack(
-    metrics: Metrics,
-    max_message_bytes: usize,
-    max_concurrent: usize,
-) -> ServerStack {
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(max_concurrent));
+pub fn server_stack(metrics: Metrics, limits: &StackLimits) -> ServerStack {
     tower::ServiceBuilder::new()
-        .layer(MessageLimitLayer::new(max_message_bytes))
+        .layer(BodyTimeoutLayer::new(limits.body_read_timeout))
+        .layer(MessageLimitLayer::new(limits.max_message_bytes))
         .layer(GrpcTraceLayer::new(metrics))
-        .layer(OverloadLayer::new(max_concurrent))
-        .load_shed()
-        .layer(GlobalConcurrencyLimitLayer::with_semaphore(semaphore))
+        .layer(AdmissionLayer::new(
+            limits.max_concurrent_requests,
+            limits.max_concurrent_open_requests,
+        ))
 }

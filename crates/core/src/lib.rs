@@ -11,6 +11,7 @@ pub mod deadline;
 pub mod error;
 pub mod layers;
 pub mod liveness;
+pub mod methods;
 pub mod metrics;
 #[cfg(feature = "torch")]
 pub mod model;

@@ -120,8 +120,7 @@ pub async fn serve(
     });
     let stack = crate::layers::server_stack(
         metrics.clone(),
-        settings.max_message_bytes,
-        settings.max_concurrent_requests,
+        &crate::layers::StackLimits::from_settings(&settings),
     );
     let drain_signal = shutdown.clone();
     let drain_delay = Duration::from_millis(settings.drain_delay_ms);
@@ -149,6 +148,12 @@ pub async fn serve(
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .timeout(Duration::from_millis(settings.max_timeout_ms))
+        // hyper has no HTTP/2 header timeout: pings find peers that stopped answering (or stall
+        // mid-header-block), and closing the connection ends every call it held.
+        .http2_keepalive_interval(
+            (settings.http2_keepalive_interval_ms > 0)
+                .then(|| Duration::from_millis(settings.http2_keepalive_interval_ms)),
+        )
         .layer(stack)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);

@@ -18,12 +18,11 @@ use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::quota::{InFlight, Quotas};
 
-/// Paths anyone may call: probes and discovery.
+/// Paths anyone may call: probes and discovery. The same set has its own concurrency pool in
+/// the core stack (`server.max_concurrent_open_requests`), so open calls cannot take the
+/// serving capacity.
 fn is_open(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/")
-        || path.starts_with("/grpc.reflection.")
-        || path == "/inference.GRPCInferenceService/ServerLive"
-        || path == "/inference.GRPCInferenceService/ServerReady"
+    marquee_core::methods::is_open(path)
 }
 
 #[derive(Clone)]
@@ -75,11 +74,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let path = req.uri().path().to_owned();
-        if is_open(&path) {
+        let path = req.uri().path();
+        if is_open(path) {
             let fut = self.inner.call(req);
             return Box::pin(async move { Ok(fut.await?.map(HoldingBody::new)) });
         }
+        // Labels and logs name only known methods: the raw path is the caller's free choice.
+        let path = marquee_core::methods::label(path);
         let l = &self.layer;
         let principal = match l.auth.authenticate(req.headers()) {
             Ok(p) => p,
@@ -100,7 +101,7 @@ where
             Err(e) => {
                 l.metrics
                     .requests
-                    .with_label_values(&[&path, &principal.tenant, "RESOURCE_EXHAUSTED"])
+                    .with_label_values(&[path, &principal.tenant, "RESOURCE_EXHAUSTED"])
                     .inc();
                 tracing::info!(method = %path, tenant = %principal.tenant, "refused: {e}");
                 let status: Status = e.into();
@@ -122,11 +123,7 @@ where
                     .unwrap_or(Code::Ok),
                 Err(_) => Code::Unknown,
             };
-            let route = if code == Code::Unimplemented {
-                "unknown"
-            } else {
-                path.as_str()
-            };
+            let route = path;
             let code_name = marquee_core::layers::code_name(code);
             metrics
                 .requests

@@ -257,7 +257,7 @@ impl ImageService for Vision {
                         result: Some(classify_batch_item::Result::Error(ItemError {
                             code: e.code() as i32,
                             field: e.field().unwrap_or_default().to_string(),
-                            message: e.to_string(),
+                            message: e.public_message(),
                         })),
                     },
                 }
