@@ -314,6 +314,11 @@ impl Engine {
     }
 
     fn submit(&self, job: Job) -> Result<(), EngineError> {
+        // A dead worker flips liveness before its thread lets go of the queue: refuse at once
+        // (retryable UNAVAILABLE) instead of queueing a job nobody will take.
+        if !self.shared.config.liveness.is_alive() {
+            return Err(EngineError::Stopped);
+        }
         self.tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
             TrySendError::Disconnected(_) => EngineError::Stopped,
