@@ -13,6 +13,8 @@ use marquee_proto::vision::image_service_client::ImageServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub mod hostile;
+
 /// The model repository built by `make models` (the `model-repository` link at the root).
 pub fn model_repo() -> PathBuf {
     std::env::var_os("MARQUEE_MODEL_REPO")
