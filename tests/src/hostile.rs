@@ -279,7 +279,7 @@ pub fn jpeg_flat(
     let bits = blocks * 2;
     // All codes are 0 bits; the last byte is padded with 1 bits, as the standard asks.
     out.extend(std::iter::repeat_n(0u8, (bits / 8) as usize));
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         out.push(0xFFu8 >> (bits % 8));
     }
     out.extend([0xFF, 0xD9]);
