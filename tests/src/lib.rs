@@ -15,9 +15,10 @@ use marquee_proto::vision::image_service_client::ImageServiceClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub mod hostile;
 pub mod lifecycle;
-pub mod torchscript;
 pub mod server;
+pub mod torchscript;
 
 /// The model repository built by `make models` (the `model-repository` link at the root).
 pub fn model_repo() -> PathBuf {

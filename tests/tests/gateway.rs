@@ -594,6 +594,10 @@ async fn a_deadline_shorter_than_the_backend_queue_is_answered_and_never_compute
     bs.repository.models = vec!["efficientnet_lite0".into()];
     bs.repository.lanes = Some(1);
     bs.repository.batching = false;
+    // Decode all 24 images at once, so they fill the model queue faster than one lane drains
+    // it (with the default 2 decode workers the queue never reaches 20).
+    bs.server.blocking_threads = 24;
+    bs.vision.decode_workers = 24;
     let backend = start(bs).await;
     let gw = start_gateway(gateway_settings(&[backend.grpc_addr])).await;
     let photo = fixture("chelsea.png");

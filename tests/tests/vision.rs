@@ -34,9 +34,12 @@ fn preprocessed(model: &str, bytes: &[u8]) -> Vec<f32> {
     let limits = marquee_vision::preprocess::ImageLimits {
         max_bytes: 1 << 24,
         max_pixels: 1 << 26,
+        max_aspect_ratio: 20,
     };
-    let img = marquee_vision::preprocess::decode(bytes, limits).unwrap();
-    marquee_vision::preprocess::preprocess(&img, spec.preprocess.as_ref().unwrap())
+    marquee_vision::preprocess::to_tensor(bytes, limits, spec.preprocess.as_ref().unwrap(), &|| {
+        true
+    })
+    .unwrap()
 }
 
 #[tokio::test]

@@ -16,20 +16,28 @@ use marquee_proto::vision::*;
 use tonic::{Request, Response, Status};
 
 use crate::VisionSettings;
-use crate::preprocess::{ImageLimits, decode, preprocess};
+use crate::decode::{DecodeError, DecodePool, Ticket};
+use crate::preprocess::{ImageLimits, to_tensor};
 
 pub struct Vision {
     repo: Arc<Repository>,
     server: ServerSettings,
     settings: VisionSettings,
+    decoders: DecodePool,
 }
 
 impl Vision {
-    pub fn new(repo: Arc<Repository>, server: ServerSettings, settings: VisionSettings) -> Self {
+    pub fn new(
+        repo: Arc<Repository>,
+        server: ServerSettings,
+        settings: VisionSettings,
+        decoders: DecodePool,
+    ) -> Self {
         Self {
             repo,
             server,
             settings,
+            decoders,
         }
     }
 
@@ -37,15 +45,36 @@ impl Vision {
         ImageLimits {
             max_bytes: self.settings.max_image_bytes,
             max_pixels: self.settings.max_pixels,
+            max_aspect_ratio: self.settings.max_aspect_ratio,
         }
     }
 
-    /// Turns one `ImageInput` into the model's input tensor.
+    /// Queue places for the encoded images among `inputs`, in order (`None` for tensors), all
+    /// admitted or the call refused.
+    fn admit<'a>(
+        &self,
+        inputs: impl Iterator<Item = Option<&'a ImageInput>> + Clone,
+    ) -> Result<Vec<Option<Ticket>>, ServeError> {
+        let encoded = |i: Option<&ImageInput>| {
+            matches!(i.and_then(|i| i.source.as_ref()), Some(Source::Encoded(_)))
+        };
+        let mut tickets = self
+            .decoders
+            .admit(inputs.clone().filter(|i| encoded(*i)).count())?;
+        Ok(inputs
+            .map(|i| if encoded(i) { tickets.pop() } else { None })
+            .collect())
+    }
+
+    /// Turns one `ImageInput` into the model's input tensor; an encoded image needs its
+    /// `ticket` from [`Self::admit`].
     async fn prepare(
         &self,
         model: &Arc<LoadedModel>,
         input: Option<ImageInput>,
         field: &str,
+        ticket: Option<Ticket>,
+        deadline: Instant,
     ) -> Result<Vec<f32>, ServeError> {
         let source = input.and_then(|i| i.source).ok_or_else(|| {
             ServeError::invalid(
@@ -121,19 +150,33 @@ impl Vision {
                         model.name
                     )));
                 };
+                let ticket = ticket.expect("encoded images are admitted first, this is a bug");
                 let limits = self.limits();
-                // Decoding is CPU-heavy: keep it off the async runtime.
-                let decoded = tokio::task::spawn_blocking(move || {
-                    decode(&bytes, limits).map(|img| preprocess(&img, &pre))
-                })
-                .await
-                .map_err(|e| ServeError::Internal(format!("decoder panicked: {e}")))?;
-                decoded.map_err(|e| {
-                    let message = format!("`{field}` {e}");
-                    if e.is_size_limit() {
-                        ServeError::TooLarge { field, message }
-                    } else {
-                        ServeError::InvalidArgument { field, message }
+                // Decoding is CPU-heavy: it runs on the decode pool's workers, off the runtime.
+                let decoded = self
+                    .decoders
+                    .run(ticket, deadline, move |keep_going| {
+                        to_tensor(&bytes, limits, &pre, keep_going)
+                    })
+                    .await;
+                decoded.map_err(|e| match e {
+                    DecodeError::Image(e) => {
+                        let message = format!("`{field}` {e}");
+                        if e.is_size_limit() {
+                            ServeError::TooLarge { field, message }
+                        } else {
+                            ServeError::InvalidArgument { field, message }
+                        }
+                    }
+                    DecodeError::DeadlineExceeded => ServeError::DeadlineExceeded(format!(
+                        "the deadline passed before `{field}` was decoded"
+                    )),
+                    // Only seen by a caller that is gone; said plainly for the logs.
+                    DecodeError::Cancelled => ServeError::Unavailable(format!(
+                        "the call ended before `{field}` was decoded"
+                    )),
+                    DecodeError::Panicked(detail) => {
+                        ServeError::Internal(format!("decoding `{field}`: {detail}"))
                     }
                 })
             }
@@ -166,9 +209,10 @@ impl Vision {
         input: Option<ImageInput>,
         field: &str,
         (logits, k): (usize, usize),
+        ticket: Option<Ticket>,
         deadline: Instant,
     ) -> Result<Vec<Label>, ServeError> {
-        let data = self.prepare(model, input, field).await?;
+        let data = self.prepare(model, input, field, ticket, deadline).await?;
         let out = model.infer(data, 1, deadline).await?;
         Ok(top_labels(
             &out[0][logits],
@@ -210,8 +254,12 @@ impl ImageService for Vision {
         let req = req.into_inner();
         let model = self.repo.get(&req.model)?;
         let k = self.top_k(&model, req.top_k)?;
+        let ticket = self
+            .admit(std::iter::once(req.image.as_ref()))?
+            .pop()
+            .flatten();
         let labels = self
-            .classify_one(&model, req.image, "image", k, deadline)
+            .classify_one(&model, req.image, "image", k, ticket, deadline)
             .await?;
         Ok(Response::new(ClassifyResponse {
             model: model.name.clone(),
@@ -239,30 +287,36 @@ impl ImageService for Vision {
             )
             .into());
         }
+        let tickets = self.admit(req.images.iter().map(Some))?;
         // Each image is its own queue item, so the lanes batch them with everyone else's.
-        let calls = req.images.into_iter().enumerate().map(|(i, img)| {
-            let model = &model;
-            async move {
-                let field = format!("images[{i}]");
-                match self
-                    .classify_one(model, Some(img), &field, k, deadline)
-                    .await
-                {
-                    Ok(labels) => ClassifyBatchItem {
-                        result: Some(classify_batch_item::Result::Classification(
-                            Classification { labels },
-                        )),
-                    },
-                    Err(e) => ClassifyBatchItem {
-                        result: Some(classify_batch_item::Result::Error(ItemError {
-                            code: e.code() as i32,
-                            field: e.field().unwrap_or_default().to_string(),
-                            message: e.public_message(),
-                        })),
-                    },
+        let calls = req
+            .images
+            .into_iter()
+            .zip(tickets)
+            .enumerate()
+            .map(|(i, (img, ticket))| {
+                let model = &model;
+                async move {
+                    let field = format!("images[{i}]");
+                    match self
+                        .classify_one(model, Some(img), &field, k, ticket, deadline)
+                        .await
+                    {
+                        Ok(labels) => ClassifyBatchItem {
+                            result: Some(classify_batch_item::Result::Classification(
+                                Classification { labels },
+                            )),
+                        },
+                        Err(e) => ClassifyBatchItem {
+                            result: Some(classify_batch_item::Result::Error(ItemError {
+                                code: e.code() as i32,
+                                field: e.field().unwrap_or_default().to_string(),
+                                message: e.public_message(),
+                            })),
+                        },
+                    }
                 }
-            }
-        });
+            });
         let items = join_all(calls).await;
         Ok(Response::new(ClassifyBatchResponse {
             model: model.name.clone(),
@@ -281,7 +335,13 @@ impl ImageService for Vision {
                 model.name
             ))
         })?;
-        let data = self.prepare(&model, req.image, "image").await?;
+        let ticket = self
+            .admit(std::iter::once(req.image.as_ref()))?
+            .pop()
+            .flatten();
+        let data = self
+            .prepare(&model, req.image, "image", ticket, deadline)
+            .await?;
         let mut out = model.infer(data, 1, deadline).await?;
         let mut embedding = std::mem::take(&mut out[0][idx]);
         if req.normalize {
