@@ -124,17 +124,22 @@ impl Kind {
     }
 }
 
-/// Hostile images and the status each must get.
+/// Hostile images and the status each must get: the poison image, and every image of the
+/// generated corpus (`marquee_e2e::hostile`) that must be refused. The corpus's images that
+/// must be served take up to a second each to decode here; `hardening_vision` sends those.
 fn hostile_images() -> Vec<(String, Vec<u8>, Code)> {
-    // When the vision fix lands with its generated corpus (`marquee_e2e::hostile`), extend
-    // this list with it:
-    //     images.extend(marquee_e2e::hostile::corpus().into_iter()
-    //         .map(|h| (h.name.to_string(), h.bytes, h.expect)));
-    vec![(
+    let mut images = vec![(
         "poison 1×16,000,000 PNG".to_string(),
         poison_png(),
         Code::InvalidArgument,
-    )]
+    )];
+    images.extend(
+        marquee_e2e::hostile::corpus()
+            .into_iter()
+            .filter(|h| h.expect != Code::Ok)
+            .map(|h| (h.name.to_string(), h.bytes, h.expect)),
+    );
+    images
 }
 
 /// xorshift64*: the schedule's values are the same on every run.
