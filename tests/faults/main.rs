@@ -10,6 +10,7 @@
 //! Run: `cargo test -p marquee-e2e --test faults -- --test-threads=1 --nocapture`.
 
 mod drain;
+mod feedback;
 mod harness;
 mod hostile;
 mod kill;
