@@ -395,3 +395,47 @@ async fn stalled_request_bodies_are_cut_and_free_their_permits() {
         assert_eq!(r.expect("served after the stalled calls were cut"), 1);
     }
 }
+
+/// Slow-loris on the admin listener: connections that never finish their request headers are
+/// closed after `server.body_read_timeout_ms`, and while they hang the probes still answer.
+/// (`axum::serve` had no header timer: such a connection stayed open for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_that_stall_in_their_headers_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = fashion_backend_settings();
+    s.server.body_read_timeout_ms = 1_000;
+    let backend = start(s).await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut c = tokio::net::TcpStream::connect(backend.admin_addr)
+            .await
+            .unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        stalled.push(c);
+    }
+    let (code, body) = http_get(backend.admin_addr, "/healthz").await;
+    assert_eq!(
+        code, 200,
+        "the probe answers while 8 connections stall: {body}"
+    );
+    for mut c in stalled {
+        // The server closes the connection (EOF, or a 408 then EOF); a bounded wait, far past
+        // the 1 s timeout, so a connection left open fails the test instead of hanging it.
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "a connection stalled in its headers was still open after 30 s"
+        );
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            buf.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "unexpected answer to a stalled request: {text}"
+        );
+    }
+    let (code, _) = http_get(backend.admin_addr, "/metrics").await;
+    assert_eq!(code, 200);
+    backend.shutdown.cancel();
+}

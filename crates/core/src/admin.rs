@@ -2,12 +2,16 @@
 //! Both probes fail with the reason once a worker thread died (see [`crate::liveness`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::liveness::Liveness;
@@ -23,12 +27,23 @@ struct AdminState {
     liveness: Liveness,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
+/// Admin connections open at once. Probes and scrapes use one or two each; past this a new
+/// connection is closed at once, so a flood of idle connections cannot exhaust the process's
+/// file descriptors.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Longest an admin connection stays open, whatever it does: a scrape or a probe takes
+/// milliseconds, and a keep-alive client simply reconnects.
+pub const ADMIN_CONNECTION_MAX: Duration = Duration::from_secs(300);
+
+/// Serves the admin endpoints on `listener` until `shutdown`. Each connection must send its
+/// request headers within `header_read_timeout` (`server.body_read_timeout_ms`), the same
+/// slow-loris bound as the gRPC listener's request bodies: `axum::serve` has no such timer.
 pub fn spawn(
     listener: TcpListener,
     metrics: Metrics,
     ready: Readiness,
     liveness: Liveness,
+    header_read_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -40,12 +55,38 @@ pub fn spawn(
             ready,
             liveness,
         });
+    let connections = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin server failed");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin listener cannot accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                continue; // Dropping the stream closes it.
+            };
+            let service = TowerToHyperService::new(app.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::timeout(ADMIN_CONNECTION_MAX, connection) => {}
+                }
+                drop(permit);
+            });
         }
     });
 }

@@ -86,6 +86,7 @@ pub async fn serve(
         metrics.clone(),
         ready,
         liveness.clone(),
+        Duration::from_millis(settings.body_read_timeout_ms),
         admin_shutdown.clone(),
     );
 
