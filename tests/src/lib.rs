@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub mod hostile;
+pub mod jwt;
 pub mod lifecycle;
 pub mod server;
 pub mod torchscript;

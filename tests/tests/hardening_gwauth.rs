@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use futures::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use marquee_e2e::jwt::jwt_keys;
 use marquee_e2e::*;
 use marquee_gateway::config::{ApiKey, Backend, BackendKind, Settings, Tenant};
 use marquee_proto::inference::ModelInferRequest;
@@ -65,40 +66,12 @@ fn api_key(key: &str, tenant: &str, scopes: &[&str]) -> ApiKey {
 
 // === item 5: JWT claims ===
 
-fn openssl(args: &[&str]) {
-    let ok = std::process::Command::new("openssl")
-        .args(args)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs")
-        .success();
-    assert!(ok, "openssl {args:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_must_carry_the_configured_issuer_audience_and_expiry() {
     let backend = start(fashion_backend_settings()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let secret = b"an-hs256-secret-of-at-least-32-bytes!".to_vec();
-    std::fs::write(p("hs256.secret"), &secret).unwrap();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        &p("rsa.pem"),
-    ]);
-    openssl(&[
-        "pkey",
-        "-in",
-        &p("rsa.pem"),
-        "-pubout",
-        "-out",
-        &p("rsa.pub.pem"),
-    ]);
+    let keys = jwt_keys();
+    let p = |n: &str| keys.dir.path().join(n).to_str().unwrap().to_string();
+    let secret = keys.secret.clone();
     let mut s = gateway_settings(&[backend.grpc_addr]);
     s.auth.jwt.hs256_secret_file = Some(p("hs256.secret").into());
     s.auth.jwt.public_key_files = vec![p("rsa.pub.pem").into()];
