@@ -439,3 +439,62 @@ async fn admin_connections_that_stall_in_their_headers_are_closed() {
     assert_eq!(code, 200);
     backend.shutdown.cancel();
 }
+
+/// A stream holds its admission permit until it ends: with one open permit, an open health
+/// `Watch` stream leaves none for a `Check` until the client drops it. (The permit used to be
+/// released as soon as the response headers went out, so streams were never counted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_holds_its_permit_until_it_ends() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut s = fashion_backend_settings();
+    s.server.max_concurrent_open_requests = 1;
+    let backend = start(s).await;
+    let mut health = HealthClient::new(backend.channel().await);
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    health
+        .check(check.clone())
+        .await
+        .expect("a check is admitted while nothing else is open");
+    let mut watch = health
+        .watch(check.clone())
+        .await
+        .expect("a watch is admitted")
+        .into_inner();
+    watch
+        .message()
+        .await
+        .expect("the watch sends the current status")
+        .expect("a first message");
+    let refused = health
+        .check(check.clone())
+        .await
+        .expect_err("no open permit is left while the watch runs");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("server.max_concurrent_open_requests"),
+        "{}",
+        refused.message()
+    );
+    // The client leaves: the stream's body is dropped and its permit comes back.
+    drop(watch);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match health.check(check.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the permit of a dropped stream never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected status after the watch was dropped: {e:?}"),
+        }
+    }
+    backend.shutdown.cancel();
+}

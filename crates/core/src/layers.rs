@@ -13,7 +13,8 @@
 //!    reflection, OIP liveness/readiness) from a small pool of their own
 //!    (`server.max_concurrent_open_requests`), everything else from
 //!    `server.max_concurrent_requests`. Without a permit a call is refused at once with
-//!    `RESOURCE_EXHAUSTED` and `RetryInfo` instead of queueing without bound.
+//!    `RESOURCE_EXHAUSTED` and `RetryInfo` instead of queueing without bound. The permit is
+//!    held by the response body, so a stream counts until it ends or its client leaves.
 //!
 //! Deadlines are enforced by tonic (the client's `grpc-timeout`, capped by the server's
 //! maximum) and, per request, by the batcher.
@@ -297,8 +298,8 @@ impl Pool {
     }
 }
 
-/// Admits a call only with a permit from its pool, held until the response head is ready (for
-/// a unary call: until its handler has answered). Open methods use their own small pool: an
+/// Admits a call only with a permit from its pool, held until the response body has ended (for
+/// a stream: its last message and trailers) or the client left. Open methods use their own small pool: an
 /// unauthenticated caller can then hold at most that many permits, never the serving ones, and
 /// health checks still answer while the server is saturated with work.
 #[derive(Clone)]
@@ -368,10 +369,58 @@ where
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let result = fut.await;
-            drop(permit);
-            result
+            // The permit travels with the response body: a stream (`GenerateStream`, health
+            // `Watch`) holds it until its trailers go out or the client leaves, not only until
+            // its headers did, so open streams count against the limit like unary calls.
+            Ok(fut.await?.map(|body| {
+                Body::new(PermitBody {
+                    inner: body,
+                    permit: Some(permit),
+                })
+            }))
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body holding its call's admission permit until the body ends (its trailers,
+    /// which carry the gRPC status, are handed out), fails, or is dropped.
+    struct PermitBody {
+        #[pin]
+        inner: Body,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl http_body::Body for PermitBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            Poll::Pending => false,
+        };
+        if ended {
+            // Released before the last frame is passed on, so a client that saw its call end
+            // finds the permit free for its next one.
+            this.permit.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
