@@ -10,9 +10,7 @@ use marquee_e2e::state::wait_until;
 use marquee_e2e::*;
 use tonic::Code;
 
-use marquee_e2e::state::{
-    command_with_file_limit, run_to_exit, set_file_size_limit, spawn_listening,
-};
+use marquee_e2e::state::{command_with_file_limit, run_to_exit, set_file_size_limit};
 use marquee_proto::recommendation as pb;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
 use tonic::transport::Channel;
@@ -99,7 +97,7 @@ fn a_full_disk_mid_record_loses_no_acknowledged_feedback() {
     let dir = tempfile::tempdir().unwrap();
     let items = catalogue_items(50);
     let (a, b, gone) = (9_100_001i64, 9_100_002i64, 9_100_003i64);
-    let mut child = spawn_listening(command_with_file_limit(
+    let mut child = ChildServer::spawn(command_with_file_limit(
         "marquee-recommendation",
         &rec_env(dir.path()),
         None,
@@ -195,7 +193,7 @@ fn sigkill_mid_load_after_a_full_disk_loses_no_acknowledged_feedback() {
     const WRITERS: i64 = 4;
     let dir = tempfile::tempdir().unwrap();
     let items = catalogue_items(50);
-    let mut child = spawn_listening(command_with_file_limit(
+    let mut child = ChildServer::spawn(command_with_file_limit(
         "marquee-recommendation",
         &rec_env(dir.path()),
         None,

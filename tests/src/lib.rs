@@ -368,7 +368,6 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts `bin` with `env` and reads its `listening grpc=… admin=…` line.
     pub fn start(bin: &str, env: &[(&str, String)]) -> Self {
-        use std::io::BufRead;
         let mut cmd = std::process::Command::new(workspace_binary(bin));
         cmd.env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
             .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
@@ -377,6 +376,13 @@ impl ChildServer {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (a service binary with stdout piped) and reads its
+    /// `listening grpc=… admin=…` line.
+    pub fn spawn(mut cmd: std::process::Command) -> Self {
+        use std::io::BufRead;
         let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap())

@@ -1,12 +1,11 @@
 //! Helpers of the `hardening_state` tests: histogram samples from a registry, bounded polling,
 //! and a service binary started with a file-size limit (a full disk without root).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use marquee_core::metrics::Metrics;
 
-use crate::{ChildServer, workspace_binary};
+use crate::workspace_binary;
 
 /// One histogram's samples, summed over the label sets that match.
 #[derive(Debug, Default, Clone)]
@@ -126,29 +125,6 @@ pub fn command_with_file_limit(
         });
     }
     cmd
-}
-
-/// Spawns `cmd` (a service binary) and reads its `listening grpc=… admin=…` line.
-pub fn spawn_listening(mut cmd: std::process::Command) -> ChildServer {
-    use std::io::BufRead;
-    let mut child = cmd.spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let field = |name: &str| -> SocketAddr {
-        line.split(&format!("{name}="))
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-            .parse()
-            .unwrap()
-    };
-    ChildServer {
-        grpc_addr: field("grpc"),
-        admin_addr: field("admin"),
-        child,
-    }
 }
 
 /// Runs `cmd` to its exit (bounded by `limit`) and returns its status.
