@@ -150,7 +150,7 @@ start_service marquee-language \
   "${own_env[@]}" \
   MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_LANGUAGE_GRPC_ADDR:-127.0.0.1:8002}" \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_LANGUAGE_ADMIN_ADDR:-127.0.0.1:9002}" \
-  MARQUEE__LANGUAGE__REPOSITORY="$model_repo"
+  MARQUEE__REPOSITORY__PATH="$model_repo"
 
 # The feedback log and the user-id hash key persist across runs here.
 start_service marquee-recommendation \

@@ -55,7 +55,7 @@ pub const SECTION: &str = "## Language generation";
 /// `marquee-language` on ephemeral ports, against `repo`.
 fn start_server(bin_dir: &Path, repo: &Path) -> anyhow::Result<Server> {
     let mut cmd = Command::new(bin_dir.join("marquee-language"));
-    cmd.env("MARQUEE__LANGUAGE__REPOSITORY", repo);
+    cmd.env("MARQUEE__REPOSITORY__PATH", repo);
     Server::spawn(cmd)
 }
 

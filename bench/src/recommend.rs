@@ -140,7 +140,7 @@ pub fn section(a: &RecommendArgs) -> anyhow::Result<String> {
         s.repository.threads = Some(1);
         s.server.grpc_addr = "127.0.0.1:0".parse()?;
         s.server.admin_addr = "127.0.0.1:0".parse()?;
-        s.recommendation.workers = a.workers;
+        s.repository.lanes = Some(a.workers);
         s
     };
     eprintln!("== recommender: loading the model");
@@ -401,7 +401,7 @@ fn fairness(
     let engine = marquee_recommendation::engine::Engine::start(
         data.clone(),
         emb.clone(),
-        rec.engine_config(1),
+        rec.engine_config(1, 1, marquee_core::liveness::Liveness::new()),
         marquee_recommendation::metrics::RecMetrics::standalone(data.catalog.len()),
     )?;
     let mut users: Vec<u32> = data.users.values().copied().collect();

@@ -421,8 +421,9 @@ pub fn language_settings() -> marquee_language::Settings {
     let mut s = marquee_language::Settings::default();
     s.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     s.server.admin_addr = "127.0.0.1:0".parse().unwrap();
-    s.language.repository = model_repo();
-    s.language.threads = Some(1);
+    s.repository.path = model_repo();
+    s.repository.threads = Some(1);
+    s.repository.poll_interval_ms = 0;
     s
 }
 
@@ -456,6 +457,7 @@ pub fn recommendation_settings(state_dir: &Path) -> marquee_recommendation::Sett
     s.server.admin_addr = "127.0.0.1:0".parse().unwrap();
     s.repository.path = model_repo();
     s.repository.threads = Some(1);
+    s.repository.poll_interval_ms = 0;
     s.recommendation.state_dir = state_dir.to_path_buf();
     s
 }
@@ -465,7 +467,10 @@ pub struct TestRecommender {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Metrics,
-    pub service: marquee_recommendation::service::Recommender,
+    /// The recommender's repository (tests read the serving version's engine through it).
+    pub repo: std::sync::Arc<
+        marquee_core::repository::Repository<marquee_recommendation::family::RecFamily>,
+    >,
     pub shutdown: CancellationToken,
 }
 
@@ -496,7 +501,7 @@ pub async fn start_recommendation(settings: marquee_recommendation::Settings) ->
         grpc_addr: running.grpc_addr,
         admin_addr: running.admin_addr,
         metrics: running.metrics,
-        service: running.service,
+        repo: running.repo,
         shutdown,
     }
 }

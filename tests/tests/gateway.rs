@@ -518,7 +518,7 @@ async fn a_deadline_shorter_than_the_backend_queue_is_answered_and_never_compute
     let mut bs = settings(&model_repo());
     bs.repository.models = vec!["efficientnet_lite0".into()];
     bs.repository.lanes = Some(1);
-    bs.repository.batching = false;
+    bs.repository.batching = Some(false);
     // Decode all 24 images at once, so they fill the model queue faster than one lane drains
     // it (with the default 2 decode workers the queue never reaches 20).
     bs.server.blocking_threads = 24;
@@ -660,7 +660,7 @@ async fn a_model_added_to_a_backend_becomes_routable_without_a_restart() {
     let mut bs = settings(repo.path());
     bs.repository.poll_interval_ms = 100;
     bs.repository.lanes = Some(1);
-    bs.repository.profile_batching = false;
+    bs.repository.profile_batching = Some(false);
     let backend = start(bs).await;
     let gw = start_gateway(gateway_settings(&[backend.grpc_addr])).await;
     let req = || {

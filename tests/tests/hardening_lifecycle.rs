@@ -202,7 +202,7 @@ torch.jit.script(Faulty(torch.jit.load(sys.argv[1]))).save(sys.argv[1])
         &[&weights],
     );
     let mut s = language_settings();
-    s.language.repository = repo.path().to_path_buf();
+    s.repository.path = repo.path().to_path_buf();
     s.language.max_batch_size = 4;
     let server = start_language(s).await;
     let ch = channel(server.grpc_addr).await;
@@ -272,7 +272,7 @@ torch.jit.script(Faulty(torch.jit.load(sys.argv[1]))).save(sys.argv[1])
     );
     let mut s = recommendation_settings(state.path());
     s.repository.path = repo.path().to_path_buf();
-    s.recommendation.workers = 1;
+    s.repository.lanes = Some(1);
     // No HNSW build: exact search starts faster and retrieval is not what this test is about.
     s.recommendation.index = "exact".into();
     let server = start_recommendation(s).await;

@@ -199,7 +199,7 @@ fn infer(value: f32) -> ModelInferRequest {
 async fn internal_errors_carry_only_a_reference() {
     let repo = fault_repo();
     let mut s = settings(repo.path());
-    s.repository.profile_batching = false;
+    s.repository.profile_batching = Some(false);
     let backend = start(s).await;
     let gateway = start_gateway(gateway_settings(&[backend.grpc_addr])).await;
 

@@ -48,7 +48,7 @@ fn vision_settings() -> marquee_vision::Settings {
     s.repository.models = vec![MODEL.into()];
     s.repository.lanes = Some(1);
     // Start fast; the batch size is not what these tests are about.
-    s.repository.profile_batching = false;
+    s.repository.profile_batching = Some(false);
     s
 }
 

@@ -160,32 +160,38 @@ async fn sigterm_reports_not_serving_finishes_in_flight_calls_then_refuses_new_o
         ServingStatus::Serving as i32
     );
 
-    // Work that keeps the single lane busy well past the drain delay.
-    let photo = fixture("chelsea.png");
-    let in_flight: Vec<_> = (0..4)
+    // Work that keeps the single lane busy well past the drain delay: preprocessed tensors (no
+    // decoding, which in a debug build is slower than the model and kept the queue short), more
+    // than the lane takes in one batch, so some always wait while it computes.
+    let tensor = ImageInput {
+        source: Some(Source::Tensor(marquee_proto::common::Tensor {
+            shape: vec![3, 224, 224],
+            float_data: vec![0.1; 3 * 224 * 224],
+            raw_data: Default::default(),
+        })),
+    };
+    let in_flight: Vec<_> = (0..8)
         .map(|_| {
             let mut c = ImageServiceClient::new(channel.clone());
             let req = ClassifyBatchRequest {
                 model: "efficientnet_lite0".into(),
-                images: (0..8).map(|_| image(photo.clone())).collect(),
+                images: vec![tensor.clone(); 8],
                 top_k: 1,
             };
             tokio::spawn(async move { c.classify_batch(req).await })
         })
         .collect();
-    // SIGTERM only once the work is queued (observed on the admin port, not slept).
-    loop {
+    // SIGTERM only once work is queued (observed on the admin port, not slept).
+    marquee_e2e::lifecycle::wait_for("queued images", Duration::from_secs(60), || async {
         let (_, body) = http_get(admin, "/metrics").await;
         let queued = body
             .lines()
             .find(|l| l.starts_with("marquee_batcher_queue_depth{"))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(0.0);
-        if queued >= 16.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        (queued >= 8.0).then_some(())
+    })
+    .await;
     // SAFETY: kill(2) on a child process this test spawned and still owns.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
 

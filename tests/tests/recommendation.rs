@@ -468,7 +468,12 @@ async fn long_tail_floor_holds_and_exposure_metrics_are_exported() {
 async fn ann_recall_at_100_is_at_least_095_against_exact_search() {
     use marquee_recommendation::index::{exact_search, recall};
     let m = model();
-    let engine = shared_rec().service.engine().clone();
+    let engine = shared_rec()
+        .repo
+        .only()
+        .expect("a version serves")
+        .engine
+        .clone();
     let shared = &engine.shared;
     assert!(shared.index.is_approximate());
     let subjects: Vec<marquee_recommendation::users::Subject> = some_users(200)

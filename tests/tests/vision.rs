@@ -528,7 +528,7 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
     // ~12 forwards, and a later request cannot join their batches.
     let mut s = settings(&model_repo());
     s.repository.lanes = Some(1);
-    s.repository.batching = false;
+    s.repository.batching = Some(false);
     s.repository.models = vec!["efficientnet_lite0".into()];
     let server = start(s).await;
     let photo = fixture("chelsea.png");

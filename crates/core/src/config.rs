@@ -144,6 +144,18 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 /// found within a minute, at one small frame a minute per idle connection.
 pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 60_000;
 
+impl ServerSettings {
+    /// The defaults, listening on `127.0.0.1:grpc` and `127.0.0.1:admin`: each service has its
+    /// own pair, so all of them run side by side on one host without configuration.
+    pub fn on_ports(grpc: u16, admin: u16) -> Self {
+        Self {
+            grpc_addr: std::net::SocketAddr::from(([127, 0, 0, 1], grpc)),
+            admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], admin)),
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
@@ -226,9 +238,11 @@ pub struct RepositorySettings {
     pub poll_interval_ms: u64,
     /// Profile each model at batch sizes 1..=max during warm-up and cap batches at the size with
     /// the best throughput, so batching never makes a model slower than running unbatched.
-    pub profile_batching: bool,
-    /// `false` runs every item alone (batch cap 1): for comparisons, not production.
-    pub batching: bool,
+    /// Default `true`. Only the vision service batches tensor models; the others refuse the key.
+    pub profile_batching: Option<bool>,
+    /// `false` runs every item alone (batch cap 1): for comparisons, not production. Default
+    /// `true`; vision only, like `profile_batching`.
+    pub batching: Option<bool>,
     /// Overrides every model's `instance.lanes` (model copies, each on its own OS thread).
     pub lanes: Option<usize>,
     /// Overrides every model's `instance.threads` (libtorch intra-op threads per lane).
@@ -243,8 +257,8 @@ impl Default for RepositorySettings {
             path: PathBuf::from("model-repository"),
             models: Vec::new(),
             poll_interval_ms: 2_000,
-            profile_batching: true,
-            batching: true,
+            profile_batching: None,
+            batching: None,
             lanes: None,
             threads: None,
             device: None,
@@ -274,6 +288,65 @@ impl Validate for RepositorySettings {
             ));
         }
     }
+}
+
+impl RepositorySettings {
+    /// Whether dynamic batching is on (`repository.batching`, default `true`).
+    pub fn batching(&self) -> bool {
+        self.batching.unwrap_or(true)
+    }
+
+    /// Whether warm-up profiles batch sizes (`repository.profile_batching`, default `true`).
+    pub fn profile_batching(&self) -> bool {
+        self.profile_batching.unwrap_or(true)
+    }
+
+    /// Refuses the keys a service would ignore: an operator who sets `repository.lanes` on a
+    /// service that runs one engine per model, or batching keys where nothing is batched,
+    /// learns it at start instead of tuning a knob that does nothing.
+    pub fn refuse_unused(&self, service: &str, uses: KeysUsed, errors: &mut Vec<String>) {
+        if !uses.lanes && self.lanes.is_some_and(|l| l != 1) {
+            errors.push(format!(
+                "`repository.lanes` is not used by the {service} service (one engine thread per model); remove it"
+            ));
+        }
+        if !uses.batching {
+            for (key, set) in [
+                ("batching", self.batching.is_some()),
+                ("profile_batching", self.profile_batching.is_some()),
+            ] {
+                if set {
+                    errors.push(format!(
+                        "`repository.{key}` is not used by the {service} service (only vision batches tensor models); remove it"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The checks every model service's settings begin with: the server, the repository (and the
+/// per-model keys `service` would ignore) and telemetry.
+pub fn validate_model_service(
+    service: &str,
+    uses: KeysUsed,
+    (server, repository, telemetry): (&ServerSettings, &RepositorySettings, &TelemetrySettings),
+    errors: &mut Vec<String>,
+) {
+    server.validate(errors);
+    repository.validate(errors);
+    repository.refuse_unused(service, uses, errors);
+    telemetry.validate(errors);
+}
+
+/// Which of the repository's per-model keys a service honours (see
+/// [`RepositorySettings::refuse_unused`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KeysUsed {
+    /// `repository.lanes`: model copies on their own threads.
+    pub lanes: bool,
+    /// `repository.batching` and `repository.profile_batching`.
+    pub batching: bool,
 }
 
 /// Whether `s` names a device: `cpu`, `cuda` or `cuda:N`.

@@ -1,4 +1,5 @@
-//! The serving core every Marquee model service reuses: model repository with hot reload,
+//! The serving core every Marquee service reuses: the model-service kit ([`kit`]: repository
+//! with hot reload for any model family, readiness, drain, OIP), the model repository,
 //! tch runner lanes on dedicated threads, the dynamic batcher, typed layered config, telemetry,
 //! the error → `Status` mapping, the server layer stack and the bootstrap with graceful shutdown.
 #![deny(unsafe_code)]
@@ -9,6 +10,8 @@ pub mod batcher;
 pub mod config;
 pub mod deadline;
 pub mod error;
+#[cfg(feature = "torch")]
+pub mod kit;
 pub mod layers;
 pub mod liveness;
 pub mod methods;
@@ -22,8 +25,8 @@ pub mod repository;
 #[cfg(feature = "torch")]
 pub mod runner;
 pub mod serve;
-#[cfg(feature = "torch")]
-pub mod server;
 pub mod telemetry;
+#[cfg(feature = "torch")]
+pub mod tensor;
 
 pub use error::ServeError;

@@ -11,6 +11,9 @@ use serde::Deserialize;
 pub struct ModelSpec {
     /// Model name; must equal its directory name.
     pub name: String,
+    /// `classifier` (the default) or `tensor`; other kinds belong to other services.
+    #[serde(default)]
+    pub kind: Option<String>,
     /// Only `torchscript` is served.
     pub platform: String,
     /// One line for people and for `ModelMetadata`.
@@ -95,25 +98,61 @@ impl Default for Batching {
     }
 }
 
-/// How the model is run.
-#[derive(Debug, Clone, Deserialize)]
+/// How a model is run: `[instance]` of `model.toml`, the same keys for every kind of model.
+/// `repository.lanes/threads/device` in the service's config override them for every model.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Instance {
     /// Copies of the model, each on its own OS thread. Measured on 2 cores: two single-thread
-    /// lanes beat one two-thread forward (91 vs 66 images/s on EfficientNet-Lite0).
-    pub lanes: usize,
-    /// libtorch intra-op threads per lane.
-    pub threads: usize,
-    /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    /// lanes beat one two-thread forward (91 vs 66 images/s on EfficientNet-Lite0). Default:
+    /// the service's (2 for tensor models, 1 for the recommender); the language engine is
+    /// always one lane.
+    pub lanes: Option<usize>,
+    /// libtorch intra-op threads per lane. Default 1.
+    pub threads: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
+    pub device: Option<String>,
 }
 
-impl Default for Instance {
-    fn default() -> Self {
-        Self {
-            lanes: 2,
-            threads: 1,
-            device: "cpu".into(),
+/// An [`Instance`] with the service's overrides and defaults applied.
+#[derive(Debug, Clone)]
+pub struct RunOn {
+    pub lanes: usize,
+    pub threads: usize,
+    pub device: tch::Device,
+}
+
+impl Instance {
+    /// Applies `overrides` (the service's `repository.*`) over this model's `[instance]`, then
+    /// `default_lanes`; every problem is reported together.
+    pub fn resolve(
+        &self,
+        overrides: &crate::config::RepositorySettings,
+        default_lanes: usize,
+    ) -> Result<RunOn, String> {
+        let lanes = overrides.lanes.or(self.lanes).unwrap_or(default_lanes);
+        let threads = overrides.threads.or(self.threads).unwrap_or(1);
+        let device = overrides
+            .device
+            .clone()
+            .or_else(|| self.device.clone())
+            .unwrap_or_else(|| "cpu".into());
+        let mut errors = Vec::new();
+        if lanes == 0 || threads == 0 {
+            errors.push("`instance.lanes` and `instance.threads` must be at least 1".to_string());
+        }
+        let device = parse_device(&device).map_err(|e| format!("`instance.device`: {e}"));
+        match device {
+            Ok(device) if errors.is_empty() => Ok(RunOn {
+                lanes,
+                threads,
+                device,
+            }),
+            Ok(_) => Err(errors.join("; ")),
+            Err(e) => {
+                errors.push(e);
+                Err(errors.join("; "))
+            }
         }
     }
 }
@@ -215,10 +254,10 @@ impl ModelSpec {
                 spec.batching.queue_capacity, spec.batching.max_batch_size
             ));
         }
-        if spec.instance.lanes == 0 || spec.instance.threads == 0 {
+        if spec.instance.lanes == Some(0) || spec.instance.threads == Some(0) {
             errors.push("`instance.lanes` and `instance.threads` must be at least 1".into());
         }
-        if let Err(e) = parse_device(&spec.instance.device) {
+        if let Some(Err(e)) = spec.instance.device.as_deref().map(parse_device) {
             errors.push(format!("`instance.device`: {e}"));
         }
         if errors.is_empty() {

@@ -1,20 +1,25 @@
-//! The model repository: loads every model's newest version, warms it up, marks it READY, and
-//! hot-swaps in new versions (or new models) found while serving, without failing a request.
+//! The model repository every model service stands on: loads every model's newest version,
+//! warms it up, marks it READY, and hot-swaps in new versions (or new models) found while
+//! serving, without failing a request. What a version *is* (a batched tensor model, a language
+//! engine, a recommender) is the service's [`ModelFamily`]; discovery, versions, refusals,
+//! health, readiness and draining are the same for every kind and live here once.
 //!
-//! Layout, like Triton's: `<repo>/<model>/model.toml` and `<repo>/<model>/<version>/model.pt`,
-//! where `<version>` is a positive integer and the largest one serves.
+//! Layout, like Triton's: `<repo>/<model>/model.toml` and `<repo>/<model>/<version>/…`, where
+//! `<version>` is a positive integer and the largest complete one serves. A version directory
+//! is complete once the family's marker file (`model.pt`, say) exists, so writers should move
+//! a finished version directory into place.
 //!
-//! A version that fails to load or whose warm-up outputs do not match `model.toml` is refused
-//! once: one log line, one count in `marquee_model_load_failures_total`, and an `UNAVAILABLE`
-//! entry with the reason in `RepositoryIndex` (as Triton shows a model that failed to load).
-//! It is not tried again until its files change (size or modification time of `model.toml`,
-//! the files next to it or in the version directory), and the serving version stays.
+//! A version that fails to load or to warm up is refused once: one log line, one count in
+//! `marquee_model_load_failures_total`, and an `UNAVAILABLE` entry with the reason in
+//! `RepositoryIndex` (as Triton shows a model that failed to load). It is not tried again until
+//! its files change (size or modification time of `model.toml`, the files next to it or in the
+//! version directory), and the serving version stays.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntCounterVec, Opts};
@@ -22,133 +27,88 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::batcher::{BatchQueue, Outputs, QueueConfig};
 use crate::config::RepositorySettings;
 use crate::error::ServeError;
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
-use crate::model::{ModelSpec, parse_device};
-use crate::runner::{LaneConfig, WarmupReport, start_lanes};
 
-/// One loaded, warmed-up model version and its batch queue.
-pub struct LoadedModel {
+/// A kind of model a service serves: which `model.toml` kinds are its, and how one version is
+/// loaded. The [`Repository`] does everything else.
+pub trait ModelFamily: Send + Sync + 'static {
+    /// One loaded, warmed-up version. Dropped when a newer version has replaced it and the
+    /// last request holding it has finished: that is where it stops its threads.
+    type Model: Send + Sync + 'static;
+
+    /// The `kind` values of `model.toml` this family serves; a `model.toml` without `kind` is a
+    /// `classifier`. A repository may hold models of other services: they are skipped.
+    fn kinds(&self) -> &'static [&'static str];
+
+    /// The file whose presence makes a version directory complete.
+    fn version_marker(&self) -> &'static str {
+        "model.pt"
+    }
+
+    /// The most models one server of this family serves; more found at start is an error,
+    /// more appearing later are not loaded (a warning says so).
+    fn max_models(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Loads and warms up one version; blocking (runs on a blocking thread). The error is the
+    /// refusal reason shown in `RepositoryIndex`.
+    fn load(&self, at: &LoadContext<'_>) -> Result<Self::Model, String>;
+
+    /// What the "model ready" log line says about a version (lanes, batch cap, sizes).
+    fn describe(&self, _model: &Self::Model) -> String {
+        String::new()
+    }
+
+    /// Puts a version in service: `swap` makes it the one requests get. A family whose own
+    /// state must change in the same instant (the recommender's users follow its catalogue)
+    /// wraps `swap` in its critical section. An error refuses the version, as a failed load.
+    fn install(&self, _model: &Self::Model, swap: &mut dyn FnMut()) -> Result<(), String> {
+        swap();
+        Ok(())
+    }
+}
+
+/// What [`ModelFamily::load`] is given.
+pub struct LoadContext<'a> {
+    /// The model's name (its directory name).
+    pub name: &'a str,
+    /// `<repo>/<model>`: `model.toml` is here.
+    pub dir: &'a Path,
+    pub version: u64,
+    pub settings: &'a RepositorySettings,
+    pub metrics: &'a Metrics,
+    /// The server's liveness: model threads supervise themselves with it.
+    pub liveness: &'a Liveness,
+}
+
+impl LoadContext<'_> {
+    /// `<repo>/<model>/<version>`.
+    pub fn version_dir(&self) -> PathBuf {
+        self.dir.join(self.version.to_string())
+    }
+}
+
+/// A version in service: its name and number, and the family's model (through `Deref`).
+pub struct Served<M> {
     pub name: String,
     pub version: u64,
-    pub spec: ModelSpec,
-    pub labels: Option<Arc<Vec<String>>>,
-    pub warmup: WarmupReport,
-    pub lanes: usize,
-    queue: Arc<BatchQueue>,
+    model: M,
     metrics: Metrics,
 }
 
-impl LoadedModel {
-    /// Loads `dir/<version>/model.pt`, starts its lanes and warms them up. Blocking: call from
-    /// a blocking context.
-    pub fn load(
-        dir: &Path,
-        version: u64,
-        settings: &RepositorySettings,
-        metrics: &Metrics,
-        liveness: &Liveness,
-    ) -> Result<Self, String> {
-        let spec = ModelSpec::load(dir)?;
-        let labels = spec.load_labels(dir)?.map(Arc::new);
-        if let (Some(labels), Some(i)) = (&labels, spec.output_index("logits")) {
-            let classes = spec.outputs[i].item_len();
-            if labels.len() != classes {
-                return Err(format!(
-                    "model `{}` has {} labels for {classes} classes",
-                    spec.name,
-                    labels.len()
-                ));
-            }
-        }
-        let device_name = settings
-            .device
-            .clone()
-            .unwrap_or_else(|| spec.instance.device.clone());
-        let device = parse_device(&device_name)?;
-        let lanes = settings.lanes.unwrap_or(spec.instance.lanes);
-        let max_batch_size = if settings.batching {
-            spec.batching.max_batch_size
-        } else {
-            1
-        };
-        let queue = BatchQueue::new(
-            QueueConfig {
-                model: spec.name.clone(),
-                max_batch_size,
-                max_queue_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
-                queue_capacity: spec.batching.queue_capacity,
-                lanes,
-                item_len: spec.inputs[0].item_len(),
-                output_lens: spec.outputs.iter().map(|o| o.item_len()).collect(),
-            },
-            metrics.clone(),
-        );
-        let warmup = start_lanes(
-            &LaneConfig {
-                model_path: dir.join(version.to_string()).join("model.pt"),
-                device,
-                lanes,
-                threads: settings.threads.unwrap_or(spec.instance.threads),
-                input_dims: spec.inputs[0].dims.clone(),
-                outputs: spec.outputs.clone(),
-                profile: settings.profile_batching && max_batch_size > 1,
-                liveness: liveness.clone(),
-            },
-            &queue,
-        )?;
-        metrics
-            .effective_batch
-            .with_label_values(&[&spec.name])
-            .set(queue.max_batch() as i64);
-        Ok(Self {
-            name: spec.name.clone(),
-            version,
-            spec,
-            labels,
-            warmup,
-            lanes,
-            queue,
-            metrics: metrics.clone(),
-        })
-    }
-
-    /// Runs `rows` items (already validated to the input shape) through the batcher. Answers
-    /// `DEADLINE_EXCEEDED` at `deadline` even if the item is still queued; the lane then drops it.
-    pub async fn infer(
-        &self,
-        data: Vec<f32>,
-        rows: usize,
-        deadline: Instant,
-    ) -> Result<Vec<Outputs>, ServeError> {
-        let rx = self.queue.submit(data, rows, deadline)?;
-        match tokio::time::timeout_at(deadline.into(), rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ServeError::Internal(format!(
-                "model `{}` lane stopped",
-                self.name
-            ))),
-            Err(_) => Err(ServeError::DeadlineExceeded(format!(
-                "deadline expired while model `{}` was busy; the request was not computed",
-                self.name
-            ))),
-        }
-    }
-
-    /// The batch cap in force after profiling.
-    pub fn max_batch(&self) -> usize {
-        self.queue.max_batch()
+impl<M> std::ops::Deref for Served<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        &self.model
     }
 }
 
-impl Drop for LoadedModel {
+impl<M> Drop for Served<M> {
     fn drop(&mut self) {
-        // The last reference is gone (replaced by a newer version and no request holds it):
-        // let the lanes finish what is queued and exit.
-        self.queue.close();
         self.metrics
             .model_ready
             .with_label_values(&[&self.name, &self.version.to_string()])
@@ -157,9 +117,10 @@ impl Drop for LoadedModel {
 }
 
 /// Every model this server serves, swapped atomically as versions change.
-pub struct Repository {
+pub struct Repository<F: ModelFamily> {
+    family: F,
     settings: RepositorySettings,
-    models: ArcSwap<HashMap<String, Arc<LoadedModel>>>,
+    models: ArcSwap<HashMap<String, Arc<Served<F::Model>>>>,
     metrics: Metrics,
     health: HealthReporter,
     draining: AtomicBool,
@@ -191,10 +152,11 @@ pub struct RefusedVersion {
     pub reason: String,
 }
 
-impl Repository {
+impl<F: ModelFamily> Repository<F> {
     /// Loads every model's newest version. Fails if any model cannot be served, so a broken
     /// deployment never reports ready.
     pub async fn open(
+        family: F,
         settings: RepositorySettings,
         metrics: Metrics,
         health: HealthReporter,
@@ -215,6 +177,7 @@ impl Repository {
         metrics.registry.register(Box::new(load_failures.clone()))?;
         metrics.registry.register(Box::new(polls.clone()))?;
         let repo = Arc::new(Self {
+            family,
             settings,
             models: ArcSwap::from_pointee(HashMap::new()),
             metrics,
@@ -225,7 +188,7 @@ impl Repository {
             load_failures,
             polls,
         });
-        let found = scan(&repo.settings.path, &repo.settings.models)?;
+        let found = repo.scan()?;
         for wanted in &repo.settings.models {
             if !found.iter().any(|(name, _, _)| name == wanted) {
                 anyhow::bail!(
@@ -235,44 +198,74 @@ impl Repository {
             }
         }
         if found.is_empty() {
-            anyhow::bail!("no models found under `{}`", repo.settings.path.display());
+            anyhow::bail!(
+                "no `{}` model with a complete version found under `{}`",
+                repo.family.kinds().join("`/`"),
+                repo.settings.path.display()
+            );
+        }
+        let most = repo.family.max_models();
+        if found.len() > most {
+            anyhow::bail!(
+                "this service serves at most {most} model(s); `{}` holds {}: {}; name the one to serve in `repository.models`",
+                repo.settings.path.display(),
+                found.len(),
+                found
+                    .iter()
+                    .map(|(n, _, _)| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         for (name, dir, version) in found {
             repo.health
                 .set_service_status(&name, ServingStatus::NotServing)
                 .await;
-            repo.load_version(dir, version)
+            repo.load_version(name, dir, version)
                 .await
                 .map_err(anyhow::Error::msg)?;
         }
         Ok(repo)
     }
 
-    async fn load_version(&self, dir: PathBuf, version: u64) -> Result<(), String> {
-        let settings = self.settings.clone();
-        let metrics = self.metrics.clone();
-        let liveness = self.liveness.clone();
+    async fn load_version(
+        self: &Arc<Self>,
+        name: String,
+        dir: PathBuf,
+        version: u64,
+    ) -> Result<(), String> {
+        let repo = self.clone();
+        let load_name = name.clone();
         let model = tokio::task::spawn_blocking(move || {
-            LoadedModel::load(&dir, version, &settings, &metrics, &liveness)
+            repo.family.load(&LoadContext {
+                name: &load_name,
+                dir: &dir,
+                version,
+                settings: &repo.settings,
+                metrics: &repo.metrics,
+                liveness: &repo.liveness,
+            })
         })
         .await
         .map_err(|e| format!("model loader panicked: {e}"))??;
         crate::alloc::release_free_memory();
-        let name = model.name.clone();
-        tracing::info!(
-            model = %name, version,
-            lanes = model.lanes,
-            max_batch = model.max_batch(),
-            warmup_ms = model.warmup.took.as_millis() as u64,
-            "model ready"
-        );
+        let detail = self.family.describe(&model);
+        let served = Arc::new(Served {
+            name: name.clone(),
+            version,
+            model,
+            metrics: self.metrics.clone(),
+        });
+        self.family.install(&served, &mut || {
+            let mut map = HashMap::clone(&self.models.load());
+            map.insert(name.clone(), served.clone());
+            self.models.store(Arc::new(map));
+        })?;
+        tracing::info!(model = %name, version, detail = %detail, "model ready");
         self.metrics
             .model_ready
             .with_label_values(&[&name, &version.to_string()])
             .set(1);
-        let mut map = HashMap::clone(&self.models.load());
-        map.insert(name.clone(), Arc::new(model));
-        self.models.store(Arc::new(map));
         // A dead process stays NOT_SERVING: a new version does not make it trustworthy again.
         if !self.draining.load(Ordering::Relaxed) && self.liveness.is_alive() {
             self.health
@@ -282,20 +275,60 @@ impl Repository {
         Ok(())
     }
 
+    /// The family this repository loads.
+    pub fn family(&self) -> &F {
+        &self.family
+    }
+
+    /// The repository settings in force.
+    pub fn settings(&self) -> &RepositorySettings {
+        &self.settings
+    }
+
+    /// The only model served, for requests that name none: with several served, the caller
+    /// must say which.
+    pub fn only(&self) -> Result<Arc<Served<F::Model>>, ServeError> {
+        let models = self.models.load();
+        let mut all = models.values();
+        match (all.next(), all.next()) {
+            (Some(m), None) => Ok(m.clone()),
+            _ => Err(ServeError::invalid(
+                "model",
+                format!(
+                    "`model` must be set: this service serves {}",
+                    self.quoted_names()
+                ),
+            )),
+        }
+    }
+
+    /// The named model, or the only one when `name` is empty.
+    pub fn get_or_only(&self, name: &str) -> Result<Arc<Served<F::Model>>, ServeError> {
+        if name.is_empty() {
+            self.only()
+        } else {
+            self.get(name)
+        }
+    }
+
     /// The serving version of `name`.
-    pub fn get(&self, name: &str) -> Result<Arc<LoadedModel>, ServeError> {
+    pub fn get(&self, name: &str) -> Result<Arc<Served<F::Model>>, ServeError> {
         self.models
             .load()
             .get(name)
             .cloned()
             .ok_or_else(|| ServeError::ModelNotFound {
                 model: name.to_string(),
-                detail: String::new(),
+                detail: format!("; this service serves {}", self.quoted_names()),
             })
     }
 
     /// The serving version of `name`, checked against a requested version (empty = newest).
-    pub fn get_version(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, ServeError> {
+    pub fn get_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<Served<F::Model>>, ServeError> {
         let model = self.get(name)?;
         if !version.is_empty() && version != model.version.to_string() {
             return Err(ServeError::ModelNotFound {
@@ -307,6 +340,15 @@ impl Repository {
             });
         }
         Ok(model)
+    }
+
+    /// The served models' names, quoted, for messages.
+    fn quoted_names(&self) -> String {
+        self.names()
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Names of every served model, sorted.
@@ -394,9 +436,9 @@ impl Repository {
     /// Loads any version newer than the serving one (and any new model). A version that fails
     /// to load is refused once (logged, counted, shown in `RepositoryIndex`) and not tried
     /// again until its files change; the old one keeps serving.
-    pub async fn reload_changed(&self) {
+    pub async fn reload_changed(self: &Arc<Self>) {
         self.polls.inc();
-        let found = match scan(&self.settings.path, &self.settings.models) {
+        let found = match self.scan() {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(error = %e, "repository scan failed");
@@ -413,6 +455,11 @@ impl Repository {
             if current.is_some_and(|v| v >= version) {
                 continue;
             }
+            if current.is_none() && self.models.load().len() >= self.family.max_models() {
+                // Once per poll would flood the log; the index shows the model is not served.
+                tracing::debug!(model = %name, "not loaded: this service serves no more models");
+                continue;
+            }
             let files = fingerprint(&dir, version);
             let unchanged = self
                 .refused
@@ -424,7 +471,7 @@ impl Repository {
                 continue;
             }
             tracing::info!(model = %name, version, previous = ?current, "loading new version");
-            match self.load_version(dir, version).await {
+            match self.load_version(name.clone(), dir, version).await {
                 Ok(()) => {
                     self.refused
                         .lock()
@@ -473,55 +520,55 @@ fn fingerprint(dir: &Path, version: u64) -> Fingerprint {
     files
 }
 
-/// Models this loader serves: a `forward` over batched tensors. A repository also holds models
-/// other services own (`kind = "causal_lm"`, `"recommender"`), which need their own runtime.
-const TENSOR_KINDS: &[&str] = &["classifier", "tensor"];
-
-/// Whether `model.toml` declares a kind this loader serves; no `kind` means `classifier`.
-fn is_tensor_model(manifest: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(manifest) else {
-        return true; // unreadable: let the loader report it with its path
-    };
-    match text.parse::<toml::Table>() {
-        Ok(table) => match table.get("kind").and_then(|k| k.as_str()) {
-            Some(kind) => TENSOR_KINDS.contains(&kind),
-            None => true,
-        },
-        Err(_) => true,
-    }
+/// The `kind` a `model.toml` declares; none means `classifier`. An unreadable or unparsable
+/// file counts as ours, so the loader reports it with its path instead of skipping it.
+fn declared_kind(manifest: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(manifest).ok()?;
+    let table = text.parse::<toml::Table>().ok()?;
+    Some(
+        table
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("classifier")
+            .to_owned(),
+    )
 }
 
-/// `(name, dir, newest version)` of each model directory that has a `model.toml` and at least
-/// one complete version. A version directory counts once its `model.pt` exists, so writers
-/// should move a finished version directory into place.
-fn scan(root: &Path, only: &[String]) -> anyhow::Result<Vec<(String, PathBuf, u64)>> {
-    let mut found = Vec::new();
-    let entries = std::fs::read_dir(root)
-        .map_err(|e| anyhow::anyhow!("cannot read repository `{}`: {e}", root.display()))?;
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
-            continue;
-        };
-        if !dir.join("model.toml").is_file() || (!only.is_empty() && !only.contains(&name)) {
-            continue;
+impl<F: ModelFamily> Repository<F> {
+    /// `(name, dir, newest complete version)` of each model directory of this family's kinds.
+    fn scan(&self) -> anyhow::Result<Vec<(String, PathBuf, u64)>> {
+        let (root, only) = (&self.settings.path, &self.settings.models);
+        let marker = self.family.version_marker();
+        let mut found = Vec::new();
+        let entries = std::fs::read_dir(root)
+            .map_err(|e| anyhow::anyhow!("cannot read repository `{}`: {e}", root.display()))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let manifest = dir.join("model.toml");
+            if !manifest.is_file() || (!only.is_empty() && !only.contains(&name)) {
+                continue;
+            }
+            if declared_kind(&manifest).is_some_and(|k| !self.family.kinds().contains(&k.as_str()))
+            {
+                continue;
+            }
+            let newest = std::fs::read_dir(&dir)?
+                .flatten()
+                .filter_map(|v| {
+                    let version: u64 = v.file_name().to_str()?.parse().ok()?;
+                    (version > 0 && v.path().join(marker).is_file()).then_some(version)
+                })
+                .max();
+            if let Some(version) = newest {
+                found.push((name, dir, version));
+            }
         }
-        if !is_tensor_model(&dir.join("model.toml")) {
-            continue;
-        }
-        let newest = std::fs::read_dir(&dir)?
-            .flatten()
-            .filter_map(|v| {
-                let version: u64 = v.file_name().to_str()?.parse().ok()?;
-                (version > 0 && v.path().join("model.pt").is_file()).then_some(version)
-            })
-            .max();
-        if let Some(version) = newest {
-            found.push((name, dir, version));
-        }
+        found.sort();
+        Ok(found)
     }
-    found.sort();
-    Ok(found)
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +25,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::admin::Readiness;
-use crate::config::ServerSettings;
+use crate::config::{EXIT_CONFIG, ServerSettings, TelemetrySettings, Validate};
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 
@@ -47,6 +52,52 @@ pub struct Serving {
     pub task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// The gRPC services a server answers, and their names: reflection advertises exactly these
+/// (plus health and reflection), so a client never discovers a service that would answer
+/// UNIMPLEMENTED.
+#[derive(Default)]
+pub struct Services {
+    routes: Routes,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tonic service.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes = self.routes.add_service(svc);
+        self
+    }
+
+    /// Routes built elsewhere (the gateway wraps its services in its access layer), serving
+    /// the services named `names`.
+    pub fn from_routes(routes: Routes, names: &[&'static str]) -> Self {
+        Self {
+            routes,
+            names: names.to_vec(),
+        }
+    }
+
+    /// The fully qualified names of the services added.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
 /// A health reporter and the service answering from it.
 pub fn health() -> (HealthReporter, HealthServer<HealthService>) {
     let reporter = HealthReporter::new();
@@ -58,9 +109,10 @@ pub fn health() -> (HealthReporter, HealthServer<HealthService>) {
 pub async fn serve(
     parts: ServeParts,
     health_service: HealthServer<HealthService>,
-    routes: Routes,
+    services: Services,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Serving> {
+    let Services { routes, names } = services;
     let ServeParts {
         settings,
         metrics,
@@ -90,15 +142,22 @@ pub async fn serve(
         admin_shutdown.clone(),
     );
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(marquee_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Only what this server answers: the descriptor sets hold every Marquee service.
+    let reflection = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(marquee_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name(REFLECTION_V1)
+            .with_service_name(REFLECTION_V1ALPHA);
+        for name in &names {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let reflection_v1 = reflection().build_v1()?;
     // grpcurl 1.8 speaks only v1alpha reflection.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(marquee_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let routes = routes
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -178,6 +237,10 @@ pub async fn serve(
     })
 }
 
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
 /// The rustls configuration of `server.tls`.
 fn server_tls(tls: &crate::config::ServerTls) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
     let read = |p: &std::path::Path| {
@@ -217,10 +280,66 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send {
 }
 
 /// What a service's `start` reports back to [`run_binary`].
-pub struct Started {
-    pub grpc_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub task: JoinHandle<anyhow::Result<()>>,
+pub type Started = Serving;
+
+/// A service's settings as the bootstrap needs them.
+pub trait ServiceSettings:
+    Default + Serialize + DeserializeOwned + Validate + Send + 'static
+{
+    fn server(&self) -> &ServerSettings;
+    fn telemetry(&self) -> &TelemetrySettings;
+}
+
+/// Implements [`ServiceSettings`] for a settings struct with `server` and `telemetry` fields.
+#[macro_export]
+macro_rules! service_settings {
+    ($settings:ty) => {
+        impl $crate::serve::ServiceSettings for $settings {
+            fn server(&self) -> &$crate::config::ServerSettings {
+                &self.server
+            }
+            fn telemetry(&self) -> &$crate::config::TelemetrySettings {
+                &self.telemetry
+            }
+        }
+    };
+}
+
+/// The whole `main` of a Marquee service binary: `--config FILE` (or `MARQUEE_CONFIG`), the
+/// layered config (exit 64 with every problem listed when it is invalid), the allocator
+/// tuning, then [`run_binary`]. Exits the process.
+pub fn main<S, F, Fut>(name: &'static str, about: &'static str, start: F) -> !
+where
+    S: ServiceSettings,
+    F: FnOnce(S, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<Serving>>,
+{
+    let args = clap::Command::new(name)
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(about)
+        .arg(
+            clap::Arg::new("config")
+                .long("config")
+                .env("MARQUEE_CONFIG")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("TOML config file; `MARQUEE__SECTION__KEY` env vars override it."),
+        )
+        .get_matches();
+    let settings: S =
+        match crate::config::load(args.get_one::<PathBuf>("config").map(|p| p.as_path())) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(EXIT_CONFIG);
+            }
+        };
+    // Before any model thread allocates: see `alloc` for the measured effect.
+    crate::alloc::tune_allocator();
+    let (server, telemetry) = (settings.server().clone(), settings.telemetry().clone());
+    let code = run_binary(name, &server, &telemetry, |shutdown| {
+        start(settings, shutdown)
+    });
+    std::process::exit(code);
 }
 
 /// The body of every Marquee binary after its config is loaded: builds the runtime, initialises

@@ -272,10 +272,16 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         liveness: marquee_core::liveness::Liveness::new(),
         on_drain: Box::new(|| Box::pin(async {})),
     };
+    let served = [
+        marquee_proto::vision::image_service_server::SERVICE_NAME,
+        marquee_proto::language::text_generation_server::SERVICE_NAME,
+        marquee_proto::recommendation::recommender_server::SERVICE_NAME,
+        marquee_proto::inference::grpc_inference_service_server::SERVICE_NAME,
+    ];
     let serving = serve(
         parts,
         health_service,
-        tonic::service::Routes::from(routes),
+        marquee_core::serve::Services::from_routes(tonic::service::Routes::from(routes), &served),
         shutdown,
     )
     .await?;

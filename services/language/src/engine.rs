@@ -36,19 +36,11 @@ use crate::model::{ModelFiles, Vocab};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::text::{Delta, TextStream};
 
-/// Scheduler settings, validated by [`crate::Settings`].
+/// What the engine runs with: the service's scheduler settings (validated by
+/// [`crate::Settings`]; what each field means is documented there) and the model's instance.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    pub max_batch: usize,
-    pub max_total_tokens: usize,
-    pub queue_capacity: usize,
-    pub decode_steps_per_prefill: usize,
-    pub max_prefill_tokens: usize,
-    /// OIP requests waiting; beyond it, `RESOURCE_EXHAUSTED`.
-    pub oip_queue_capacity: usize,
-    /// Token positions (rows x tokens) of OIP requests computed per engine iteration; a
-    /// request larger than this is refused by the handler.
-    pub oip_max_tokens_per_step: usize,
+    pub scheduler: crate::LanguageSettings,
     pub threads: usize,
     pub device: Device,
     /// The server's liveness: a panic of the engine thread marks the process dead.
@@ -299,7 +291,7 @@ impl Engine {
 
     /// The most token positions (rows x tokens) one OIP request may ask for.
     pub fn oip_max_tokens(&self) -> usize {
-        self.cfg.oip_max_tokens_per_step
+        self.cfg.scheduler.oip_max_tokens_per_step
     }
 
     /// Full-recompute logits `[batch, len, vocab]` for `ids` (`batch * len` token ids, at most
@@ -312,7 +304,7 @@ impl Engine {
         len: usize,
         deadline: Instant,
     ) -> Result<Vec<f32>, ServeError> {
-        debug_assert!(batch * len <= self.cfg.oip_max_tokens_per_step);
+        debug_assert!(batch * len <= self.cfg.scheduler.oip_max_tokens_per_step);
         if Instant::now() >= deadline {
             self.metrics.oip_outcome("deadline");
             return Err(ServeError::DeadlineExceeded(
@@ -343,16 +335,18 @@ impl Engine {
             ));
         }
         let full = match &work {
-            Work::Generate(_) if q.generations() >= self.cfg.queue_capacity => Some(format!(
-                "the generation queue is full ({} requests waiting, `language.queue_capacity` = {}); retry later",
-                q.generations(),
-                self.cfg.queue_capacity
-            )),
-            Work::Forward(_) if q.forwards >= self.cfg.oip_queue_capacity => {
+            Work::Generate(_) if q.generations() >= self.cfg.scheduler.queue_capacity => {
+                Some(format!(
+                    "the generation queue is full ({} requests waiting, `language.queue_capacity` = {}); retry later",
+                    q.generations(),
+                    self.cfg.scheduler.queue_capacity
+                ))
+            }
+            Work::Forward(_) if q.forwards >= self.cfg.scheduler.oip_queue_capacity => {
                 self.metrics.oip_outcome("queue_full");
                 Some(format!(
                     "the OIP queue is full ({} requests waiting, `language.oip_queue_capacity` = {}); retry later",
-                    q.forwards, self.cfg.oip_queue_capacity
+                    q.forwards, self.cfg.scheduler.oip_queue_capacity
                 ))
             }
             _ => None,
@@ -430,7 +424,7 @@ impl Worker {
         module.set_eval();
         let dims = [
             shape.layers as i64,
-            cfg.max_batch as i64,
+            cfg.scheduler.max_batch_size as i64,
             shape.heads as i64,
             shape.context as i64,
             shape.head_dim as i64,
@@ -457,7 +451,7 @@ impl Worker {
     /// optimised them before the first request, and checks the module's output shapes.
     fn warm_up(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let widest = self.cfg.max_batch.min(4);
+        let widest = self.cfg.scheduler.max_batch_size.min(4);
         for (batch, len) in [(1usize, 4usize), (2.min(widest), 8), (1, 16), (widest, 8)] {
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|b| (0..len - b % 2).map(|i| (i % 7 + 1) as u32).collect())
@@ -503,8 +497,8 @@ impl Worker {
         let mut steps_since_prefill = usize::MAX;
         loop {
             self.reap();
-            let admit_now =
-                self.running.is_empty() || steps_since_prefill >= self.cfg.decode_steps_per_prefill;
+            let admit_now = self.running.is_empty()
+                || steps_since_prefill >= self.cfg.scheduler.decode_steps_per_prefill;
             let (jobs, forwards, closed) = self.take_work(admit_now);
             self.run_forwards(forwards);
             if !jobs.is_empty() {
@@ -541,7 +535,7 @@ impl Worker {
         // next, and so do those behind it.
         let mut forwards_blocked = false;
         let mut jobs = Vec::new();
-        let mut slots = self.cfg.max_batch - self.running.len();
+        let mut slots = self.cfg.scheduler.max_batch_size - self.running.len();
         let mut tokens = self.used_tokens;
         let mut prefill_tokens = 0usize;
         let mut kept = VecDeque::with_capacity(q.items.len());
@@ -554,7 +548,7 @@ impl Worker {
                         continue;
                     };
                     if !forwards_blocked
-                        && forward_tokens + f.tokens() <= self.cfg.oip_max_tokens_per_step
+                        && forward_tokens + f.tokens() <= self.cfg.scheduler.oip_max_tokens_per_step
                     {
                         forward_tokens += f.tokens();
                         forwards.push(f);
@@ -580,9 +574,10 @@ impl Worker {
                         continue;
                     }
                     let fits = slots > 0
-                        && tokens + job.budget() <= self.cfg.max_total_tokens
+                        && tokens + job.budget() <= self.cfg.scheduler.max_total_tokens
                         && (jobs.is_empty()
-                            || prefill_tokens + job.prompt.len() <= self.cfg.max_prefill_tokens);
+                            || prefill_tokens + job.prompt.len()
+                                <= self.cfg.scheduler.max_prefill_tokens);
                     if fits {
                         slots -= 1;
                         tokens += job.budget();

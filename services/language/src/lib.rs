@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+pub mod family;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
@@ -11,22 +12,22 @@ pub mod service;
 pub mod text;
 pub mod validate;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use marquee_core::config::{ServerSettings, TelemetrySettings, Validate, is_device_name};
-use marquee_core::metrics::Metrics;
-use marquee_core::serve::{ServeParts, serve};
-use marquee_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use marquee_core::config::{
+    KeysUsed, RepositorySettings, ServerSettings, TelemetrySettings, Validate,
+    validate_model_service,
+};
+use marquee_core::kit::{ModelServer, Running};
+use marquee_core::serve::Services;
 use marquee_proto::language::text_generation_server::TextGenerationServer;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
+
+use crate::family::LanguageFamily;
 
 /// Service name in metadata, logs and traces.
 pub const NAME: &str = "marquee-language";
+/// `--help` of the binary.
+pub const ABOUT: &str = "Marquee language service: streamed text generation over gRPC";
 
 /// Default of `language.oip_queue_capacity`: OIP calls are single forward passes; 64 waiting
 /// is a few seconds of work at most on CPU, beyond which a caller is better told to retry.
@@ -38,22 +39,33 @@ pub const DEFAULT_OIP_QUEUE_CAPACITY: usize = 64;
 pub const DEFAULT_OIP_MAX_TOKENS_PER_STEP: usize = 2048;
 
 /// All settings of the language service.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
+    /// Every `kind = "causal_lm"` model in `path` (or those in `models`) is served, each by its
+    /// own engine; `threads` and `device` override each model's `[instance]`.
+    pub repository: RepositorySettings,
     pub telemetry: TelemetrySettings,
     pub language: LanguageSettings,
 }
 
-/// The model and the scheduler.
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            // Next to the gateway (8000/9000) and vision (8001/9001) on one host.
+            server: ServerSettings::on_ports(8002, 9002),
+            repository: RepositorySettings::default(),
+            telemetry: TelemetrySettings::default(),
+            language: LanguageSettings::default(),
+        }
+    }
+}
+
+/// The scheduler of each model's engine.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LanguageSettings {
-    /// The model repository (`<repository>/<model>/model.toml`, `<version>/model.pt`).
-    pub repository: PathBuf,
-    /// The `kind = "causal_lm"` model to serve.
-    pub model: String,
     /// Sequences decoded together (KV-cache slots).
     pub max_batch_size: usize,
     /// Token budget of the running batch: the sum of prompt + `max_new_tokens` of every running
@@ -83,17 +95,11 @@ pub struct LanguageSettings {
     pub max_stop_bytes: usize,
     /// Largest prompt accepted, in bytes, checked before tokenizing.
     pub max_prompt_bytes: usize,
-    /// Overrides the model's `instance.threads` (libtorch intra-op threads of the engine).
-    pub threads: Option<usize>,
-    /// Overrides the model's `instance.device` (`cpu`, `cuda`, `cuda:N`).
-    pub device: Option<String>,
 }
 
 impl Default for LanguageSettings {
     fn default() -> Self {
         Self {
-            repository: PathBuf::from("model-repository"),
-            model: "gpt_reviews".into(),
             max_batch_size: 32,
             // 32 sequences of the whole 256-token context.
             max_total_tokens: 8192,
@@ -107,16 +113,21 @@ impl Default for LanguageSettings {
             max_stop_sequences: 4,
             max_stop_bytes: 64,
             max_prompt_bytes: 16 << 10,
-            threads: None,
-            device: None,
         }
     }
 }
 
 impl Validate for Settings {
     fn validate(&self, errors: &mut Vec<String>) {
-        self.server.validate(errors);
-        self.telemetry.validate(errors);
+        validate_model_service(
+            "language",
+            KeysUsed {
+                lanes: false,
+                batching: false,
+            },
+            (&self.server, &self.repository, &self.telemetry),
+            errors,
+        );
         let l = &self.language;
         for (key, value) in [
             ("max_batch_size", l.max_batch_size),
@@ -147,167 +158,39 @@ impl Validate for Settings {
                 l.max_prompt_bytes, self.server.max_message_bytes
             ));
         }
-        if l.model.is_empty() {
-            errors.push("`language.model` must name a model".into());
-        }
-        if l.threads == Some(0) {
-            errors.push("`language.threads` must be at least 1, got 0".into());
-        }
-        if let Some(d) = &l.device
-            && !is_device_name(d)
-        {
-            errors.push(format!(
-                "`language.device` must be `cpu`, `cuda` or `cuda:N`, got `{d}`"
-            ));
-        }
     }
 }
 
-/// A started language server.
-pub struct Running {
-    pub grpc_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub metrics: Metrics,
-    /// Resolves when the server has shut down.
-    pub task: JoinHandle<anyhow::Result<()>>,
-}
+marquee_core::service_settings!(Settings);
 
-/// Loads and warms up the model, then serves until `shutdown`.
-pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let l = settings.language.clone();
-    let files = model::ModelFiles::find(&l.repository, &l.model)?;
-    let spec = files.manifest.language.clone();
-    // Checks that need the model's context.
-    if l.max_prefill_tokens < spec.context_length {
-        anyhow::bail!(
-            "`language.max_prefill_tokens` ({}) must be >= the model's context_length ({}), or a long prompt could never be admitted",
-            l.max_prefill_tokens,
-            spec.context_length
-        );
-    }
-    if l.oip_max_tokens_per_step < spec.context_length {
-        anyhow::bail!(
-            "`language.oip_max_tokens_per_step` ({}) must be >= the model's context_length ({}), or a one-row full-context OIP request could never run",
-            l.oip_max_tokens_per_step,
-            spec.context_length
-        );
-    }
-    if l.max_total_tokens < spec.context_length {
-        anyhow::bail!(
-            "`language.max_total_tokens` ({}) must be >= the model's context_length ({})",
-            l.max_total_tokens,
-            spec.context_length
-        );
-    }
-    let device_name = l
-        .device
-        .clone()
-        .unwrap_or_else(|| files.manifest.instance.device.clone());
-    let device = marquee_core::model::parse_device(&device_name).map_err(anyhow::Error::msg)?;
-    let metrics = Metrics::new();
-    let liveness = marquee_core::liveness::Liveness::new();
-    let lm = metrics::LanguageMetrics::new(&metrics, &l.model)?;
-    let (health, health_service) = marquee_core::serve::health();
-    health
-        .set_service_status(&l.model, ServingStatus::NotServing)
-        .await;
-    let tokenizer_path = files.tokenizer.clone();
-    let vocab_size = spec.vocab_size;
-    let vocab = Arc::new(
-        tokio::task::spawn_blocking(move || model::Vocab::load(&tokenizer_path, vocab_size))
-            .await??,
-    );
-    let cfg = engine::EngineConfig {
-        max_batch: l.max_batch_size,
-        max_total_tokens: l.max_total_tokens,
-        queue_capacity: l.queue_capacity,
-        decode_steps_per_prefill: l.decode_steps_per_prefill,
-        max_prefill_tokens: l.max_prefill_tokens,
-        oip_queue_capacity: l.oip_queue_capacity,
-        oip_max_tokens_per_step: l.oip_max_tokens_per_step,
-        threads: l.threads.unwrap_or(files.manifest.instance.threads),
-        device,
-        liveness: liveness.clone(),
-    };
-    let (engine_files, engine_vocab, engine_lm) = (files.clone(), vocab.clone(), lm.clone());
-    let engine = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            engine::Engine::start(&engine_files, engine_vocab, cfg, engine_lm)
-        })
-        .await??,
-    );
-    lm.kv_capacity
-        .with_label_values(&[&l.model])
-        .set((l.max_batch_size * spec.context_length) as i64);
-    lm.budget_capacity
-        .with_label_values(&[&l.model])
-        .set(l.max_total_tokens as i64);
-    metrics
-        .model_ready
-        .with_label_values(&[&l.model, &files.version.to_string()])
-        .set(1);
-    tracing::info!(model = %l.model, version = files.version, context = spec.context_length, "model ready");
+/// The language service's model server.
+pub type LanguageServer = ModelServer<LanguageFamily>;
 
-    let limits = validate::Limits {
-        context_length: spec.context_length,
-        max_new_tokens: l.max_new_tokens.min(spec.context_length - 1),
-        default_max_new_tokens: l.default_max_new_tokens,
-        max_stop_sequences: l.max_stop_sequences,
-        max_stop_bytes: l.max_stop_bytes,
-    };
-    let language = Arc::new(service::Language::new(
-        engine,
-        vocab,
-        l.model.clone(),
-        files.version,
-        spec.bos_token_id,
-        limits,
+/// Loads and warms up every model, then serves until `shutdown`.
+pub async fn start(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running<LanguageFamily>> {
+    let language = settings.language.clone();
+    let kit = LanguageServer::load(
+        NAME,
         settings.server.clone(),
-        l.max_prompt_bytes,
-    ));
-    let max = settings.server.max_message_bytes;
-    let routes = tonic::service::Routes::new(
-        TextGenerationServer::new(service::TextApi(language.clone()))
-            .max_decoding_message_size(max),
+        settings.repository.clone(),
+        |metrics| LanguageFamily::new(language, metrics),
     )
-    .add_service(
-        GrpcInferenceServiceServer::new(service::LanguageOip(language.clone()))
-            .max_decoding_message_size(max),
+    .await?;
+    let api = service::TextApi::new(
+        kit.repo.clone(),
+        settings.server.clone(),
+        settings.language.max_prompt_bytes,
     );
-    health
-        .set_service_status(&l.model, ServingStatus::Serving)
-        .await;
-    let drain_health = health.clone();
-    let drain_model = l.model.clone();
-    let ready_model = l.model.clone();
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ready_flag = draining.clone();
-    let ready_engine = language.engine.clone();
-    let parts = ServeParts {
-        settings: settings.server.clone(),
-        metrics: metrics.clone(),
-        health,
-        ready: Arc::new(move || {
-            (!ready_flag.load(std::sync::atomic::Ordering::Relaxed) && ready_engine.is_serving())
-                .then(|| ready_model.clone())
-        }),
-        liveness,
-        on_drain: Box::new(move || {
-            Box::pin(async move {
-                draining.store(true, std::sync::atomic::Ordering::Relaxed);
-                drain_health
-                    .set_service_status(&drain_model, ServingStatus::NotServing)
-                    .await;
-            })
-        }),
-    };
-    let serving = serve(parts, health_service, routes, shutdown).await?;
-    Ok(Running {
-        grpc_addr: serving.grpc_addr,
-        admin_addr: serving.admin_addr,
-        metrics,
-        task: serving.task,
-    })
+    let services = Services::new()
+        .add_service(
+            TextGenerationServer::new(api)
+                .max_decoding_message_size(settings.server.max_message_bytes),
+        )
+        .add_service(kit.oip());
+    kit.serve(services, shutdown).await
 }
 
 #[cfg(test)]
@@ -317,6 +200,7 @@ mod tests {
     #[test]
     fn the_oip_share_settings_must_be_positive() {
         let mut s = Settings::default();
+        s.repository.path = std::env::temp_dir();
         s.language.oip_queue_capacity = 0;
         s.language.oip_max_tokens_per_step = 0;
         let mut errors = Vec::new();
@@ -330,7 +214,9 @@ mod tests {
             );
         }
         let mut errors = Vec::new();
-        Settings::default().validate(&mut errors);
+        let mut ok = Settings::default();
+        ok.repository.path = std::env::temp_dir();
+        ok.validate(&mut errors);
         assert!(errors.is_empty(), "{errors:?}");
     }
 }

@@ -48,6 +48,16 @@ pub struct LanguageMetrics {
 }
 
 impl LanguageMetrics {
+    /// The same series, labelled for `model` (the vectors are registered once, by [`Self::new`]).
+    pub fn for_model(&self, model: &str) -> Self {
+        Self {
+            model: model.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// Registers the language series in the server's registry (once per server), labelled for
+    /// `model`; [`Self::for_model`] gives each further model its handle.
     pub fn new(core: &Metrics, model: &str) -> anyhow::Result<Self> {
         let r = &core.registry;
         let counter = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<IntCounterVec> {

@@ -5,22 +5,28 @@
 
 use std::path::{Path, PathBuf};
 
+use marquee_core::model::Instance;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 /// `model.toml` of a `kind = "causal_lm"` model.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub name: String,
     pub kind: String,
     #[serde(default)]
+    pub platform: Option<String>,
+    #[serde(default)]
     pub description: String,
     pub language: LanguageSpec,
+    /// The same `[instance]` as every model kind; the engine is one lane.
     #[serde(default)]
     pub instance: Instance,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LanguageSpec {
     /// Tokenizer file, relative to the version directory.
     pub tokenizer: String,
@@ -33,32 +39,7 @@ pub struct LanguageSpec {
     pub head_dim: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct Instance {
-    #[serde(default = "one")]
-    pub threads: usize,
-    #[serde(default = "cpu")]
-    pub device: String,
-}
-
-impl Default for Instance {
-    fn default() -> Self {
-        Self {
-            threads: 1,
-            device: cpu(),
-        }
-    }
-}
-
-fn one() -> usize {
-    1
-}
-
-fn cpu() -> String {
-    "cpu".into()
-}
-
-/// A model version found on disk, not yet loaded.
+/// One version of a model on disk, not yet loaded.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
     pub manifest: Manifest,
@@ -68,20 +49,27 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// The newest complete version of `repository/name`.
-    pub fn find(repository: &Path, name: &str) -> anyhow::Result<Self> {
-        let dir = repository.join(name);
+    /// Reads and checks `dir/model.toml` for `version` (found by the repository).
+    pub fn read(dir: &Path, version: u64) -> Result<Self, String> {
         let manifest_path = dir.join("model.toml");
         let text = std::fs::read_to_string(&manifest_path)
-            .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", manifest_path.display()))?;
-        let manifest: Manifest = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("`{}`: {e}", manifest_path.display()))?;
+            .map_err(|e| format!("cannot read `{}`: {e}", manifest_path.display()))?;
+        let manifest: Manifest =
+            toml::from_str(&text).map_err(|e| format!("`{}`: {e}", manifest_path.display()))?;
         if manifest.kind != "causal_lm" {
-            anyhow::bail!(
+            return Err(format!(
                 "`{}` declares kind `{}`; the language service serves `causal_lm` models",
                 manifest_path.display(),
                 manifest.kind
-            );
+            ));
+        }
+        let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if manifest.name != dir_name {
+            return Err(format!(
+                "`{}`: `name` is `{}` but the directory is `{dir_name}`",
+                manifest_path.display(),
+                manifest.name
+            ));
         }
         let spec = &manifest.language;
         if spec.context_length < 2
@@ -92,22 +80,11 @@ impl ModelFiles {
             || spec.eos_token_id as usize >= spec.vocab_size
             || spec.bos_token_id as usize >= spec.vocab_size
         {
-            anyhow::bail!(
+            return Err(format!(
                 "`{}`: [language] sizes must be positive and token ids below vocab_size: {spec:?}",
                 manifest_path.display()
-            );
+            ));
         }
-        let version = std::fs::read_dir(&dir)
-            .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", dir.display()))?
-            .flatten()
-            .filter_map(|v| {
-                let version: u64 = v.file_name().to_str()?.parse().ok()?;
-                (version > 0 && v.path().join("model.pt").is_file()).then_some(version)
-            })
-            .max()
-            .ok_or_else(|| {
-                anyhow::anyhow!("no version with a model.pt under `{}`", dir.display())
-            })?;
         let vdir = dir.join(version.to_string());
         Ok(Self {
             version,

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+pub mod family;
 pub mod feedback;
 pub mod index;
 pub mod metrics;
@@ -14,37 +15,41 @@ pub mod service;
 pub mod synthetic;
 pub mod users;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use marquee_core::config::{RepositorySettings, ServerSettings, TelemetrySettings, Validate};
-use marquee_core::metrics::Metrics;
-use marquee_core::serve::{ServeParts, serve};
+use marquee_core::config::{
+    KeysUsed, RepositorySettings, ServerSettings, TelemetrySettings, Validate,
+    validate_model_service,
+};
+use marquee_core::kit::{ModelServer, Running};
+use marquee_core::liveness::Liveness;
+use marquee_core::serve::Services;
 use marquee_proto::recommendation::recommender_server::RecommenderServer;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
 
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::EngineConfig;
+use crate::family::{Preloaded, RecFamily, UserState};
 use crate::feedback::FeedbackLog;
 use crate::index::HnswParams;
 use crate::metrics::RecMetrics;
 use crate::model::{Matrix, ModelData};
 use crate::privacy::UserKey;
-use crate::users::Users;
 
 /// Service name in metadata, logs and traces.
 pub const NAME: &str = "marquee-recommendation";
+/// `--help` of the binary.
+pub const ABOUT: &str =
+    "Marquee recommendation service: retrieval, ranking, re-ranking, feedback over gRPC";
 
 /// All settings of the recommendation service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
-    /// `path` is the model repository; `threads` overrides the model's intra-op threads.
+    /// The one `kind = "recommender"` model in `path` (or named in `models`) is served;
+    /// `lanes` (engine workers), `threads` and `device` override its `[instance]`.
     pub repository: RepositorySettings,
     pub telemetry: TelemetrySettings,
     pub recommendation: RecommendationSettings,
@@ -52,14 +57,9 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        // Next to vision (8001/9001) and language (8002/9002) on one host.
-        let server = ServerSettings {
-            grpc_addr: "127.0.0.1:8003".parse().expect("literal address"),
-            admin_addr: "127.0.0.1:9003".parse().expect("literal address"),
-            ..ServerSettings::default()
-        };
         Self {
-            server,
+            // Next to vision (8001/9001) and language (8002/9002) on one host.
+            server: ServerSettings::on_ports(8003, 9003),
             repository: RepositorySettings::default(),
             telemetry: TelemetrySettings::default(),
             recommendation: RecommendationSettings::default(),
@@ -71,8 +71,6 @@ impl Default for Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecommendationSettings {
-    /// Model directory name inside `repository.path`.
-    pub model: String,
     /// Where the feedback log (and, by default, the user-id key) live.
     pub state_dir: PathBuf,
     /// Secret key of the user-id hash; default `<state_dir>/user_id.key`, created on first
@@ -100,8 +98,6 @@ pub struct RecommendationSettings {
     pub hnsw_ef_search: usize,
     /// Candidates per ranker forward.
     pub rank_batch: usize,
-    /// Engine threads, each with its own model copies.
-    pub workers: usize,
     /// Requests waiting for an engine thread before new ones get RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
     /// How far in the future a feedback timestamp may be (clients' clocks drift).
@@ -115,7 +111,6 @@ pub struct RecommendationSettings {
 impl Default for RecommendationSettings {
     fn default() -> Self {
         Self {
-            model: "recommender".into(),
             state_dir: PathBuf::from("var/recommendation"),
             user_id_key_file: None,
             // The pipeline: k = 20 from 500 candidates; also what metrics.json measured.
@@ -132,8 +127,6 @@ impl Default for RecommendationSettings {
             hnsw_ef_construction: 200,
             hnsw_ef_search: 128,
             rank_batch: 512,
-            // Two cores: one engine thread leaves the other to the runtime and the log.
-            workers: 1,
             queue_capacity: 256,
             max_clock_skew_ms: 300_000,
             explain_history: 3,
@@ -144,17 +137,16 @@ impl Default for RecommendationSettings {
 
 impl Validate for Settings {
     fn validate(&self, errors: &mut Vec<String>) {
-        self.server.validate(errors);
-        self.repository.validate(errors);
-        self.telemetry.validate(errors);
+        validate_model_service(
+            "recommendation",
+            KeysUsed {
+                lanes: true,
+                batching: false,
+            },
+            (&self.server, &self.repository, &self.telemetry),
+            errors,
+        );
         let r = &self.recommendation;
-        let dir = self.repository.path.join(&r.model);
-        if self.repository.path.is_dir() && !dir.join("model.toml").is_file() {
-            errors.push(format!(
-                "`recommendation.model`: `{}/model.toml` does not exist (run `make models`)",
-                dir.display()
-            ));
-        }
         let mut at_least_1 = |name: &str, v: usize| {
             if v == 0 {
                 errors.push(format!("`recommendation.{name}` must be at least 1, got 0"));
@@ -164,7 +156,6 @@ impl Validate for Settings {
         at_least_1("max_k", r.max_k);
         at_least_1("max_batch_requests", r.max_batch_requests);
         at_least_1("rank_batch", r.rank_batch);
-        at_least_1("workers", r.workers);
         at_least_1("queue_capacity", r.queue_capacity);
         at_least_1("hnsw_ef_search", r.hnsw_ef_search);
         at_least_1("hnsw_ef_construction", r.hnsw_ef_construction);
@@ -200,12 +191,18 @@ impl Validate for Settings {
 }
 
 impl RecommendationSettings {
-    /// The engine's configuration; `threads` from the repository override or the model.
-    pub fn engine_config(&self, threads: usize) -> EngineConfig {
+    /// The engine's configuration: `workers` engine threads (the model's lanes) of `threads`
+    /// intra-op threads each, reporting to `liveness`.
+    pub fn engine_config(
+        &self,
+        threads: usize,
+        workers: usize,
+        liveness: Liveness,
+    ) -> EngineConfig {
         EngineConfig {
             candidates: self.candidates,
             rank_batch: self.rank_batch,
-            workers: self.workers,
+            workers: workers.max(1),
             threads: threads.max(1),
             queue_capacity: self.queue_capacity,
             hnsw: (self.index == "hnsw").then_some(HnswParams {
@@ -215,7 +212,7 @@ impl RecommendationSettings {
             }),
             explain_history: self.explain_history,
             explain_features: self.explain_features,
-            liveness: marquee_core::liveness::Liveness::new(),
+            liveness,
         }
     }
 
@@ -232,136 +229,102 @@ impl RecommendationSettings {
     }
 }
 
-/// A started recommendation server.
-pub struct Running {
-    pub grpc_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub metrics: Metrics,
-    /// The service state (tests and the bench read the engine through it).
-    pub service: service::Recommender,
-    /// Resolves when the server has shut down.
-    pub task: JoinHandle<anyhow::Result<()>>,
+marquee_core::service_settings!(Settings);
+
+/// The recommendation service's model server.
+pub type RecommendationServer = ModelServer<RecFamily>;
+
+/// The model directory the settings serve: the one named in `repository.models`, else
+/// `recommender` (tools and benches that read a model outside the server use this).
+pub fn model_dir(settings: &Settings) -> PathBuf {
+    let name = settings
+        .repository
+        .models
+        .first()
+        .map_or("recommender", String::as_str);
+    settings.repository.path.join(name)
 }
 
-/// Loads the model directory and computes the item embeddings (blocking).
+/// Loads the newest version of the model directory and computes the item embeddings
+/// (blocking; for tools and benches: the server loads through its repository).
 pub fn load_model(settings: &Settings) -> anyhow::Result<(ModelData, Matrix)> {
-    let dir = settings
-        .repository
-        .path
-        .join(&settings.recommendation.model);
-    let data = ModelData::load(&dir)?;
+    let data = ModelData::load(&model_dir(settings))?;
     let emb = engine::item_embeddings(&data)?;
     Ok((data, emb))
 }
 
 /// Loads the model, replays the feedback log and starts serving; returns once ready.
-pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let s = settings.clone();
-    let (data, emb) = tokio::task::spawn_blocking(move || load_model(&s)).await??;
-    start_with_model(settings, data, emb, shutdown).await
-}
-
-/// As [`start`], with the model data and item embeddings given (the bench serves a synthetic
-/// catalogue this way).
-pub async fn start_with_model(
+pub async fn start(
     settings: Settings,
-    data: ModelData,
-    item_emb: Matrix,
     shutdown: CancellationToken,
-) -> anyhow::Result<Running> {
-    start_with_parts(settings, data, item_emb, None, shutdown).await
+) -> anyhow::Result<Running<RecFamily>> {
+    start_with(settings, None, shutdown).await
 }
 
-/// As [`start_with_model`], optionally with the item index already built over `item_emb`
-/// (it must have been built with the same `recommendation.index` choice).
+/// As [`start`], with the model data, item embeddings and optionally the index already built
+/// (the bench serves a synthetic catalogue this way; an index must have been built with the
+/// same `recommendation.index` choice). The repository still names the model and its version.
 pub async fn start_with_parts(
     settings: Settings,
     data: ModelData,
     item_emb: Matrix,
     index: Option<index::ItemIndex>,
     shutdown: CancellationToken,
-) -> anyhow::Result<Running> {
-    let metrics = Metrics::new();
-    let liveness = marquee_core::liveness::Liveness::new();
-    let (health, health_service) = marquee_core::serve::health();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+) -> anyhow::Result<Running<RecFamily>> {
+    let preloaded = Preloaded {
+        data,
+        item_emb,
+        index,
+    };
+    start_with(settings, Some(preloaded), shutdown).await
+}
+
+async fn start_with(
+    settings: Settings,
+    preloaded: Option<Preloaded>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running<RecFamily>> {
     let rec = settings.recommendation.clone();
-    let engine_liveness = liveness.clone();
-    let threads = settings.repository.threads.or(data.threads).unwrap_or(1);
-    let registry = metrics.registry.clone();
-    let recommender = tokio::task::spawn_blocking(move || {
-        let rec_metrics = RecMetrics::new(&registry, data.catalog.len())?;
+    // Key and log outlive model versions; opening them reads and fsyncs: off the runtime.
+    let (state, dropped_bytes) = tokio::task::spawn_blocking(move || {
         let key = UserKey::load_or_create(&rec.key_path())
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.key_path().display()))?;
-        let mut users = Users::from_training(&data, &key);
         let (log, replay) = FeedbackLog::open(&rec.log_path())
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.log_path().display()))?;
-        if replay.dropped_bytes > 0 {
-            tracing::warn!(
-                bytes = replay.dropped_bytes,
-                "feedback log had a torn or corrupt tail; cut off at the last good record"
-            );
-            rec_metrics.log_dropped_bytes.inc_by(replay.dropped_bytes);
-        }
-        for r in &replay.records {
-            users.apply(r, &data.catalog);
-        }
-        tracing::info!(
-            records = replay.records.len(),
-            users = users.len(),
-            "feedback log replayed"
-        );
-        let config = EngineConfig {
-            liveness: engine_liveness,
-            ..rec.engine_config(threads)
+        let state = UserState {
+            key,
+            log: Mutex::new(log),
+            log_path: rec.log_path(),
         };
-        let engine = match index {
-            Some(index) => Engine::start_with_index(data, item_emb, index, config, rec_metrics)?,
-            None => Engine::start(data, item_emb, config, rec_metrics)?,
-        };
-        Ok::<_, anyhow::Error>(service::Recommender::new(engine, users, log, key, rec))
+        Ok::<_, anyhow::Error>((Arc::new(state), replay.dropped_bytes))
     })
     .await??;
-    let model = settings.recommendation.model.clone();
-    health
-        .set_service_status(&model, ServingStatus::Serving)
-        .await;
-    let svc = RecommenderServer::new(recommender.clone())
-        .max_decoding_message_size(settings.server.max_message_bytes);
-    let ready = Arc::new(AtomicBool::new(true));
-    let (ready_read, ready_drain) = (ready.clone(), ready);
-    let drain_health = health.clone();
-    let parts = ServeParts {
-        settings: settings.server.clone(),
-        metrics: metrics.clone(),
-        health,
-        ready: Arc::new(move || ready_read.load(Ordering::Relaxed).then(|| model.clone())),
-        liveness,
-        on_drain: Box::new(move || {
-            Box::pin(async move {
-                ready_drain.store(false, Ordering::Relaxed);
-                drain_health
-                    .set_service_status(&settings.recommendation.model, ServingStatus::NotServing)
-                    .await;
-            })
-        }),
-    };
-    let serving = serve(
-        parts,
-        health_service,
-        tonic::service::Routes::new(svc),
-        shutdown,
+    let rec = settings.recommendation.clone();
+    let kit = RecommendationServer::load(
+        NAME,
+        settings.server.clone(),
+        settings.repository.clone(),
+        move |metrics| {
+            let rec_metrics = RecMetrics::new(&metrics.registry, 0)?;
+            if dropped_bytes > 0 {
+                tracing::warn!(
+                    bytes = dropped_bytes,
+                    "feedback log had a torn or corrupt tail; cut off at the last good record"
+                );
+                rec_metrics.log_dropped_bytes.inc_by(dropped_bytes);
+            }
+            Ok(RecFamily::new(rec, rec_metrics, state, preloaded))
+        },
     )
     .await?;
-    Ok(Running {
-        grpc_addr: serving.grpc_addr,
-        admin_addr: serving.admin_addr,
-        metrics,
-        service: recommender,
-        task: serving.task,
-    })
+    let api = service::Recommender::new(kit.repo.clone());
+    let services = Services::new()
+        .add_service(
+            RecommenderServer::new(api)
+                .max_decoding_message_size(settings.server.max_message_bytes),
+        )
+        .add_service(kit.oip());
+    kit.serve(services, shutdown).await
 }
 
 #[cfg(test)]
@@ -382,6 +345,16 @@ mod tests {
             v
         };
         let ok: Settings = marquee_core::config::load_from(None, env(&[])).unwrap();
+        let refused = marquee_core::config::load_from::<Settings, _>(
+            None,
+            env(&[("MARQUEE__REPOSITORY__BATCHING", "false")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("`repository.batching` is not used by the recommendation service"),
+            "{refused}"
+        );
         assert_eq!(ok.recommendation.candidates, 500);
         assert_eq!(ok.server.grpc_addr.port(), 8003);
         let err = marquee_core::config::load_from::<Settings, _>(

@@ -162,6 +162,16 @@ impl RecMetrics {
         })
     }
 
+    /// Starts the exposure measures over again for a catalogue of `num_items` (a new model
+    /// version: item indices of the old catalogue mean nothing in the new one).
+    pub fn reset_exposure(&self, num_items: usize) {
+        let mut e = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+        *e = Exposure {
+            counts: vec![0; num_items + 1],
+            ..Exposure::default()
+        };
+    }
+
     /// A registry of its own (tools and benches).
     pub fn standalone(num_items: usize) -> Self {
         Self::new(&Registry::new(), num_items).expect("fresh registry, this is a bug")

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use marquee_core::model::Instance;
 use serde::Deserialize;
 
 /// Errors loading the model directory; each names the file and what was wrong.
@@ -50,19 +51,13 @@ pub struct RecommenderSpec {
     pub long_tail_share: f64,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
-struct InstanceSpec {
-    #[serde(default)]
-    threads: Option<usize>,
-}
-
 #[derive(Debug, Deserialize)]
 struct ModelToml {
     #[serde(default)]
     kind: String,
     recommender: RecommenderSpec,
     #[serde(default)]
-    instance: InstanceSpec,
+    instance: Instance,
 }
 
 /// One catalogue item. Genres are a bitmask over [`RecommenderSpec::genres`] (at most 64).
@@ -162,8 +157,8 @@ pub struct ModelData {
     /// The version directory served (the highest number).
     pub version: String,
     pub spec: RecommenderSpec,
-    /// `instance.threads` from `model.toml`.
-    pub threads: Option<usize>,
+    /// `[instance]` of `model.toml`: the same keys as every model kind (lanes are engine workers).
+    pub instance: Instance,
     pub catalog: Catalog,
     /// User id → user index (1..=num_users).
     pub users: HashMap<i64, u32>,
@@ -235,8 +230,13 @@ pub fn newest_version(dir: &Path) -> Result<String, LoadError> {
 }
 
 impl ModelData {
-    /// Reads the model directory `dir` (`<repository>/recommender`).
+    /// Reads the newest version of the model directory `dir` (`<repository>/recommender`).
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        Self::load_version(dir, &newest_version(dir)?)
+    }
+
+    /// Reads version `version` of the model directory `dir`.
+    pub fn load_version(dir: &Path, version: &str) -> Result<Self, LoadError> {
         let toml_path = dir.join("model.toml");
         let text = std::fs::read_to_string(&toml_path).map_err(|e| file_err(&toml_path, e))?;
         let parsed: ModelToml =
@@ -254,7 +254,7 @@ impl ModelData {
                 format!("at most 64 genres are supported, got {}", spec.genres.len()),
             ));
         }
-        let version = newest_version(dir)?;
+        let version = version.to_owned();
         let vdir = dir.join(&version);
 
         let cat_path = vdir.join("catalog.json");
@@ -349,7 +349,7 @@ impl ModelData {
             dir: dir.to_path_buf(),
             version,
             spec,
-            threads: parsed.instance.threads,
+            instance: parsed.instance,
             catalog,
             users,
             histories,

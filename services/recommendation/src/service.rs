@@ -3,7 +3,7 @@
 //! the engine, and turn [`RecError`] into a `Status` in one place.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use marquee_core::ServeError;
@@ -14,12 +14,19 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::Instrument;
 
+use marquee_core::repository::{Repository, Served};
+
 use crate::RecommendationSettings;
-use crate::engine::{Engine, EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, ValidFilter};
-use crate::feedback::{EventKind, FeedbackLog, LogError, Record};
+use crate::engine::{EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, ValidFilter};
+use crate::family::{RecFamily, RecModel, UserState};
+use crate::feedback::{EventKind, LogError, Record};
 use crate::model::Catalog;
-use crate::privacy::UserKey;
-use crate::users::{Subject, Users};
+use crate::users::Subject;
+
+/// The catalogue of a version.
+fn catalog(m: &Model) -> &Catalog {
+    &m.engine.shared.data.catalog
+}
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +39,9 @@ pub enum RecError {
     NotFound { field: String, message: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The kit's answer (no model serving, draining).
+    #[error(transparent)]
+    Serve(ServeError),
     /// Writing or compacting the feedback log failed; nothing was acknowledged.
     #[error(transparent)]
     Feedback(#[from] LogError),
@@ -92,6 +102,7 @@ impl From<RecError> for Status {
                 ServeError::Unavailable("the recommender is shutting down".into()).into()
             }
             RecError::Engine(EngineError::Model(m)) => ServeError::Internal(m).into(),
+            RecError::Serve(e) => e.into(),
             RecError::Feedback(e) => {
                 // A full or failing disk is the operator's to fix and the caller's to retry:
                 // UNAVAILABLE, and nothing was acknowledged that a restart would not replay.
@@ -103,15 +114,14 @@ impl From<RecError> for Status {
     }
 }
 
-/// The service state behind the handlers.
+/// The handlers, over the repository's one recommender model and the service's user state.
 #[derive(Clone)]
 pub struct Recommender {
-    engine: Engine,
-    users: Arc<RwLock<Users>>,
-    log: Arc<Mutex<FeedbackLog>>,
-    key: UserKey,
-    settings: RecommendationSettings,
+    repo: Arc<Repository<RecFamily>>,
 }
+
+/// A served version of the recommender.
+type Model = Served<RecModel>;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -155,32 +165,25 @@ fn item_indices(catalog: &Catalog, field: &str, ids: &[i64]) -> Result<Vec<u32>,
 }
 
 impl Recommender {
-    pub fn new(
-        engine: Engine,
-        users: Users,
-        log: FeedbackLog,
-        key: UserKey,
-        settings: RecommendationSettings,
-    ) -> Self {
-        Self {
-            engine,
-            users: Arc::new(RwLock::new(users)),
-            log: Arc::new(Mutex::new(log)),
-            key,
-            settings,
-        }
+    pub fn new(repo: Arc<Repository<RecFamily>>) -> Self {
+        Self { repo }
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The version serving now; a request keeps the one it started with.
+    pub fn model(&self) -> Result<Arc<Model>, RecError> {
+        self.repo.only().map_err(RecError::Serve)
     }
 
-    fn catalog(&self) -> &Catalog {
-        &self.engine.shared.data.catalog
+    fn settings(&self) -> &RecommendationSettings {
+        self.repo.family().settings()
+    }
+
+    fn state(&self) -> &Arc<UserState> {
+        self.repo.family().state()
     }
 
     fn check_k(&self, field: &str, k: u32) -> Result<usize, RecError> {
-        let max = self.settings.max_k;
+        let max = self.settings().max_k;
         if k == 0 || k as usize > max {
             return Err(invalid(
                 field,
@@ -190,11 +193,11 @@ impl Recommender {
         Ok(k as usize)
     }
 
-    fn check_filter(&self, f: Option<&pb::Filter>) -> Result<ValidFilter, RecError> {
+    fn check_filter(&self, m: &Model, f: Option<&pb::Filter>) -> Result<ValidFilter, RecError> {
         let Some(f) = f else {
             return Ok(ValidFilter::default());
         };
-        let max = self.settings.max_filter_values;
+        let max = self.settings().max_filter_values;
         let counts = [
             ("filter.exclude_item_ids", f.exclude_item_ids.len()),
             ("filter.exclude_genres", f.exclude_genres.len()),
@@ -211,14 +214,14 @@ impl Recommender {
         let genres = |field: &str, names: &[String]| -> Result<u64, RecError> {
             let mut mask = 0;
             for (i, name) in names.iter().enumerate() {
-                match self.catalog().genre_bit(name) {
+                match catalog(m).genre_bit(name) {
                     Some(b) => mask |= b,
                     None => {
                         return Err(invalid(
                             format!("{field}[{i}]"),
                             format!(
                                 "`{field}[{i}]` must be one of the model's genres ({}), got `{name}`",
-                                self.catalog().genre_names.join(", ")
+                                catalog(m).genre_names.join(", ")
                             ),
                         ));
                     }
@@ -242,13 +245,10 @@ impl Recommender {
                 "`filter.require_genres` are all in `filter.exclude_genres`: no item can pass",
             ));
         }
-        let exclude_items: HashSet<u32> = item_indices(
-            self.catalog(),
-            "filter.exclude_item_ids",
-            &f.exclude_item_ids,
-        )?
-        .into_iter()
-        .collect();
+        let exclude_items: HashSet<u32> =
+            item_indices(catalog(m), "filter.exclude_item_ids", &f.exclude_item_ids)?
+                .into_iter()
+                .collect();
         Ok(ValidFilter {
             exclude_items,
             exclude_genres,
@@ -259,25 +259,26 @@ impl Recommender {
     }
 
     /// Parses a `RecommendRequest` and looks its subject up.
-    fn check_recommend(&self, r: &pb::RecommendRequest) -> Result<RecQuery, RecError> {
+    fn check_recommend(&self, m: &Model, r: &pb::RecommendRequest) -> Result<RecQuery, RecError> {
         let k = self.check_k("k", r.k)?;
-        let diversity = unit_interval("diversity", r.diversity, self.settings.default_diversity)?;
+        let settings = self.settings();
+        let diversity = unit_interval("diversity", r.diversity, settings.default_diversity)?;
         let long_tail_floor = unit_interval(
             "long_tail_floor",
             r.long_tail_floor,
-            self.settings.long_tail_floor,
+            settings.long_tail_floor,
         )?;
-        let filter = self.check_filter(r.filter.as_ref())?;
+        let filter = self.check_filter(m, r.filter.as_ref())?;
         let subject = match &r.subject {
             Some(pb::recommend_request::Subject::UserId(id)) => {
-                let hash = self.key.hash(*id);
-                self.users
+                let hash = self.state().key.hash(*id);
+                m.users
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .subject(hash)
             }
             Some(pb::recommend_request::Subject::Anonymous(ctx)) => {
-                let max = self.settings.max_filter_values;
+                let max = self.settings().max_filter_values;
                 if ctx.recent_item_ids.len() > max {
                     return Err(invalid(
                         "anonymous.recent_item_ids",
@@ -288,7 +289,7 @@ impl Recommender {
                     ));
                 }
                 Subject::anonymous(item_indices(
-                    self.catalog(),
+                    catalog(m),
                     "anonymous.recent_item_ids",
                     &ctx.recent_item_ids,
                 )?)
@@ -305,8 +306,8 @@ impl Recommender {
         })
     }
 
-    fn item_message(&self, it: &OutItem) -> pb::RecommendedItem {
-        let cat = self.catalog();
+    fn item_message(&self, m: &Model, it: &OutItem) -> pb::RecommendedItem {
+        let cat = catalog(m);
         let item = &cat.items[it.index as usize];
         pb::RecommendedItem {
             item_id: item.item_id,
@@ -338,13 +339,13 @@ impl Recommender {
         }
     }
 
-    fn response(&self, out: RecOutput) -> pb::RecommendResponse {
+    fn response(&self, m: &Model, out: RecOutput) -> pb::RecommendResponse {
         pb::RecommendResponse {
-            items: out.items.iter().map(|i| self.item_message(i)).collect(),
+            items: out.items.iter().map(|i| self.item_message(m, i)).collect(),
             cold_start: out.cold_start,
             candidates_retrieved: out.retrieved as u32,
             candidates_ranked: out.ranked as u32,
-            model_version: self.engine.shared.data.version.clone(),
+            model_version: m.engine.shared.data.version.clone(),
         }
     }
 
@@ -354,21 +355,24 @@ impl Recommender {
         r: &pb::RecommendRequest,
     ) -> Result<pb::RecommendResponse, RecError> {
         let user = match &r.subject {
-            Some(pb::recommend_request::Subject::UserId(id)) => self.key.hash(*id).to_string(),
+            Some(pb::recommend_request::Subject::UserId(id)) => {
+                self.state().key.hash(*id).to_string()
+            }
             Some(pb::recommend_request::Subject::Anonymous(_)) => "anonymous".into(),
             None => "none".into(),
         };
         let span = tracing::debug_span!("recommend", user = %user, k = r.k);
         async {
-            let q = self.check_recommend(r)?;
-            let out = self.engine.recommend(q).await?;
-            Ok(self.response(out))
+            let m = self.model()?;
+            let q = self.check_recommend(&m, r)?;
+            let out = m.engine.recommend(q).await?;
+            Ok(self.response(&m, out))
         }
         .instrument(span)
         .await
     }
 
-    fn check_feedback(&self, r: &pb::RecordFeedbackRequest) -> Result<Record, RecError> {
+    fn check_feedback(&self, m: &Model, r: &pb::RecordFeedbackRequest) -> Result<Record, RecError> {
         let event = u8::try_from(r.event)
             .ok()
             .and_then(EventKind::from_u8)
@@ -383,7 +387,7 @@ impl Recommender {
                 )
             })?;
         let now = now_ms();
-        let skew = self.settings.max_clock_skew_ms as i64;
+        let skew = self.settings().max_clock_skew_ms as i64;
         let timestamp_ms = match r.timestamp_ms {
             0 => now,
             t if t < 0 => {
@@ -404,9 +408,9 @@ impl Recommender {
             }
             t => t,
         };
-        item_indices(self.catalog(), "item_id", &[r.item_id])?;
+        item_indices(catalog(m), "item_id", &[r.item_id])?;
         Ok(Record::Feedback {
-            user: self.key.hash(r.user_id),
+            user: self.state().key.hash(r.user_id),
             item_id: r.item_id,
             event,
             timestamp_ms,
@@ -437,7 +441,7 @@ impl RecommenderApi for Recommender {
         request: Request<pb::RecommendBatchRequest>,
     ) -> Result<Response<pb::RecommendBatchResponse>, Status> {
         let reqs = &request.get_ref().requests;
-        let max = self.settings.max_batch_requests;
+        let max = self.settings().max_batch_requests;
         if reqs.len() > max {
             return Err(invalid(
                 "requests",
@@ -455,6 +459,7 @@ impl RecommenderApi for Recommender {
             let result = match r {
                 Ok(resp) => pb::recommend_batch_item::Result::Response(resp),
                 Err(e @ RecError::Engine(_))
+                | Err(e @ RecError::Serve(_))
                 | Err(e @ RecError::Log(_))
                 | Err(e @ RecError::Feedback(_)) => {
                     // Server-side trouble fails the whole call, as it would each request.
@@ -485,17 +490,18 @@ impl RecommenderApi for Recommender {
         request: Request<pb::SimilarItemsRequest>,
     ) -> Result<Response<pb::SimilarItemsResponse>, Status> {
         let r = request.get_ref();
+        let m = self.model()?;
         let k = self.check_k("k", r.k)?;
-        let item = item_indices(self.catalog(), "item_id", &[r.item_id])?[0];
-        let filter = self.check_filter(r.filter.as_ref())?;
-        let out = self
+        let item = item_indices(catalog(&m), "item_id", &[r.item_id])?[0];
+        let filter = self.check_filter(&m, r.filter.as_ref())?;
+        let out = m
             .engine
             .similar(SimilarQuery { item, k, filter })
             .await
             .map_err(RecError::from)?;
         Ok(Response::new(pb::SimilarItemsResponse {
-            items: out.iter().map(|i| self.item_message(i)).collect(),
-            model_version: self.engine.shared.data.version.clone(),
+            items: out.iter().map(|i| self.item_message(&m, i)).collect(),
+            model_version: m.engine.shared.data.version.clone(),
         }))
     }
 
@@ -503,11 +509,12 @@ impl RecommenderApi for Recommender {
         &self,
         request: Request<pb::RecordFeedbackRequest>,
     ) -> Result<Response<pb::RecordFeedbackResponse>, Status> {
-        let record = self.check_feedback(request.get_ref())?;
+        let model = self.model()?;
+        let record = self.check_feedback(&model, request.get_ref())?;
+        drop(model);
         let span = tracing::debug_span!("record_feedback", user = %record.user());
-        let (log, users) = (self.log.clone(), self.users.clone());
-        let catalog_owner = self.engine.shared.clone();
-        let metrics = self.engine.shared.metrics.clone();
+        let (state, repo) = (self.state().clone(), self.repo.clone());
+        let metrics = self.repo.family().metrics().clone();
         let event_name = match &record {
             Record::Feedback { event, .. } => event.name(),
             Record::Forget { .. } => "forget",
@@ -515,22 +522,25 @@ impl RecommenderApi for Recommender {
         // fsync blocks: off the async runtime.
         let (sequence, history) = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let mut log = state.log.lock().unwrap_or_else(|p| p.into_inner());
             let seq = log
                 .append(&record)
                 .inspect_err(|e| count_log_error(&metrics, e))?;
-            // Under the log lock: memory applies events in log order.
-            let len = users
+            // Under the log lock: memory applies events in log order, to the version serving
+            // now (a new version replays the log under this lock before it goes live).
+            let m = repo.only().map_err(RecError::Serve)?;
+            let len = m
+                .users
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .apply(&record, &catalog_owner.data.catalog);
+                .apply(&record, catalog(&m));
             Ok::<_, RecError>((seq, len))
         })
         .await
         .map_err(|e| RecError::Log(format!("writer task failed: {e}")))??;
-        self.engine
-            .shared
-            .metrics
+        self.repo
+            .family()
+            .metrics()
             .feedback
             .with_label_values(&[event_name])
             .inc();
@@ -544,17 +554,19 @@ impl RecommenderApi for Recommender {
         &self,
         request: Request<pb::ForgetUserRequest>,
     ) -> Result<Response<pb::ForgetUserResponse>, Status> {
-        let user = self.key.hash(request.get_ref().user_id);
+        let user = self.state().key.hash(request.get_ref().user_id);
         let span = tracing::info_span!("forget_user", user = %user);
-        let (log, users) = (self.log.clone(), self.users.clone());
-        let metrics = self.engine.shared.metrics.clone();
+        let (state, repo) = (self.state().clone(), self.repo.clone());
+        let metrics = self.repo.family().metrics().clone();
         let (removed_log, removed_mem) = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let mut log = state.log.lock().unwrap_or_else(|p| p.into_inner());
             let removed = log
                 .forget(user)
                 .inspect_err(|e| count_log_error(&metrics, e))?;
-            let mem = users
+            let m = repo.only().map_err(RecError::Serve)?;
+            let mem = m
+                .users
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .forget(user);
@@ -563,7 +575,7 @@ impl RecommenderApi for Recommender {
         })
         .await
         .map_err(|e| RecError::Log(format!("compaction task failed: {e}")))??;
-        self.engine.shared.metrics.forgotten.inc();
+        self.repo.family().metrics().forgotten.inc();
         Ok(Response::new(pb::ForgetUserResponse {
             history_removed: removed_mem as u32,
             log_records_removed: removed_log,

@@ -6,14 +6,21 @@ pub mod decode;
 pub mod preprocess;
 pub mod service;
 
-use marquee_core::config::{RepositorySettings, ServerSettings, TelemetrySettings, Validate};
-use marquee_core::server::{Core, Running};
+use marquee_core::config::{
+    KeysUsed, RepositorySettings, ServerSettings, TelemetrySettings, Validate,
+    validate_model_service,
+};
+use marquee_core::kit::{ModelServer, Running};
+use marquee_core::serve::Services;
+use marquee_core::tensor::TensorFamily;
 use marquee_proto::vision::image_service_server::ImageServiceServer;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 /// Service name in metadata, logs and traces.
 pub const NAME: &str = "marquee-vision";
+/// `--help` of the binary.
+pub const ABOUT: &str = "Marquee vision service: image classification and embeddings over gRPC";
 
 /// All settings of the vision service.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,9 +77,15 @@ impl Default for VisionSettings {
 
 impl Validate for Settings {
     fn validate(&self, errors: &mut Vec<String>) {
-        self.server.validate(errors);
-        self.repository.validate(errors);
-        self.telemetry.validate(errors);
+        validate_model_service(
+            "vision",
+            KeysUsed {
+                lanes: true,
+                batching: true,
+            },
+            (&self.server, &self.repository, &self.telemetry),
+            errors,
+        );
         if self.vision.max_image_bytes == 0
             || self.vision.max_image_bytes > self.server.max_message_bytes
         {
@@ -109,24 +122,41 @@ impl Validate for Settings {
     }
 }
 
+marquee_core::service_settings!(Settings);
+
+/// The vision service's model server.
+pub type VisionServer = ModelServer<TensorFamily>;
+
 /// Loads the models and starts serving; returns once ready, with the bound addresses.
-pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let core = Core::load(NAME, settings.server.clone(), settings.repository.clone()).await?;
+pub async fn start(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running<TensorFamily>> {
+    let kit = VisionServer::load(
+        NAME,
+        settings.server.clone(),
+        settings.repository.clone(),
+        |_| Ok(TensorFamily),
+    )
+    .await?;
     let decoders = decode::DecodePool::new(
         settings.vision.decode_workers,
         settings.vision.decode_queue,
-        &core.metrics.registry,
+        &kit.metrics.registry,
     );
     let vision = service::Vision::new(
-        core.repo.clone(),
+        kit.repo.clone(),
         settings.server.clone(),
         settings.vision.clone(),
         decoders,
     );
-    let svc = ImageServiceServer::new(vision)
-        .max_decoding_message_size(settings.server.max_message_bytes);
-    let routes = tonic::service::Routes::new(svc);
-    core.serve(routes, shutdown).await
+    let services = Services::new()
+        .add_service(
+            ImageServiceServer::new(vision)
+                .max_decoding_message_size(settings.server.max_message_bytes),
+        )
+        .add_service(kit.oip());
+    kit.serve(services, shutdown).await
 }
 
 #[cfg(test)]

@@ -1,47 +1,9 @@
-//! `marquee-vision`: parses the config, initialises telemetry, serves until SIGTERM, drains.
-
-use std::path::PathBuf;
-
-use clap::Parser;
-use marquee_core::config::EXIT_CONFIG;
-use marquee_core::serve::{Started, run_binary};
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Marquee vision service: image classification and embeddings over gRPC"
-)]
-struct Args {
-    /// TOML config file; `MARQUEE__SECTION__KEY` env vars override it.
-    #[arg(long, env = "MARQUEE_CONFIG")]
-    config: Option<PathBuf>,
-}
+//! `marquee-vision`: the model-service kit's `main` over the vision service.
 
 fn main() {
-    let args = Args::parse();
-    let settings: marquee_vision::Settings =
-        match marquee_core::config::load(args.config.as_deref()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(EXIT_CONFIG);
-            }
-        };
-    // Before any model thread allocates: see `alloc` for the measured effect.
-    marquee_core::alloc::tune_allocator();
-    let (server, telemetry) = (settings.server.clone(), settings.telemetry.clone());
-    let code = run_binary(
+    marquee_core::serve::main(
         marquee_vision::NAME,
-        &server,
-        &telemetry,
-        |shutdown| async move {
-            let r = marquee_vision::start(settings, shutdown).await?;
-            Ok(Started {
-                grpc_addr: r.grpc_addr,
-                admin_addr: r.admin_addr,
-                task: r.task,
-            })
-        },
+        marquee_vision::ABOUT,
+        |settings, shutdown| async move { Ok(marquee_vision::start(settings, shutdown).await?.into()) },
     );
-    std::process::exit(code);
 }

@@ -8,7 +8,8 @@ use futures::future::join_all;
 use marquee_core::ServeError;
 use marquee_core::config::ServerSettings;
 use marquee_core::deadline::deadline;
-use marquee_core::repository::{LoadedModel, Repository};
+use marquee_core::repository::{Repository, Served};
+use marquee_core::tensor::{LoadedModel, TensorFamily};
 use marquee_proto::common::ItemError;
 use marquee_proto::vision::image_input::Source;
 use marquee_proto::vision::image_service_server::ImageService;
@@ -19,8 +20,11 @@ use crate::VisionSettings;
 use crate::decode::{DecodeError, DecodePool, Ticket};
 use crate::preprocess::{ImageLimits, to_tensor};
 
+/// A served version of a tensor model.
+type Model = Served<LoadedModel>;
+
 pub struct Vision {
-    repo: Arc<Repository>,
+    repo: Arc<Repository<TensorFamily>>,
     server: ServerSettings,
     settings: VisionSettings,
     decoders: DecodePool,
@@ -28,7 +32,7 @@ pub struct Vision {
 
 impl Vision {
     pub fn new(
-        repo: Arc<Repository>,
+        repo: Arc<Repository<TensorFamily>>,
         server: ServerSettings,
         settings: VisionSettings,
         decoders: DecodePool,
@@ -70,7 +74,7 @@ impl Vision {
     /// `ticket` from [`Self::admit`].
     async fn prepare(
         &self,
-        model: &Arc<LoadedModel>,
+        model: &Arc<Model>,
         input: Option<ImageInput>,
         field: &str,
         ticket: Option<Ticket>,
@@ -183,7 +187,7 @@ impl Vision {
         }
     }
 
-    fn top_k(&self, model: &LoadedModel, top_k: u32) -> Result<(usize, usize), ServeError> {
+    fn top_k(&self, model: &Model, top_k: u32) -> Result<(usize, usize), ServeError> {
         let logits = model.spec.output_index("logits").ok_or_else(|| {
             ServeError::FailedPrecondition(format!(
                 "model `{}` has no `logits` output, so it cannot classify",
@@ -205,7 +209,7 @@ impl Vision {
 
     async fn classify_one(
         &self,
-        model: &Arc<LoadedModel>,
+        model: &Arc<Model>,
         input: Option<ImageInput>,
         field: &str,
         (logits, k): (usize, usize),

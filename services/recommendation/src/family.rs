@@ -1,0 +1,197 @@
+//! The recommender's model family: a `kind = "recommender"` version is its catalogue, towers
+//! and ranker on the engine's worker threads (`instance.lanes` of them), plus the users as that
+//! version's catalogue sees them (training histories, then the feedback log replayed over
+//! them). Loading, hot reload, readiness and drain are the kit's.
+//!
+//! The users follow the catalogue: item indices differ between versions. A new version's
+//! users are built from its training data while the old one serves; at the swap, under the
+//! lock every feedback write takes, the log is replayed over them, so the version that goes
+//! live has every acknowledged event and no write lands on the old one after it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use marquee_core::ServeError;
+use marquee_proto::inference::model_metadata_response::TensorMetadata;
+use marquee_proto::inference::{ModelInferRequest, ModelInferResponse};
+
+use marquee_core::repository::{LoadContext, ModelFamily};
+
+use crate::RecommendationSettings;
+use crate::engine::{Engine, item_embeddings};
+use crate::feedback::FeedbackLog;
+use crate::index::ItemIndex;
+use crate::metrics::RecMetrics;
+use crate::model::{Matrix, ModelData};
+use crate::privacy::UserKey;
+use crate::users::Users;
+
+/// Engine workers when neither `model.toml` nor the service says: on 2 cores one worker
+/// leaves the other core to the runtime and the feedback log.
+pub const DEFAULT_LANES: usize = 1;
+
+/// The service's own state, which outlives model versions: the user-id key and the log.
+pub struct UserState {
+    pub key: UserKey,
+    pub log: Mutex<FeedbackLog>,
+    pub log_path: PathBuf,
+}
+
+/// A model given in memory instead of read from its version directory (the bench serves a
+/// synthetic catalogue this way); taken by the first load.
+pub struct Preloaded {
+    pub data: ModelData,
+    pub item_emb: Matrix,
+    pub index: Option<ItemIndex>,
+}
+
+pub struct RecFamily {
+    settings: RecommendationSettings,
+    metrics: RecMetrics,
+    state: Arc<UserState>,
+    preloaded: Mutex<Option<Preloaded>>,
+}
+
+impl RecFamily {
+    pub fn new(
+        settings: RecommendationSettings,
+        metrics: RecMetrics,
+        state: Arc<UserState>,
+        preloaded: Option<Preloaded>,
+    ) -> Self {
+        Self {
+            settings,
+            metrics,
+            state,
+            preloaded: Mutex::new(preloaded),
+        }
+    }
+
+    pub fn state(&self) -> &Arc<UserState> {
+        &self.state
+    }
+
+    pub fn settings(&self) -> &RecommendationSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &RecMetrics {
+        &self.metrics
+    }
+}
+
+/// One loaded version.
+pub struct RecModel {
+    pub engine: Engine,
+    /// Users as this version's catalogue sees them.
+    pub users: RwLock<Users>,
+}
+
+impl ModelFamily for RecFamily {
+    type Model = RecModel;
+
+    fn kinds(&self) -> &'static [&'static str] {
+        &["recommender"]
+    }
+
+    fn version_marker(&self) -> &'static str {
+        // Written last by `models/build_recommender.py`'s publish step.
+        "ranker.pt"
+    }
+
+    fn max_models(&self) -> usize {
+        // One catalogue per service: feedback and erasure name items of one catalogue.
+        1
+    }
+
+    fn load(&self, at: &LoadContext<'_>) -> Result<RecModel, String> {
+        let preloaded = self
+            .preloaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (data, item_emb, index) = match preloaded {
+            Some(p) => (p.data, p.item_emb, p.index),
+            None => {
+                let data = ModelData::load_version(at.dir, &at.version.to_string())
+                    .map_err(|e| e.to_string())?;
+                let emb = item_embeddings(&data).map_err(|e| e.to_string())?;
+                (data, emb, None)
+            }
+        };
+        let run = data.instance.resolve(at.settings, DEFAULT_LANES)?;
+        let users = Users::from_training(&data, &self.state.key);
+        let config = self
+            .settings
+            .engine_config(run.threads, run.lanes, at.liveness.clone());
+        let engine = match index {
+            Some(index) => {
+                Engine::start_with_index(data, item_emb, index, config, self.metrics.clone())
+            }
+            None => Engine::start(data, item_emb, config, self.metrics.clone()),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(RecModel {
+            engine,
+            users: RwLock::new(users),
+        })
+    }
+
+    fn describe(&self, m: &RecModel) -> String {
+        format!(
+            "items={} workers={}",
+            m.engine.shared.data.catalog.len(),
+            m.engine.shared.config.workers
+        )
+    }
+
+    fn install(&self, model: &RecModel, swap: &mut dyn FnMut()) -> Result<(), String> {
+        let _log = self.state.log.lock().unwrap_or_else(|p| p.into_inner());
+        let replay = crate::feedback::read_all(&self.state.log_path)
+            .map_err(|e| format!("`{}`: {e}", self.state.log_path.display()))?;
+        let catalog = &model.engine.shared.data.catalog;
+        let mut users = model.users.write().unwrap_or_else(|p| p.into_inner());
+        for r in &replay.records {
+            users.apply(r, catalog);
+        }
+        tracing::info!(
+            records = replay.records.len(),
+            users = users.len(),
+            "feedback log replayed"
+        );
+        drop(users);
+        self.metrics.reset_exposure(catalog.len());
+        swap();
+        Ok(())
+    }
+}
+
+/// The recommender in the Open Inference Protocol: discoverable (`RepositoryIndex`,
+/// `ModelReady`, `ModelMetadata`) like every served model, so the gateway and operators see it;
+/// it takes no tensors, so `ModelInfer` is refused with the API to use instead.
+#[tonic::async_trait]
+impl marquee_core::oip::OipModel for RecModel {
+    fn platform(&self) -> &'static str {
+        "marquee_recommender"
+    }
+
+    fn inputs(&self) -> Vec<TensorMetadata> {
+        Vec::new()
+    }
+
+    fn outputs(&self) -> Vec<TensorMetadata> {
+        Vec::new()
+    }
+
+    async fn model_infer(
+        &self,
+        req: ModelInferRequest,
+        _deadline: Instant,
+    ) -> Result<ModelInferResponse, ServeError> {
+        Err(ServeError::FailedPrecondition(format!(
+            "model `{}` takes no tensors: call marquee.recommendation.v1.Recommender",
+            req.model_name
+        )))
+    }
+}
