@@ -10,7 +10,9 @@ a misspelt key fails `helm install` instead of being silently ignored.
     python deploy/helm/gen_schema.py --check  # exit 1 if the committed schema is stale
 
 Service config keys mirror docs/CONFIG.md; keys the chart sets itself (listen addresses, the
-model repository path, the device, backend discovery, secret file paths) are not accepted here.
+model repository path, the device, backend discovery, secret file paths) are not accepted here,
+nor are the `[repository]` keys a service refuses (batching keys outside vision, `lanes` other
+than 1 on language).
 """
 
 from __future__ import annotations
@@ -88,17 +90,37 @@ SERVER = obj(
     description="`[server]` (docs/CONFIG.md); the chart sets `grpc_addr` and `admin_addr` from `ports`.",
 )
 
-REPOSITORY = obj(
-    {
+def repository(service: str) -> dict:
+    """`[repository]` of one model service (crates/core/src/config.rs): every service takes
+    `models`, `poll_interval_ms` and the `[instance]` overrides, but refuses the keys it would
+    ignore (`RepositorySettings::refuse_unused`), so the schema does too: batching keys only on
+    vision, `lanes` other than 1 not on language (one engine thread per model)."""
+    props: dict = {
         "models": STRING_LIST,
         "poll_interval_ms": integer(0),
-        "profile_batching": BOOL,
-        "batching": BOOL,
-        "lanes": integer(1),
-        "threads": integer(1),
-    },
-    description="`[repository]`; the chart sets `path` from `modelStorage` and `device` from `gpu`.",
-)
+    }
+    if service == "vision":
+        props["profile_batching"] = BOOL
+        props["batching"] = BOOL
+    if service == "language":
+        props["lanes"] = {**integer(1, 1), "description": "The language engine is one lane per model: 1 or absent."}
+    else:
+        props["lanes"] = integer(1)
+    props["threads"] = integer(1)
+    if service == "recommendation":
+        # One catalogue per service (feedback and erasure name items of one catalogue).
+        props["models"] = {**STRING_LIST, "maxItems": 1}
+    what = {
+        "vision": "every classifier and tensor model in the repository (or those in `models`)",
+        "language": 'every `kind = "causal_lm"` model in the repository (or those in `models`)',
+        "recommendation": 'the one `kind = "recommender"` model in the repository (or the one in `models`)',
+    }[service]
+    return obj(
+        props,
+        description=f"`[repository]`: {what}; `lanes`/`threads` override each model's `[instance]`. "
+        "The chart sets `path` from `modelStorage` and `device` from `gpu`.",
+    )
+
 
 VISION = obj(
     {
@@ -182,25 +204,24 @@ GATEWAY_CONFIG = obj(
 
 LANGUAGE = obj(
     {
-        "model": STRING,
         "max_batch_size": integer(1),
         "max_total_tokens": integer(1),
         "queue_capacity": integer(1),
         "decode_steps_per_prefill": integer(1),
         "max_prefill_tokens": integer(1),
+        "oip_queue_capacity": integer(1),
+        "oip_max_tokens_per_step": integer(1),
         "max_new_tokens": integer(1),
         "default_max_new_tokens": integer(1),
         "max_stop_sequences": integer(0),
         "max_stop_bytes": integer(1),
         "max_prompt_bytes": integer(1),
-        "threads": integer(1),
     },
-    description="`[language]`; the chart sets `repository` from `modelStorage` and `device` from `gpu`.",
+    description="`[language]`: the scheduler and request limits of each model's engine (the models come from `[repository]`).",
 )
 
 RECOMMENDATION = obj(
     {
-        "model": STRING,
         "candidates": integer(1),
         "max_k": integer(1),
         "max_batch_requests": integer(1),
@@ -212,7 +233,6 @@ RECOMMENDATION = obj(
         "hnsw_ef_construction": integer(1),
         "hnsw_ef_search": integer(1),
         "rank_batch": integer(1),
-        "workers": integer(1),
         "queue_capacity": integer(1),
         "max_clock_skew_ms": integer(0),
         "explain_history": integer(0),
@@ -223,13 +243,10 @@ RECOMMENDATION = obj(
 
 
 def backend_config(name: str) -> dict:
-    # Each service's own sections (services/<name>/src/lib.rs): the language service names its
-    # model repository in `[language]`, the others in `[repository]`.
-    props = {
-        "vision": {"server": SERVER, "repository": REPOSITORY, "vision": VISION},
-        "language": {"server": SERVER, "language": LANGUAGE},
-        "recommendation": {"server": SERVER, "repository": REPOSITORY, "recommendation": RECOMMENDATION},
-    }[name]
+    # Each service's own sections (services/<name>/src/lib.rs): `[server]`, `[repository]` and
+    # the service's own section; `[telemetry]` is the chart's (from `telemetry`).
+    own = {"vision": VISION, "language": LANGUAGE, "recommendation": RECOMMENDATION}[name]
+    props = {"server": SERVER, "repository": repository(name), name: own}
     return obj(props, description=f"The {name} service's TOML config (docs/CONFIG.md).")
 
 

@@ -88,9 +88,21 @@ BAD_VALUES = {
     "unknown component key": ("vision.replicas", 2, "replicas"),
     "unknown service setting": ("vision.config.server.grpc_adr", "0.0.0.0:1", "grpc_adr"),
     "chart-owned setting": ("vision.config.repository.path", "/elsewhere", "path"),
-    "chart-owned language setting": ("language.config.language.repository", "/elsewhere", "repository"),
+    "chart-owned language repository path": ("language.config.repository.path", "/elsewhere", "path"),
+    "chart-owned recommendation repository path": ("recommendation.config.repository.path", "/elsewhere", "path"),
+    "chart-owned device": ("language.config.repository.device", "cuda", "device"),
     "chart-owned state dir": ("recommendation.config.recommendation.state_dir", "/tmp", "state_dir"),
-    "language has no [repository]": ("language.config.repository", {}, "repository"),
+    # The old places of the unified keys are unknown keys now (the services refuse them).
+    "language.repository is gone": ("language.config.language.repository", "/elsewhere", "repository"),
+    "language.model is gone": ("language.config.language.model", "gpt_reviews", "model"),
+    "language.threads is gone": ("language.config.language.threads", 1, "threads"),
+    "recommendation.model is gone": ("recommendation.config.recommendation.model", "recommender", "model"),
+    "recommendation.workers is gone": ("recommendation.config.recommendation.workers", 2, "workers"),
+    # Repository keys a service would ignore are refused by it, and so by the schema.
+    "language lanes other than 1": ("language.config.repository.lanes", 2, "lanes"),
+    "language batching": ("language.config.repository.batching", False, "batching"),
+    "recommendation profile_batching": ("recommendation.config.repository.profile_batching", False, "profile_batching"),
+    "recommendation serves one model": ("recommendation.config.repository.models", ["a", "b"], "models"),
     "recommendation index kind": ("recommendation.config.recommendation.index", "annoy", "index"),
     "unknown gateway route": ("gateway.config.routes.search", {"max_batch": 4}, "search"),
     "an API key inline": ("secrets.apiKeys.key_value", "mq_secret", "key_value"),
@@ -294,12 +306,13 @@ def test_each_service_reads_its_rendered_config_and_listens_where_its_ports_say(
 
 
 def model_path(cfg: dict, comp: str) -> str:
-    """Where a service reads its model repository: `[language] repository`, else `[repository] path`."""
-    return cfg["language"]["repository"] if comp == "language" else cfg["repository"]["path"]
+    """Where a service reads its model repository: `[repository] path`, the same for every model
+    service."""
+    return cfg["repository"]["path"]
 
 
 def device_of(cfg: dict, comp: str):
-    return (cfg["language"] if comp == "language" else cfg["repository"]).get("device")
+    return cfg["repository"].get("device")
 
 
 def test_values_reach_the_config_as_typed_toml(default_objects):
@@ -311,13 +324,31 @@ def test_values_reach_the_config_as_typed_toml(default_objects):
     vision = config_of(default_objects, "vision")
     assert vision["repository"]["models"] == ["efficientnet_lite0", "fashion_cnn"]
     assert vision["vision"] == {"max_batch_items": 64}
-    # Each service's own sections (services/*/src/lib.rs).
+    # Each service's own sections (services/*/src/lib.rs): every model service has `[repository]`.
     language = config_of(default_objects, "language")
-    assert set(language) == {"server", "telemetry", "language"}, "no [repository]: the language service would refuse it"
-    assert language["language"] == {"model": "gpt_reviews", "repository": "/models"}
+    assert set(language) == {"server", "repository", "telemetry", "language"}
+    assert language["repository"] == {"path": "/models", "models": ["gpt_reviews"], "poll_interval_ms": 10000}
+    assert language["language"] == {}, "no model, repository or threads in [language] any more"
     rec = config_of(default_objects, "recommendation")
     assert set(rec) == {"server", "repository", "telemetry", "recommendation"}
-    assert rec["recommendation"] == {"model": "recommender", "state_dir": "/var/lib/marquee"}
+    assert rec["repository"] == {"path": "/models", "poll_interval_ms": 10000}
+    assert rec["recommendation"] == {"state_dir": "/var/lib/marquee"}
+
+
+def test_repository_overrides_pass_through_where_the_service_uses_them():
+    """`repository.lanes` is the recommender's engine workers; language takes `lanes = 1` (its
+    only value) and `threads`; vision takes the batching keys."""
+    objects = render(
+        {
+            "vision": {"config": {"repository": {"batching": False, "profile_batching": False, "lanes": 3}}},
+            "language": {"config": {"repository": {"lanes": 1, "threads": 2, "models": ["gpt_reviews"]}}},
+            "recommendation": {"config": {"repository": {"lanes": 2, "models": ["recommender"], "poll_interval_ms": 0}}},
+        }
+    )
+    vision = config_of(objects, "vision")["repository"]
+    assert (vision["batching"], vision["profile_batching"], vision["lanes"]) == (False, False, 3)
+    assert config_of(objects, "language")["repository"] == {"path": "/models", "lanes": 1, "threads": 2, "models": ["gpt_reviews"], "poll_interval_ms": 10000}
+    assert config_of(objects, "recommendation")["repository"] == {"path": "/models", "lanes": 2, "models": ["recommender"], "poll_interval_ms": 0}
 
 
 def test_every_gateway_route_takes_its_limits_from_values():

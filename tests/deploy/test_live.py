@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib.resources
+import json
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ from conftest import (
 from marquee_servers import bin_dir, model_repo, run_binary
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 API_KEY = "mq_deploy-test-key-7c41e0"
 API_KEY_SHA = hashlib.sha256(API_KEY.encode()).hexdigest()
 TENANT = "web"
@@ -319,12 +321,13 @@ def chart_config_files(root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def ml_services():
     """marquee-language and marquee-recommendation on the chart's TOML. Only the paths differ
-    outside the pod (the model mount and the state volume) and libtorch gets one thread."""
+    outside the pod (`repository.path`, the model mount, and the state volume) and libtorch
+    gets one thread (`repository.threads`, the same override on both)."""
     root = Path(tempfile.mkdtemp(prefix="marquee-deploy-ml-"))
     files = chart_config_files(root)
     with run_binary(
         "marquee-language",
-        {"MARQUEE__LANGUAGE__REPOSITORY": str(model_repo()), "MARQUEE__LANGUAGE__THREADS": "1"},
+        {"MARQUEE__REPOSITORY__PATH": str(model_repo()), "MARQUEE__REPOSITORY__THREADS": "1"},
         ["--config", str(files["language"])],
     ) as language:
         with run_binary(
@@ -623,3 +626,96 @@ def test_language_and_recommendation_run_the_config_the_chart_renders(component,
     srv = ml_services[component]
     assert health(srv.grpc_addr) == health_pb2.HealthCheckResponse.SERVING
     assert "marquee_" in scrape(srv)
+
+
+# --- what each service serves: reflection, and the OIP discovery calls --------------------------
+
+# Every service: health, reflection (v1 and v1alpha) and the Open Inference Protocol.
+COMMON_SERVICES = {
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "inference.GRPCInferenceService",
+}
+OWN_SERVICE = {
+    "vision": "marquee.vision.v1.ImageService",
+    "language": "marquee.language.v1.TextGeneration",
+    "recommendation": "marquee.recommendation.v1.Recommender",
+}
+
+
+def grpcurl(addr: str, *args: str, body: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [GRPCURL, "-plaintext", *(["-d", "@"] if body is not None else []), addr, *args]
+    data = json.dumps(body) if body is not None else None
+    return subprocess.run(cmd, input=data, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("component", ["vision", "language", "recommendation"])
+def test_reflection_lists_only_the_services_each_serves(request, component):
+    fixture = "services" if component == "vision" else "ml_services"
+    srv = request.getfixturevalue(fixture)[component]
+    out = grpcurl(srv.grpc_addr, "list")
+    assert out.returncode == 0, out.stderr
+    assert set(out.stdout.split()) == COMMON_SERVICES | {OWN_SERVICE[component]}
+
+
+@pytest.mark.parametrize("component, model", [("language", "gpt_reviews"), ("recommendation", "recommender")])
+def test_oip_repository_index_lists_the_served_model(ml_services, component, model):
+    """What the gateway's model table is built from (`models_refresh_ms`): the one model the
+    chart's config serves (language: `repository.models = ["gpt_reviews"]` of the ci values,
+    though the repository also holds vision's models and the recommender)."""
+    out = grpcurl(ml_services[component].grpc_addr, "inference.GRPCInferenceService/RepositoryIndex", body={})
+    assert out.returncode == 0, out.stderr
+    models = json.loads(out.stdout)["models"]
+    assert [(m["name"], m["state"]) for m in models] == [(model, "READY")], models
+    ready = grpcurl(ml_services[component].grpc_addr, "inference.GRPCInferenceService/ModelReady", body={"name": model})
+    assert ready.returncode == 0 and json.loads(ready.stdout) == {"ready": True}, ready.stdout + ready.stderr
+
+
+def test_recommender_refuses_tensor_inference_with_failed_precondition(ml_services):
+    body = {
+        "model_name": "recommender",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "contents": {"fp32_contents": [1.0]}}],
+    }
+    out = grpcurl(ml_services["recommendation"].grpc_addr, "inference.GRPCInferenceService/ModelInfer", body=body)
+    assert out.returncode != 0
+    assert "FailedPrecondition" in out.stderr, out.stderr
+    assert "marquee.recommendation.v1.Recommender" in out.stderr, out.stderr
+
+
+REFUSED_AT_START = {
+    # The schema refuses these values (tests/deploy/test_chart.py BAD_VALUES); so do the services.
+    "language lanes": ("marquee-language", {"MARQUEE__REPOSITORY__LANES": "2"}, "`repository.lanes` is not used by the language service"),
+    "language batching": ("marquee-language", {"MARQUEE__REPOSITORY__BATCHING": "false"}, "`repository.batching` is not used by the language service"),
+    "recommendation profile_batching": ("marquee-recommendation", {"MARQUEE__REPOSITORY__PROFILE_BATCHING": "false"}, "`repository.profile_batching` is not used by the recommendation service"),
+    # The keys the unified `[repository]` replaced are unknown now.
+    "old language repository": ("marquee-language", {"MARQUEE__LANGUAGE__REPOSITORY": "/models"}, "unknown field `repository`"),
+    "old recommendation workers": ("marquee-recommendation", {"MARQUEE__RECOMMENDATION__WORKERS": "2"}, "unknown field `workers`"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_AT_START.values(), ids=REFUSED_AT_START.keys())
+def test_services_refuse_repository_keys_they_would_ignore(case, tmp_path):
+    """With the chart's TOML plus one refused key, the service exits 64 (EX_CONFIG) naming it,
+    before loading any model."""
+    binary, env, message = case
+    component = binary.removeprefix("marquee-")
+    config = chart_config_files(tmp_path)[component]
+    r = subprocess.run(
+        [str(bin_dir() / binary), "--config", str(config)],
+        env={
+            **os.environ,
+            "MARQUEE__SERVER__GRPC_ADDR": "127.0.0.1:0",
+            "MARQUEE__SERVER__ADMIN_ADDR": "127.0.0.1:0",
+            "MARQUEE__REPOSITORY__PATH": str(model_repo()),
+            "NO_COLOR": "1",
+            **({"MARQUEE__RECOMMENDATION__STATE_DIR": str(tmp_path / "state")} if component == "recommendation" else {}),
+            **env,
+        },
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 64, r.stdout + r.stderr
+    assert message in r.stderr, r.stderr

@@ -18,15 +18,18 @@ def grpcurl(*args: str, data: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, input=data, capture_output=True, text=True, timeout=60)
 
 
-def test_reflection_lists_every_service(server):
+def test_reflection_lists_every_service_and_only_those(server):
     out = grpcurl(server.grpc_addr, "list")
     assert out.returncode == 0, out.stderr
     services = set(out.stdout.split())
-    assert {
+    # Vision's own API, OIP, health and reflection: not the language or recommendation APIs.
+    assert services == {
         "marquee.vision.v1.ImageService",
         "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
-    } <= services
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
 
 
 def test_classify_coffee_through_grpcurl(server):

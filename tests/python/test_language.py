@@ -21,8 +21,9 @@ def language() -> Server:
     with run_binary(
         "marquee-language",
         {
-            "MARQUEE__LANGUAGE__REPOSITORY": str(model_repo()),
-            "MARQUEE__LANGUAGE__THREADS": "1",
+            "MARQUEE__REPOSITORY__PATH": str(model_repo()),
+            "MARQUEE__REPOSITORY__THREADS": "1",
+            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
         },
     ) as srv:
         yield srv
@@ -45,6 +46,26 @@ def stream_messages(stdout: str) -> list[dict]:
         obj, i = decoder.raw_decode(stdout, i)
         out.append(obj)
     return out
+
+
+def test_reflection_lists_only_what_the_language_service_serves(language):
+    out = subprocess.run([GRPCURL, "-plaintext", language.grpc_addr, "list"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert set(out.stdout.split()) == {
+        "marquee.language.v1.TextGeneration",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+
+
+def test_the_repository_serves_only_its_causal_lm_models(language):
+    """The repository also holds vision's models and the recommender: only `kind = "causal_lm"`
+    models are served (`repository.models` empty)."""
+    client = triton.InferenceServerClient(language.grpc_addr)
+    index = client.get_model_repository_index()
+    assert [(m.name, m.state) for m in index.models] == [("gpt_reviews", "READY")]
 
 
 def test_generate_stream_through_grpcurl(language):

@@ -146,13 +146,9 @@ chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
     {{- $_ := set $auth "jwt" $jwt -}}
   {{- end -}}
   {{- $_ := set $cfg "auth" $auth -}}
-{{- else if eq .name "language" -}}
-  {{- /* The language service names its model repository and device in `[language]`. */ -}}
-  {{- $lang := $cfg.language | default dict -}}
-  {{- $_ := set $lang "repository" .c.modelStorage.mountPath -}}
-  {{- if .c.gpu.enabled -}}{{- $_ := set $lang "device" .c.gpu.device -}}{{- end -}}
-  {{- $_ := set $cfg "language" $lang -}}
 {{- else -}}
+  {{- /* Every model service reads its models from `[repository]`: the chart owns `path` (the
+  model mount) and, on GPU nodes, `device`; the rest of `repository` comes from values. */ -}}
   {{- $repo := $cfg.repository | default dict -}}
   {{- $_ := set $repo "path" .c.modelStorage.mountPath -}}
   {{- if .c.gpu.enabled -}}{{- $_ := set $repo "device" .c.gpu.device -}}{{- end -}}
