@@ -95,7 +95,7 @@ impl Gateway {
                 .find(|p| p.cfg.kind == k)
                 .cloned()
                 .ok_or_else(|| {
-                    ServeError::Unavailable(
+                    ServeError::unavailable(
                         format!("no {k:?} backend is configured on this gateway").to_lowercase(),
                     )
                     .into()
