@@ -17,7 +17,6 @@ use arc_swap::ArcSwap;
 use marquee_core::ServeError;
 use marquee_proto::inference::RepositoryIndexRequest;
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use opentelemetry::propagation::Injector;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{
@@ -29,7 +28,6 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::retry::budget::{Budget, TpsBudget};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{Backend as BackendConfig, ClientTls, RouteName, Routes};
 use crate::error::GatewayError;
@@ -550,28 +548,12 @@ impl PoisonMemory {
     }
 }
 
-struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
 /// A backend request carrying the remaining deadline and the current trace context (W3C
 /// `traceparent`), so the backend's spans join the caller's trace.
 pub fn outgoing<T>(message: T, remaining: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(remaining);
-    let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
-    });
+    marquee_core::propagation::inject(req.metadata_mut());
     req
 }
 
