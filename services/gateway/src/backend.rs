@@ -202,7 +202,7 @@ impl BackendPool {
         quotas: &Quotas,
         tenant: &str,
         deadline: Instant,
-    ) -> Result<Slot, GatewayError> {
+    ) -> Result<Slot, ServeError> {
         let (weight, max_queued) = quotas.share(tenant);
         match tokio::time::timeout_at(
             deadline.into(),
@@ -214,8 +214,7 @@ impl BackendPool {
             Err(_) => Err(ServeError::DeadlineExceeded(format!(
                 "deadline expired while backend `{}` was saturated; the call was not sent",
                 self.name
-            ))
-            .into()),
+            ))),
         }
     }
 
@@ -277,22 +276,24 @@ impl BackendPool {
             && let Some(age) = self.poison.remembered(fingerprint(bytes))
         {
             self.count_poison("refused");
-            return Err(GatewayError::Poisoned(format!(
+            return Err(ServeError::Aborted(format!(
                 "refused without sending it: the same request took down {POISON_REPLICAS} replicas of backend `{}` {} s ago (possible poison request)",
                 self.name,
                 age.as_secs()
-            )));
+            ))
+            .into());
         }
         let mut tried: Vec<String> = Vec::new();
         let mut died_under_it = 0;
         loop {
             let Some(ep) = self.pick(&tried) else {
                 let total = self.endpoints.load().len();
-                return Err(GatewayError::Unavailable(format!(
+                return Err(ServeError::unavailable(format!(
                     "backend `{}` has no healthy replica ({total} known, {} tried for this call)",
                     self.name,
                     tried.len()
-                )));
+                ))
+                .into());
             };
             let now = Instant::now();
             if now >= deadline {
@@ -334,11 +335,12 @@ impl BackendPool {
                             self.poison.remember(fingerprint(bytes));
                         }
                         tracing::error!(backend = %self.name, method, replicas = died_under_it, "not retrying a request whose replicas failed mid-call (possible poison request)");
-                        return Err(GatewayError::Poisoned(format!(
+                        return Err(ServeError::Aborted(format!(
                             "not retried further: the {died_under_it} replicas of backend `{}` it reached failed mid-call (possible poison request); the last one said: {}",
                             self.name,
                             s.message()
-                        )));
+                        ))
+                        .into());
                     }
                     // A write lost mid-call may have been applied (and fsync'd): sending it again
                     // could apply it twice, so only idempotent calls are retried here.
