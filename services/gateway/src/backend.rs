@@ -124,6 +124,9 @@ pub struct BackendPool {
     budgets: [TpsBudget; 4],
     poison: PoisonMemory,
     metrics: GatewayMetrics,
+    /// The number of healthy replicas, sent when it changes: the routing table's per-model
+    /// health follows it.
+    healthy: tokio::sync::watch::Sender<usize>,
 }
 
 impl BackendPool {
@@ -146,6 +149,7 @@ impl BackendPool {
             budgets: RouteName::ALL.map(|r| retry_budget(routes.get(r).retry_budget_percent)),
             poison: PoisonMemory::default(),
             metrics,
+            healthy: tokio::sync::watch::Sender::new(0),
         });
         pool.update_gauges();
         Ok(pool)
@@ -163,11 +167,20 @@ impl BackendPool {
             .count()
     }
 
+    /// Follows [`healthy_count`](Self::healthy_count) as replicas are ejected, restored, added
+    /// or removed.
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.healthy.subscribe()
+    }
+
     fn update_gauges(&self) {
+        let healthy = self.healthy_count();
         self.metrics
             .endpoints_healthy
             .with_label_values(&[&self.name])
-            .set(self.healthy_count() as i64);
+            .set(healthy as i64);
+        self.healthy
+            .send_if_modified(|n| std::mem::replace(n, healthy) != healthy);
     }
 
     /// The less busy of two random healthy replicas not yet tried.

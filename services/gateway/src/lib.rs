@@ -112,6 +112,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .into_axum_router()
         .layer(access::AccessLayer::new(Arc::new(auth), quotas, gm));
     let (health, health_service) = marquee_core::serve::health();
+    routing
+        .report_health(health.clone(), shutdown.clone())
+        .await;
     let parts = ServeParts {
         settings: settings.server.clone(),
         metrics: metrics.clone(),

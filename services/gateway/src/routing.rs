@@ -1,5 +1,6 @@
-//! The routing table: which backend serves which model, learned from the backends' repository
-//! indexes and refreshed.
+//! The routing table: which backend serves which model (learned from the backends' repository
+//! indexes and refreshed), and the per-model `grpc.health.v1` statuses the gateway answers
+//! from it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -8,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use marquee_core::ServeError;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::backend::BackendPool;
 use crate::batch::check_name;
@@ -37,6 +41,8 @@ pub struct RoutingTable {
     table: ArcSwap<HashMap<String, Entry>>,
     last_refresh_ms: AtomicU64,
     started: Instant,
+    /// Woken when a refresh changed the table.
+    changed: Notify,
 }
 
 impl RoutingTable {
@@ -46,6 +52,7 @@ impl RoutingTable {
             table: ArcSwap::from_pointee(HashMap::new()),
             last_refresh_ms: AtomicU64::new(0),
             started: Instant::now(),
+            changed: Notify::new(),
         }
     }
 
@@ -77,7 +84,10 @@ impl RoutingTable {
                 }
             }
         }
-        self.table.store(Arc::new(table));
+        if **self.table.load() != table {
+            self.table.store(Arc::new(table));
+            self.changed.notify_one();
+        }
     }
 
     /// Refreshes the table every `every` until `shutdown`.
@@ -165,5 +175,83 @@ impl RoutingTable {
     /// Whether every backend has a healthy replica.
     pub fn is_ready(&self) -> bool {
         self.backends.values().all(|b| b.healthy_count() > 0)
+    }
+
+    /// Keeps `health`'s per-model statuses equal to the table until `shutdown`: SERVING while
+    /// the model's backend has a healthy replica, NOT_SERVING while it has none, and no status
+    /// (NOT_FOUND) once no backend lists it. The names are the table's only, never a caller's,
+    /// so the set is as bounded as the table. The first report is made before this returns
+    /// (a gateway answers for its models as soon as it serves); at shutdown every model turns
+    /// NOT_SERVING, as on the model services.
+    pub async fn report_health(
+        self: &Arc<Self>,
+        mut health: HealthReporter,
+        shutdown: CancellationToken,
+    ) {
+        // Subscribed before the first report, so no change after it is missed.
+        let mut pools: Vec<watch::Receiver<usize>> =
+            self.backends.values().map(|b| b.health_changes()).collect();
+        let mut reported = HashMap::new();
+        self.report(&mut health, &mut reported).await;
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let pool_changed = async {
+                    if pools.is_empty() {
+                        std::future::pending::<()>().await;
+                    }
+                    // The senders live as long as `me`: `changed` cannot fail here.
+                    let _ = futures::future::select_all(
+                        pools.iter_mut().map(|rx| Box::pin(rx.changed())),
+                    )
+                    .await;
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = me.changed.notified() => {}
+                    _ = pool_changed => {}
+                }
+                me.report(&mut health, &mut reported).await;
+            }
+            for model in reported.keys() {
+                health
+                    .set_service_status(model, ServingStatus::NotServing)
+                    .await;
+            }
+        });
+    }
+
+    /// Sets the statuses that changed since `reported`, clears those of models no longer
+    /// routed, and leaves `reported` equal to the table.
+    async fn report(
+        &self,
+        health: &mut HealthReporter,
+        reported: &mut HashMap<String, ServingStatus>,
+    ) {
+        let now: HashMap<String, ServingStatus> = self
+            .models()
+            .into_iter()
+            // `""` is the whole server's status, set by the serving core.
+            .filter(|m| !m.model.is_empty())
+            .map(|m| (m.model, serving_status(m.ready)))
+            .collect();
+        for (model, status) in &now {
+            // Only changes: a Watch stream sends every status set, even an unchanged one.
+            if reported.get(model) != Some(status) {
+                health.set_service_status(model, *status).await;
+            }
+        }
+        for gone in reported.keys().filter(|m| !now.contains_key(*m)) {
+            health.clear_service_status(gone).await;
+        }
+        *reported = now;
+    }
+}
+
+fn serving_status(ready: bool) -> ServingStatus {
+    if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
     }
 }
