@@ -177,7 +177,7 @@ pub fn is_internal_reference(message: &str) -> bool {
 
 /// An `INTERNAL` status for `detail`: the detail goes to the log, the caller gets the reference
 /// (in the message and as `RequestInfo.request_id`).
-pub fn internal_status(detail: &str) -> Status {
+fn internal_status(detail: &str) -> Status {
     let reference = report_internal(detail);
     Status::with_error_details(
         Code::Internal,
