@@ -772,8 +772,10 @@ async fn a_model_that_moves_to_another_backend_is_batched_there() {
     let until = Instant::now() + Duration::from_secs(20);
     while !gw
         .gateway
+        .routing
         .models()
-        .contains(&("fashion_cnn".to_string(), "b".to_string()))
+        .iter()
+        .any(|m| m.model == "fashion_cnn" && m.backend == "b")
     {
         assert!(
             Instant::now() < until,

@@ -130,7 +130,7 @@ impl BatchQueue {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         if st.closed {
-            return Err(ServeError::Unavailable(match &st.failed {
+            return Err(ServeError::unavailable(match &st.failed {
                 Some(why) => format!(
                     "model `{}` is out of service on this replica ({why}); retry on another",
                     self.cfg.model
@@ -568,7 +568,7 @@ mod tests {
         q.close();
         assert!(matches!(
             q.submit(vec![1.0; 2], 1, far()),
-            Err(ServeError::Unavailable(_))
+            Err(ServeError::Unavailable { .. })
         ));
         let (tx, _sizes) = mpsc::channel();
         let lane_q = q.clone();

@@ -1,8 +1,10 @@
 //! The serving error type and its one conversion into `tonic::Status`.
 //!
 //! Handlers return [`ServeError`]; only `impl From<ServeError> for Status` builds a status, with
-//! `google.rpc` details (`BadRequest` field violations, `RetryInfo` on overload) so clients in
-//! any language can act on the error without parsing the message.
+//! `google.rpc` details (`BadRequest` field violations, `ResourceInfo` for a missing resource,
+//! `RetryInfo` on overload or a hinted unavailability) so clients in any language can act on
+//! the error without parsing the message. The model services and the gateway share this one
+//! vocabulary; a status a backend made here is passed on by the gateway, not rebuilt.
 //!
 //! An internal error's detail (a libtorch traceback, a file path, a lock name) is for operators,
 //! not callers: it is logged once with a random reference, and the caller gets only
@@ -33,9 +35,32 @@ pub enum ServeError {
     /// The named model (or version) is not in the repository.
     #[error("model `{model}` is not served here{detail}")]
     ModelNotFound { model: String, detail: String },
-    /// The model exists but cannot take requests yet (loading) or any more (draining).
+    /// Something other than a model is not known here (an item, a user): `resource` is its
+    /// kind and `field` the request field that named it, sent as `ResourceInfo`.
+    #[error("{message}")]
+    NotFound {
+        resource: String,
+        field: String,
+        message: String,
+    },
+    /// The call carries no valid credential.
     #[error("{0}")]
-    Unavailable(String),
+    Unauthenticated(String),
+    /// The caller is known but may not make this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Refused so that it is not sent again as is: a possible poison request (replicas died
+    /// under it). `ABORTED`, not `UNAVAILABLE`, because clients and proxies whose retry policy
+    /// covers `UNAVAILABLE` would send it to the next replica.
+    #[error("{0}")]
+    Aborted(String),
+    /// The model exists but cannot take requests yet (loading) or any more (draining), or
+    /// nothing healthy can serve the call; `retry_after`, when known, goes out as `RetryInfo`.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// The queue is full: refused at once, with a hint for when to retry.
     #[error("{message}")]
     Overloaded {
@@ -63,13 +88,32 @@ impl ServeError {
         }
     }
 
+    /// `UNAVAILABLE` without a retry hint.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// `UNAVAILABLE` with a hint for when to retry (`RetryInfo`).
+    pub fn unavailable_retry(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            retry_after: Some(retry_after),
+        }
+    }
+
     /// The gRPC code this error maps to.
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::TooLarge { .. } | Self::Overloaded { .. } => Code::ResourceExhausted,
-            Self::ModelNotFound { .. } => Code::NotFound,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::ModelNotFound { .. } | Self::NotFound { .. } => Code::NotFound,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Aborted(_) => Code::Aborted,
+            Self::Unavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Internal(_) => Code::Internal,
@@ -79,7 +123,9 @@ impl ServeError {
     /// The request field this error is about, if any.
     pub fn field(&self) -> Option<&str> {
         match self {
-            Self::InvalidArgument { field, .. } | Self::TooLarge { field, .. } => Some(field),
+            Self::InvalidArgument { field, .. }
+            | Self::TooLarge { field, .. }
+            | Self::NotFound { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -131,7 +177,7 @@ pub fn is_internal_reference(message: &str) -> bool {
 
 /// An `INTERNAL` status for `detail`: the detail goes to the log, the caller gets the reference
 /// (in the message and as `RequestInfo.request_id`).
-pub fn internal_status(detail: &str) -> Status {
+fn internal_status(detail: &str) -> Status {
     let reference = report_internal(detail);
     Status::with_error_details(
         Code::Internal,
@@ -152,12 +198,41 @@ impl From<ServeError> for Status {
             | ServeError::TooLarge { field, message } => {
                 ErrorDetails::with_bad_request_violation(field.clone(), message.clone())
             }
-            ServeError::Overloaded { retry_after, .. } => {
-                ErrorDetails::with_retry_info(Some(*retry_after))
-            }
+            ServeError::NotFound {
+                resource,
+                field,
+                message,
+            } => ErrorDetails::with_resource_info(
+                resource.clone(),
+                field.clone(),
+                "",
+                message.clone(),
+            ),
+            ServeError::Overloaded { retry_after, .. }
+            | ServeError::Unavailable {
+                retry_after: Some(retry_after),
+                ..
+            } => ErrorDetails::with_retry_info(Some(*retry_after)),
             _ => return Status::new(code, err.to_string()),
         };
         Status::with_error_details(code, err.to_string(), details)
+    }
+}
+
+/// The status a per-item error of a batch response stands for: what its caller would have got
+/// calling alone. `code`, `field` and `message` are as a Marquee server wrote them (from
+/// [`ServeError::code`], [`ServeError::field`] and [`ServeError::public_message`]), so a field
+/// comes back as the `BadRequest` violation the single call carries, and an internal error's
+/// message is already a bare reference.
+pub fn item_status(code: Code, field: String, message: String) -> Status {
+    if field.is_empty() {
+        Status::new(code, message)
+    } else {
+        Status::with_error_details(
+            code,
+            message.clone(),
+            ErrorDetails::with_bad_request_violation(field, message),
+        )
     }
 }
 
@@ -175,6 +250,79 @@ mod tests {
         assert_eq!(status.code(), Code::ResourceExhausted);
         let retry = status.get_details_retry_info().expect("retry info");
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn unavailable_carries_retry_info_only_when_hinted() {
+        let plain: Status = ServeError::unavailable("draining").into();
+        assert_eq!(plain.code(), Code::Unavailable);
+        assert_eq!(plain.message(), "draining");
+        assert!(plain.get_details_retry_info().is_none());
+        let hinted: Status =
+            ServeError::unavailable_retry("disk full", Duration::from_millis(200)).into();
+        assert_eq!(hinted.code(), Code::Unavailable);
+        assert_eq!(hinted.message(), "disk full");
+        let retry = hinted.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn the_gateway_and_recommender_codes() {
+        let cases = [
+            (
+                ServeError::Unauthenticated("no credentials".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                ServeError::PermissionDenied("lacks scope".into()),
+                Code::PermissionDenied,
+            ),
+            (
+                ServeError::Aborted("possible poison request".into()),
+                Code::Aborted,
+            ),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let status: Status = err.into();
+            assert_eq!((status.code(), status.message()), (code, message.as_str()));
+        }
+        let missing: Status = ServeError::NotFound {
+            resource: "item".into(),
+            field: "item_id".into(),
+            message: "item `42` is not in the catalogue".into(),
+        }
+        .into();
+        assert_eq!(missing.code(), Code::NotFound);
+        assert_eq!(missing.message(), "item `42` is not in the catalogue");
+        let info = missing.get_details_resource_info().expect("resource info");
+        assert_eq!(
+            (info.resource_type.as_str(), info.resource_name.as_str()),
+            ("item", "item_id")
+        );
+    }
+
+    #[test]
+    fn an_item_error_becomes_the_status_of_its_single_call() {
+        let err = ServeError::invalid("image.encoded", "`image.encoded` is empty");
+        let single: Status = err.clone().into();
+        let item = item_status(
+            err.code(),
+            err.field().unwrap_or_default().to_string(),
+            err.public_message(),
+        );
+        assert_eq!(item.code(), single.code());
+        assert_eq!(item.message(), single.message());
+        assert_eq!(
+            format!("{:?}", item.get_details_bad_request()),
+            format!("{:?}", single.get_details_bad_request())
+        );
+        let plain = item_status(Code::DeadlineExceeded, String::new(), "late".into());
+        assert_eq!(
+            (plain.code(), plain.message()),
+            (Code::DeadlineExceeded, "late")
+        );
+        assert!(plain.get_details_bad_request().is_none());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "torch")]
 pub mod oip;
+pub mod propagation;
 #[cfg(feature = "torch")]
 pub mod repository;
 #[cfg(feature = "torch")]

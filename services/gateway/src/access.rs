@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
+use marquee_core::ServeError;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use crate::auth::Authenticator;
-use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::quota::{InFlight, Quotas};
 
@@ -204,9 +204,9 @@ where
 }
 
 /// The principal the access layer attached to this call.
-pub fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<crate::auth::Principal>, GatewayError> {
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<Arc<crate::auth::Principal>, ServeError> {
     req.extensions()
         .get::<Arc<crate::auth::Principal>>()
         .cloned()
-        .ok_or_else(|| GatewayError::Unauthenticated("no credentials".into()))
+        .ok_or_else(|| ServeError::Unauthenticated("no credentials".into()))
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use marquee_core::ServeError;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKey, AuthSettings, Tenant, validate_key};
-use crate::error::GatewayError;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,11 +29,11 @@ impl Principal {
     }
 
     /// `PERMISSION_DENIED` unless the principal holds `scope`.
-    pub fn require(&self, scope: &str) -> Result<(), GatewayError> {
+    pub fn require(&self, scope: &str) -> Result<(), ServeError> {
         if self.allows(scope) {
             Ok(())
         } else {
-            Err(GatewayError::PermissionDenied(format!(
+            Err(ServeError::PermissionDenied(format!(
                 "tenant `{}` lacks scope `{scope}` (has: {})",
                 self.tenant,
                 if self.scopes.is_empty() {
@@ -198,7 +198,7 @@ impl Authenticator {
 
     /// Resolves the request's credential: `x-api-key: KEY` or `authorization: Bearer TOKEN`
     /// (a JWT when it has three dot-separated parts, otherwise an API key).
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, GatewayError> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, ServeError> {
         let bearer = headers
             .get(http::header::AUTHORIZATION)
             .map(|v| {
@@ -210,7 +210,7 @@ impl Authenticator {
                     })
                     .map(str::trim)
                     .ok_or_else(|| {
-                        GatewayError::Unauthenticated(
+                        ServeError::Unauthenticated(
                             "`authorization` must be `Bearer <token>`".into(),
                         )
                     })
@@ -221,14 +221,14 @@ impl Authenticator {
             (Some(key), _) => self.api_key(key),
             (None, Some(token)) if token.split('.').count() == 3 => self.jwt(token),
             (None, Some(token)) => self.api_key(token.as_bytes()),
-            (None, None) => Err(GatewayError::Unauthenticated(
+            (None, None) => Err(ServeError::Unauthenticated(
                 "missing credentials: send `x-api-key: <key>` or `authorization: Bearer <token>`"
                     .into(),
             )),
         }
     }
 
-    fn api_key(&self, key: &[u8]) -> Result<Arc<Principal>, GatewayError> {
+    fn api_key(&self, key: &[u8]) -> Result<Arc<Principal>, ServeError> {
         let digest: [u8; 32] = Sha256::digest(key).into();
         // Compare against every key, always, so timing does not reveal which (if any) matched.
         let mut found = None;
@@ -237,11 +237,11 @@ impl Authenticator {
                 found = Some(principal.clone());
             }
         }
-        found.ok_or_else(|| GatewayError::Unauthenticated("invalid API key".into()))
+        found.ok_or_else(|| ServeError::Unauthenticated("invalid API key".into()))
     }
 
-    fn jwt(&self, token: &str) -> Result<Arc<Principal>, GatewayError> {
-        let bad = |m: String| GatewayError::Unauthenticated(format!("invalid JWT: {m}"));
+    fn jwt(&self, token: &str) -> Result<Arc<Principal>, ServeError> {
+        let bad = |m: String| ServeError::Unauthenticated(format!("invalid JWT: {m}"));
         // Bounded before any base64 or JSON parsing: a token is a header, not a payload.
         if token.len() > MAX_JWT_BYTES {
             return Err(bad(format!(
@@ -331,15 +331,15 @@ impl Authenticator {
     fn principal_from_claims(
         &self,
         claims: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Arc<Principal>, GatewayError> {
+    ) -> Result<Arc<Principal>, ServeError> {
         let claim = &self.jwt.tenant_claim;
         let tenant = claims.get(claim).and_then(|v| v.as_str()).ok_or_else(|| {
-            GatewayError::Unauthenticated(format!(
+            ServeError::Unauthenticated(format!(
                 "invalid JWT: claim `{claim}` (the tenant) is missing"
             ))
         })?;
         if !self.tenants.contains_key(tenant) {
-            return Err(GatewayError::PermissionDenied(format!(
+            return Err(ServeError::PermissionDenied(format!(
                 "tenant `{tenant}` is not configured on this gateway"
             )));
         }

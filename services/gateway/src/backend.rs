@@ -17,7 +17,6 @@ use arc_swap::ArcSwap;
 use marquee_core::ServeError;
 use marquee_proto::inference::RepositoryIndexRequest;
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use opentelemetry::propagation::Injector;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{
@@ -29,7 +28,6 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::retry::budget::{Budget, TpsBudget};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::{Backend as BackendConfig, ClientTls, RouteName, Routes};
 use crate::error::GatewayError;
@@ -126,6 +124,9 @@ pub struct BackendPool {
     budgets: [TpsBudget; 4],
     poison: PoisonMemory,
     metrics: GatewayMetrics,
+    /// The number of healthy replicas, sent when it changes: the routing table's per-model
+    /// health follows it.
+    healthy: tokio::sync::watch::Sender<usize>,
 }
 
 impl BackendPool {
@@ -148,6 +149,7 @@ impl BackendPool {
             budgets: RouteName::ALL.map(|r| retry_budget(routes.get(r).retry_budget_percent)),
             poison: PoisonMemory::default(),
             metrics,
+            healthy: tokio::sync::watch::Sender::new(0),
         });
         pool.update_gauges();
         Ok(pool)
@@ -165,11 +167,20 @@ impl BackendPool {
             .count()
     }
 
+    /// Follows [`healthy_count`](Self::healthy_count) as replicas are ejected, restored, added
+    /// or removed.
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.healthy.subscribe()
+    }
+
     fn update_gauges(&self) {
+        let healthy = self.healthy_count();
         self.metrics
             .endpoints_healthy
             .with_label_values(&[&self.name])
-            .set(self.healthy_count() as i64);
+            .set(healthy as i64);
+        self.healthy
+            .send_if_modified(|n| std::mem::replace(n, healthy) != healthy);
     }
 
     /// The less busy of two random healthy replicas not yet tried.
@@ -204,7 +215,7 @@ impl BackendPool {
         quotas: &Quotas,
         tenant: &str,
         deadline: Instant,
-    ) -> Result<Slot, GatewayError> {
+    ) -> Result<Slot, ServeError> {
         let (weight, max_queued) = quotas.share(tenant);
         match tokio::time::timeout_at(
             deadline.into(),
@@ -216,8 +227,7 @@ impl BackendPool {
             Err(_) => Err(ServeError::DeadlineExceeded(format!(
                 "deadline expired while backend `{}` was saturated; the call was not sent",
                 self.name
-            ))
-            .into()),
+            ))),
         }
     }
 
@@ -279,22 +289,24 @@ impl BackendPool {
             && let Some(age) = self.poison.remembered(fingerprint(bytes))
         {
             self.count_poison("refused");
-            return Err(GatewayError::Poisoned(format!(
+            return Err(ServeError::Aborted(format!(
                 "refused without sending it: the same request took down {POISON_REPLICAS} replicas of backend `{}` {} s ago (possible poison request)",
                 self.name,
                 age.as_secs()
-            )));
+            ))
+            .into());
         }
         let mut tried: Vec<String> = Vec::new();
         let mut died_under_it = 0;
         loop {
             let Some(ep) = self.pick(&tried) else {
                 let total = self.endpoints.load().len();
-                return Err(GatewayError::Unavailable(format!(
+                return Err(ServeError::unavailable(format!(
                     "backend `{}` has no healthy replica ({total} known, {} tried for this call)",
                     self.name,
                     tried.len()
-                )));
+                ))
+                .into());
             };
             let now = Instant::now();
             if now >= deadline {
@@ -336,11 +348,12 @@ impl BackendPool {
                             self.poison.remember(fingerprint(bytes));
                         }
                         tracing::error!(backend = %self.name, method, replicas = died_under_it, "not retrying a request whose replicas failed mid-call (possible poison request)");
-                        return Err(GatewayError::Poisoned(format!(
+                        return Err(ServeError::Aborted(format!(
                             "not retried further: the {died_under_it} replicas of backend `{}` it reached failed mid-call (possible poison request); the last one said: {}",
                             self.name,
                             s.message()
-                        )));
+                        ))
+                        .into());
                     }
                     // A write lost mid-call may have been applied (and fsync'd): sending it again
                     // could apply it twice, so only idempotent calls are retried here.
@@ -550,28 +563,12 @@ impl PoisonMemory {
     }
 }
 
-struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
 /// A backend request carrying the remaining deadline and the current trace context (W3C
 /// `traceparent`), so the backend's spans join the caller's trace.
 pub fn outgoing<T>(message: T, remaining: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(remaining);
-    let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
-    });
+    marquee_core::propagation::inject(req.metadata_mut());
     req
 }
 

@@ -31,7 +31,6 @@ use marquee_proto::vision::{ClassifyBatchRequest, ClassifyRequest, ImageInput, L
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use tokio::sync::oneshot;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -57,7 +56,7 @@ pub const MAX_BATCHED_RANK: usize = 8;
 pub const MAX_BATCHED_TOP_K: u32 = 100;
 
 /// Refuses a name that is too long or holds anything but visible ASCII (`field` names it).
-pub fn check_name(field: &str, value: &str) -> Result<(), GatewayError> {
+pub fn check_name(field: &str, value: &str) -> Result<(), ServeError> {
     if value.len() > MAX_NAME_BYTES {
         return Err(ServeError::invalid(
             field,
@@ -65,15 +64,13 @@ pub fn check_name(field: &str, value: &str) -> Result<(), GatewayError> {
                 "`{field}` is {} bytes; at most {MAX_NAME_BYTES} are allowed",
                 value.len()
             ),
-        )
-        .into());
+        ));
     }
     if let Some(c) = value.chars().find(|c| !c.is_ascii_graphic()) {
         return Err(ServeError::invalid(
             field,
             format!("`{field}` holds {c:?}; names are visible ASCII characters without spaces"),
-        )
-        .into());
+        ));
     }
     Ok(())
 }
@@ -177,7 +174,7 @@ impl<D: Dispatch> Coalescer<D> {
         }
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(GatewayError::Unavailable("batch was dropped".into())),
+            Ok(Err(_)) => Err(ServeError::unavailable("batch was dropped").into()),
             Err(_) => Err(ServeError::DeadlineExceeded(format!(
                 "deadline expired waiting for model `{}` through the gateway",
                 self.what
@@ -323,9 +320,7 @@ impl<K: Hash + Eq + Clone, D: Dispatch> Coalescers<K, D> {
                 .await
                 .pop()
                 .unwrap_or_else(|| {
-                    Err(GatewayError::Unavailable(
-                        "backend call returned no result".into(),
-                    ))
+                    Err(ServeError::unavailable("backend call returned no result").into())
                 }),
         }
     }
@@ -466,9 +461,7 @@ impl Dispatch for ClassifyDispatch {
                 if resp.items.len() != n {
                     return (0..n)
                         .map(|_| {
-                            Err(GatewayError::Unavailable(
-                                "backend returned a short batch".into(),
-                            ))
+                            Err(ServeError::unavailable("backend returned a short batch").into())
                         })
                         .collect();
                 }
@@ -479,9 +472,9 @@ impl Dispatch for ClassifyDispatch {
                             Ok((c.labels, resp.model_version.clone()))
                         }
                         Some(ItemResult::Error(e)) => Err(GatewayError::Backend(item_status(e))),
-                        None => Err(GatewayError::Unavailable(
-                            "backend returned an empty item".into(),
-                        )),
+                        None => {
+                            Err(ServeError::unavailable("backend returned an empty item").into())
+                        }
                     })
                     .collect()
             }
@@ -491,15 +484,12 @@ impl Dispatch for ClassifyDispatch {
     }
 }
 
+/// A call-level failure, for each of `n` callers: made into a status once (an internal error
+/// is logged once, under one reference), then passed to each as is.
 fn fan_out<T>(e: GatewayError, n: usize) -> Vec<Result<T, GatewayError>> {
     let status: Status = e.into();
     (0..n)
-        .map(|_| {
-            Err(GatewayError::Backend(Status::new(
-                status.code(),
-                status.message().to_string(),
-            )))
-        })
+        .map(|_| Err(GatewayError::Backend(status.clone())))
         .collect()
 }
 
@@ -512,16 +502,7 @@ fn item_status(e: marquee_proto::common::ItemError) -> Status {
         _ => e.field.clone(),
     };
     let message = e.message.replace(&e.field, &field);
-    let code = Code::from_i32(e.code);
-    if field.is_empty() {
-        Status::new(code, message)
-    } else {
-        Status::with_error_details(
-            code,
-            message.clone(),
-            ErrorDetails::with_bad_request_violation(field, message),
-        )
-    }
+    marquee_core::error::item_status(Code::from_i32(e.code), field, message)
 }
 
 // === impl InferDispatch ===
@@ -856,6 +837,7 @@ mod tests {
     use marquee_proto::inference::model_infer_request::{
         InferInputTensor, InferRequestedOutputTensor,
     };
+    use tonic_types::StatusExt;
 
     fn req(id: &str, rows: i64, fill: u8) -> ModelInferRequest {
         ModelInferRequest {

@@ -296,6 +296,17 @@ impl RouteName {
         }
     }
 
+    /// The kind of backend the route's calls go to; `None` for the Open Inference Protocol,
+    /// which any backend serves (the model decides).
+    pub fn kind(self) -> Option<BackendKind> {
+        match self {
+            Self::Vision => Some(BackendKind::Vision),
+            Self::Inference => None,
+            Self::Language => Some(BackendKind::Language),
+            Self::Recommendation => Some(BackendKind::Recommendation),
+        }
+    }
+
     /// The route's key under `routes`, also its metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,34 +1,20 @@
-//! The gateway's error type and its one conversion into `tonic::Status`.
-
-use std::time::Duration;
+//! The gateway's error type. Every status it becomes is made by core's one conversion
+//! (`impl From<ServeError> for Status`), or is a backend's own status passed on.
 
 use marquee_core::ServeError;
 use tonic::{Code, Status};
 
-/// Everything the gateway itself can refuse or fail with. Backend answers pass through as
-/// [`GatewayError::Backend`], unchanged, except an `INTERNAL` whose message is not a bare
-/// reference (an older backend, or an internal status raised by a library): its detail is
-/// logged under a reference of the gateway's own, never passed to the caller.
+/// What a gateway call can fail with: its own refusal or failure (auth, quotas, routing,
+/// deadlines, replicas), in core's vocabulary, or a backend's answer.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{message}")]
-    Quota {
-        message: String,
-        retry_after: Duration,
-    },
-    #[error("{0}")]
     Serve(#[from] ServeError),
-    #[error("{0}")]
-    Unavailable(String),
-    /// A request that was in flight on replicas that died under it (a possible poison
-    /// request): `ABORTED`, not `UNAVAILABLE`, so that clients and proxies whose retry policy
-    /// covers `UNAVAILABLE` don't send it again to the next replica.
-    #[error("{0}")]
-    Poisoned(String),
+    /// A status made by a backend (by its own single conversion), or made here once for every
+    /// caller of a failed batch, passed on unchanged. The exception is an `INTERNAL` whose
+    /// message is not a bare reference (an older backend, or an internal status raised by a
+    /// library): its detail is logged under a reference of the gateway's own, never passed to
+    /// the caller.
     #[error("backend answered {}: {}", .0.code(), .0.message())]
     Backend(Status),
 }
@@ -36,24 +22,12 @@ pub enum GatewayError {
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
         match e {
-            GatewayError::Unauthenticated(m) => Status::unauthenticated(m),
-            GatewayError::PermissionDenied(m) => Status::permission_denied(m),
-            GatewayError::Quota {
-                message,
-                retry_after,
-            } => ServeError::Overloaded {
-                message,
-                retry_after,
-            }
-            .into(),
             GatewayError::Serve(s) => s.into(),
-            GatewayError::Unavailable(m) => Status::unavailable(m),
-            GatewayError::Poisoned(m) => Status::aborted(m),
             GatewayError::Backend(s)
                 if s.code() == Code::Internal
                     && !marquee_core::error::is_internal_reference(s.message()) =>
             {
-                marquee_core::error::internal_status(&format!("backend answered: {}", s.message()))
+                ServeError::Internal(format!("backend answered: {}", s.message())).into()
             }
             GatewayError::Backend(s) => s,
         }
@@ -64,12 +38,7 @@ impl GatewayError {
     /// The gRPC code of the status this error becomes.
     pub fn code(&self) -> Code {
         match self {
-            Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::Quota { .. } => Code::ResourceExhausted,
             Self::Serve(s) => s.code(),
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::Poisoned(_) => Code::Aborted,
             Self::Backend(s) => s.code(),
         }
     }
@@ -85,7 +54,7 @@ mod tests {
         let status: Status = GatewayError::Backend(leaked).into();
         assert_eq!(status.code(), Code::Internal);
         assert!(marquee_core::error::is_internal_reference(status.message()));
-        let referenced = marquee_core::error::internal_status("detail");
+        let referenced: Status = ServeError::Internal("detail".into()).into();
         let passed: Status = GatewayError::Backend(referenced.clone()).into();
         assert_eq!(
             passed.message(),

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use marquee_core::ServeError;
 use tokio::sync::oneshot;
 
 use crate::config::Tenant;
-use crate::error::GatewayError;
 
 struct TenantState {
     cfg: Tenant,
@@ -55,9 +55,9 @@ impl Quotas {
     }
 
     /// Admits one call of `tenant` or refuses it with `RESOURCE_EXHAUSTED` and `RetryInfo`.
-    pub fn admit(&self, tenant: &str) -> Result<InFlight, GatewayError> {
+    pub fn admit(&self, tenant: &str) -> Result<InFlight, ServeError> {
         let state = self.tenants.get(tenant).ok_or_else(|| {
-            GatewayError::PermissionDenied(format!(
+            ServeError::PermissionDenied(format!(
                 "tenant `{tenant}` is not configured on this gateway"
             ))
         })?;
@@ -69,7 +69,7 @@ impl Quotas {
             b.1 = now;
             if b.0 < 1.0 {
                 let wait = Duration::from_secs_f64((1.0 - b.0) / cfg.rate_per_s);
-                return Err(GatewayError::Quota {
+                return Err(ServeError::Overloaded {
                     message: format!(
                         "tenant `{tenant}` is over its rate of {} calls/s (burst {}); retry in {} ms",
                         cfg.rate_per_s,
@@ -86,7 +86,7 @@ impl Quotas {
             state: state.clone(),
         };
         if cfg.max_in_flight > 0 && now > cfg.max_in_flight {
-            return Err(GatewayError::Quota {
+            return Err(ServeError::Overloaded {
                 message: format!(
                     "tenant `{tenant}` has {} calls in flight; its limit (`tenants.{tenant}.max_in_flight`) is {}",
                     now - 1,
@@ -202,7 +202,7 @@ impl FairQueue {
         tenant: &str,
         weight: u32,
         max_queued: usize,
-    ) -> Result<Slot, GatewayError> {
+    ) -> Result<Slot, ServeError> {
         let rx = {
             let mut st = self.lock();
             if st.in_use < st.capacity && st.ring.is_empty() {
@@ -220,7 +220,7 @@ impl FairQueue {
                     waiters: VecDeque::new(),
                 });
             if q.waiters.len() >= max_queued {
-                return Err(GatewayError::Quota {
+                return Err(ServeError::Overloaded {
                     message: format!(
                         "backend is saturated and tenant `{tenant}` already has {} calls waiting (`tenants.{tenant}.max_queued`)",
                         q.waiters.len()
@@ -247,7 +247,7 @@ impl FairQueue {
                     queue: self.clone(),
                 })
             }
-            Err(_) => Err(GatewayError::Unavailable("backend queue closed".into())),
+            Err(_) => Err(ServeError::unavailable("backend queue closed")),
         }
     }
 
@@ -317,7 +317,7 @@ mod tests {
         let _a = q.admit("a").unwrap();
         let _b = q.admit("a").unwrap();
         match q.admit("a") {
-            Err(GatewayError::Quota {
+            Err(ServeError::Overloaded {
                 message,
                 retry_after,
             }) => {
@@ -333,7 +333,7 @@ mod tests {
         assert!(q.admit("a").is_ok(), "a token refilled");
         assert!(matches!(
             q.admit("nobody"),
-            Err(GatewayError::PermissionDenied(_))
+            Err(ServeError::PermissionDenied(_))
         ));
     }
 
@@ -349,7 +349,7 @@ mod tests {
         );
         let q = Quotas::new(&t);
         let first = q.admit("a").unwrap();
-        assert!(matches!(q.admit("a"), Err(GatewayError::Quota { .. })));
+        assert!(matches!(q.admit("a"), Err(ServeError::Overloaded { .. })));
         drop(first);
         assert!(q.admit("a").is_ok());
     }
@@ -399,7 +399,7 @@ mod tests {
         }
         assert!(matches!(
             fq.acquire("a", 1, 1).await,
-            Err(GatewayError::Quota { .. })
+            Err(ServeError::Overloaded { .. })
         ));
     }
 }

@@ -1,7 +1,8 @@
 //! The APIs the gateway serves: `marquee.vision.v1.ImageService`, the Open Inference Protocol,
 //! `marquee.language.v1.TextGeneration` (streams passed through message by message) and
 //! `marquee.recommendation.v1.Recommender`, routed by model name (or, where a request names
-//! none, by API) to the backend that serves it.
+//! none, by API) to the backend that serves it. Every call is admitted the same way
+//! ([`crate::admission`]) before it is sent.
 
 use std::sync::Arc;
 
@@ -30,14 +31,15 @@ use tonic::service::Routes;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::Gateway;
 use crate::access::principal;
+use crate::admission::Admission;
 use crate::backend::outgoing;
 use crate::batch::{
     ClassifyDispatch, InferDispatch, InferKey, InferPlan, MAX_BATCHED_TOP_K, check_name, send_infer,
 };
-use crate::config::BackendKind;
+use crate::config::RouteName;
 use crate::error::GatewayError;
-use crate::{Gateway, check_size, deadline};
 
 /// Backend responses can be as large as a request is allowed to be.
 const MAX_BACKEND_MESSAGE: usize = 64 << 20;
@@ -69,19 +71,9 @@ impl VisionRoute {
         &self,
         req: Request<ClassifyRequest>,
     ) -> Result<ClassifyResponse, GatewayError> {
+        let (call, req) =
+            Admission::admit(&self.gw, RouteName::Vision, req, |r| r.model.as_str()).await?;
         let route = &self.gw.settings.routes.vision;
-        let who = principal(&req)?;
-        who.require(BackendKind::Vision.scope())?;
-        let deadline = deadline(req.metadata(), route);
-        let req = req.into_inner();
-        check_size("vision", route, req.encoded_len())?;
-        let backend = self
-            .gw
-            .backend_for(&req.model, Some(BackendKind::Vision))
-            .await?;
-        let _slot = backend
-            .admit(&self.gw.quotas, &who.tenant, deadline)
-            .await?;
         // A `top_k` past what any model here has classes for goes alone: the backend judges
         // it, and made-up values never become batch keys.
         if route.batching && (1..=MAX_BATCHED_TOP_K).contains(&req.top_k) {
@@ -92,10 +84,10 @@ impl VisionRoute {
                 .call(
                     (model.clone(), top_k),
                     &req.model,
-                    &backend,
+                    &call.backend,
                     || ClassifyDispatch { model, top_k },
                     req.image.unwrap_or_default(),
-                    deadline,
+                    call.deadline,
                 )
                 .await?;
             return Ok(ClassifyResponse {
@@ -104,18 +96,13 @@ impl VisionRoute {
                 labels,
             });
         }
-        backend
-            .call_remembering(
-                "marquee.vision.v1.ImageService/Classify",
-                deadline,
-                &req,
-                |ch, t| {
-                    let req = req.clone();
-                    async move { vision_client(ch).classify(outgoing(req, t)).await }
-                },
-            )
-            .await
-            .map(Response::into_inner)
+        call.unary(
+            "marquee.vision.v1.ImageService/Classify",
+            &req,
+            |ch, r| async move { vision_client(ch).classify(r).await },
+        )
+        .await
+        .map(Response::into_inner)
     }
 }
 
@@ -132,35 +119,25 @@ impl ImageService for VisionRoute {
         &self,
         req: Request<ClassifyBatchRequest>,
     ) -> Result<Response<ClassifyBatchResponse>, Status> {
-        let route = &self.gw.settings.routes.vision;
+        let (call, req) =
+            Admission::admit(&self.gw, RouteName::Vision, req, |r| r.model.as_str()).await?;
         let method = "marquee.vision.v1.ImageService/ClassifyBatch";
-        routed(
-            &self.gw,
-            "vision",
-            route,
-            Some(BackendKind::Vision),
-            req,
-            |r| r.model.clone(),
-            method,
-            |ch, r| async move { vision_client(ch).classify_batch(r).await },
-        )
-        .await
+        Ok(call
+            .unary(method, &req, |ch, r| async move {
+                vision_client(ch).classify_batch(r).await
+            })
+            .await?)
     }
 
     async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        let route = &self.gw.settings.routes.vision;
+        let (call, req) =
+            Admission::admit(&self.gw, RouteName::Vision, req, |r| r.model.as_str()).await?;
         let method = "marquee.vision.v1.ImageService/Embed";
-        routed(
-            &self.gw,
-            "vision",
-            route,
-            Some(BackendKind::Vision),
-            req,
-            |r| r.model.clone(),
-            method,
-            |ch, r| async move { vision_client(ch).embed(r).await },
-        )
-        .await
+        Ok(call
+            .unary(method, &req, |ch, r| async move {
+                vision_client(ch).embed(r).await
+            })
+            .await?)
     }
 }
 
@@ -170,43 +147,6 @@ fn vision_client(ch: Channel) -> ImageServiceClient<Channel> {
 
 fn oip_client(ch: Channel) -> GrpcInferenceServiceClient<Channel> {
     GrpcInferenceServiceClient::new(ch).max_decoding_message_size(MAX_BACKEND_MESSAGE)
-}
-
-/// The common path of a routed unary call: the caller's principal and deadline, the route's
-/// size limit, the model's backend (of `kind`, if given) and the scope it needs, a fair slot,
-/// then the call with retries and the remaining deadline.
-#[allow(clippy::too_many_arguments)]
-async fn routed<Req, Resp, F, Fut>(
-    gw: &Gateway,
-    route_name: &str,
-    route: &crate::config::Route,
-    kind: Option<BackendKind>,
-    req: Request<Req>,
-    model: impl Fn(&Req) -> String,
-    method: &'static str,
-    call: F,
-) -> Result<Response<Resp>, Status>
-where
-    Req: Message + Clone,
-    F: Fn(Channel, Request<Req>) -> Fut,
-    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
-{
-    let who = principal(&req)?;
-    if let Some(k) = kind {
-        who.require(k.scope())?;
-    }
-    let deadline = deadline(req.metadata(), route);
-    let req = req.into_inner();
-    check_size(route_name, route, req.encoded_len())?;
-    let backend = gw.backend_for(&model(&req), kind).await?;
-    who.require(backend.cfg.kind.scope())?;
-    let _slot = backend.admit(&gw.quotas, &who.tenant, deadline).await?;
-    let resp = backend
-        .call_remembering(method, deadline, &req, |ch, t| {
-            call(ch, outgoing(req.clone(), t))
-        })
-        .await?;
-    Ok(resp)
 }
 
 // === impl InferenceRoute ===
@@ -220,7 +160,7 @@ impl InferenceRoute {
     async fn forward<Req, Resp, F, Fut>(
         &self,
         req: Request<Req>,
-        model: impl Fn(&Req) -> String,
+        model: fn(&Req) -> &str,
         method: &'static str,
         call: F,
     ) -> Result<Response<Resp>, Status>
@@ -229,18 +169,10 @@ impl InferenceRoute {
         F: Fn(GrpcInferenceServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
     {
-        let route = &self.gw.settings.routes.inference;
-        routed(
-            &self.gw,
-            "inference",
-            route,
-            None,
-            req,
-            model,
-            method,
-            |ch, r| call(oip_client(ch), r),
-        )
-        .await
+        let (admitted, req) = Admission::admit(&self.gw, RouteName::Inference, req, model).await?;
+        Ok(admitted
+            .unary(method, &req, |ch, r| call(oip_client(ch), r))
+            .await?)
     }
 }
 
@@ -258,7 +190,7 @@ impl GrpcInferenceService for InferenceRoute {
         _: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse {
-            ready: self.gw.is_ready(),
+            ready: self.gw.routing.is_ready(),
         }))
     }
 
@@ -266,12 +198,12 @@ impl GrpcInferenceService for InferenceRoute {
         &self,
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let known = self.gw.backend_for(&req.get_ref().name, None).await;
+        let known = self.gw.routing.backend_for(&req.get_ref().name, None).await;
         match known {
             Ok(_) => {
                 self.forward(
                     req,
-                    |r| r.name.clone(),
+                    |r| r.name.as_str(),
                     "inference.GRPCInferenceService/ModelReady",
                     |mut c, r| async move { c.model_ready(r).await },
                 )
@@ -299,7 +231,7 @@ impl GrpcInferenceService for InferenceRoute {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         self.forward(
             req,
-            |r| r.name.clone(),
+            |r| r.name.as_str(),
             "inference.GRPCInferenceService/ModelMetadata",
             |mut c, r| async move { c.model_metadata(r).await },
         )
@@ -315,35 +247,30 @@ impl GrpcInferenceService for InferenceRoute {
             return self
                 .forward(
                     req,
-                    |r| r.model_name.clone(),
+                    |r| r.model_name.as_str(),
                     "inference.GRPCInferenceService/ModelInfer",
                     |mut c, r| async move { c.model_infer(r).await },
                 )
                 .await;
         }
-        let who = principal(&req)?;
-        let deadline = deadline(req.metadata(), route);
-        let req = req.into_inner();
-        check_size("inference", route, req.encoded_len())?;
+        let (call, req) = Admission::begin(&self.gw, RouteName::Inference, req)?;
         check_name("model_name", &req.model_name)?;
-        let backend = self.gw.backend_for(&req.model_name, None).await?;
-        who.require(backend.cfg.kind.scope())?;
+        let call = call.route(&req.model_name).await?;
         // Checked before a fair slot is taken: a request whose payload does not match its
         // shape is refused alone and never joins a batch.
-        let served = self.gw.served_version(&req.model_name);
+        let served = self.gw.routing.served_version(&req.model_name);
         let plan = InferKey::plan(req, route, served.as_deref())?;
-        let _slot = backend
-            .admit(&self.gw.quotas, &who.tenant, deadline)
-            .await?;
+        let call = call.slot().await?;
+        let (backend, deadline) = (&call.backend, call.deadline);
         let resp = match plan {
             InferPlan::Batch(key, item) => {
                 let model = key.model.clone();
                 self.gw
                     .infer_batches
-                    .call(key, &model, &backend, || InferDispatch, item, deadline)
+                    .call(key, &model, backend, || InferDispatch, item, deadline)
                     .await?
             }
-            InferPlan::Alone(req) => send_infer(&backend, req, deadline).await?,
+            InferPlan::Alone(req) => send_infer(backend, req, deadline).await?,
         };
         Ok(Response::new(resp))
     }
@@ -355,24 +282,18 @@ impl GrpcInferenceService for InferenceRoute {
         principal(&req)?;
         let models = self
             .gw
+            .routing
             .models()
             .into_iter()
-            .map(|(name, backend)| {
-                let ready = self
-                    .gw
-                    .backends
-                    .get(&backend)
-                    .is_some_and(|b| b.healthy_count() > 0);
-                repository_index_response::ModelIndex {
-                    name,
-                    version: String::new(),
-                    state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
-                    reason: if ready {
-                        String::new()
-                    } else {
-                        format!("backend `{backend}` has no healthy replica")
-                    },
-                }
+            .map(|m| repository_index_response::ModelIndex {
+                name: m.model,
+                version: String::new(),
+                state: if m.ready { "READY" } else { "UNAVAILABLE" }.into(),
+                reason: if m.ready {
+                    String::new()
+                } else {
+                    format!("backend `{}` has no healthy replica", m.backend)
+                },
             })
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
@@ -398,17 +319,14 @@ impl TextGeneration for LanguageRoute {
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        routed(
-            &self.gw,
-            "language",
-            &self.gw.settings.routes.language,
-            Some(BackendKind::Language),
-            req,
-            |r| r.model.clone(),
-            "marquee.language.v1.TextGeneration/Generate",
-            |ch, r| async move { language_client(ch).generate(r).await },
-        )
-        .await
+        let (call, req) =
+            Admission::admit(&self.gw, RouteName::Language, req, |r| r.model.as_str()).await?;
+        let method = "marquee.language.v1.TextGeneration/Generate";
+        Ok(call
+            .unary(method, &req, |ch, r| async move {
+                language_client(ch).generate(r).await
+            })
+            .await?)
     }
 
     type GenerateStreamStream = StreamBox<GenerateStreamResponse>;
@@ -420,23 +338,13 @@ impl TextGeneration for LanguageRoute {
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let route = &self.gw.settings.routes.language;
-        let who = principal(&req)?;
-        who.require(BackendKind::Language.scope())?;
-        let deadline = deadline(req.metadata(), route);
-        let req = req.into_inner();
-        check_size("language", route, req.encoded_len())?;
-        let backend = self
-            .gw
-            .backend_for(&req.model, Some(BackendKind::Language))
-            .await?;
-        let slot = backend
-            .admit(&self.gw.quotas, &who.tenant, deadline)
-            .await?;
-        let upstream = backend
+        let (call, req) =
+            Admission::admit(&self.gw, RouteName::Language, req, |r| r.model.as_str()).await?;
+        let upstream = call
+            .backend
             .call(
                 "marquee.language.v1.TextGeneration/GenerateStream",
-                deadline,
+                call.deadline,
                 |ch, t| {
                     let r = outgoing(req.clone(), t);
                     async move { language_client(ch).generate_stream(r).await }
@@ -445,7 +353,7 @@ impl TextGeneration for LanguageRoute {
             .await?
             .into_inner();
         let stream = futures::StreamExt::map(upstream, move |m| {
-            let _held = &slot;
+            let _held = &call.slot;
             m
         });
         Ok(Response::new(Box::pin(stream)))
@@ -455,17 +363,14 @@ impl TextGeneration for LanguageRoute {
         &self,
         req: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
-        routed(
-            &self.gw,
-            "language",
-            &self.gw.settings.routes.language,
-            Some(BackendKind::Language),
-            req,
-            |r| r.model.clone(),
-            "marquee.language.v1.TextGeneration/Tokenize",
-            |ch, r| async move { language_client(ch).tokenize(r).await },
-        )
-        .await
+        let (call, req) =
+            Admission::admit(&self.gw, RouteName::Language, req, |r| r.model.as_str()).await?;
+        let method = "marquee.language.v1.TextGeneration/Tokenize";
+        Ok(call
+            .unary(method, &req, |ch, r| async move {
+                language_client(ch).tokenize(r).await
+            })
+            .await?)
     }
 }
 
@@ -482,20 +387,18 @@ fn recommender_client(ch: Channel) -> RecommenderClient<Channel> {
 /// Scope of the recommendation calls that change state (feedback, forgetting a user).
 const RECOMMENDATION_WRITE: &str = "recommendation:write";
 
+/// The recommender serves one model per backend; its requests name none.
 macro_rules! recommend_call {
-    ($self:ident, $req:ident, $method:literal, $rpc:ident) => {
-        routed(
-            &$self.gw,
-            "recommendation",
-            &$self.gw.settings.routes.recommendation,
-            Some(BackendKind::Recommendation),
-            $req,
-            |_| String::new(),
-            concat!("marquee.recommendation.v1.Recommender/", $method),
-            |ch, r| async move { recommender_client(ch).$rpc(r).await },
-        )
-        .await
-    };
+    ($self:ident, $req:ident, $method:literal, $rpc:ident) => {{
+        let (call, req) =
+            Admission::admit(&$self.gw, RouteName::Recommendation, $req, |_| "").await?;
+        let method = concat!("marquee.recommendation.v1.Recommender/", $method);
+        Ok(call
+            .unary(method, &req, |ch, r| async move {
+                recommender_client(ch).$rpc(r).await
+            })
+            .await?)
+    }};
 }
 
 #[tonic::async_trait]

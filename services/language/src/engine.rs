@@ -320,7 +320,7 @@ impl Engine {
             reply,
         }))?;
         rx.await
-            .map_err(|_| ServeError::Unavailable("the language engine stopped".into()))?
+            .map_err(|_| ServeError::unavailable("the language engine stopped"))?
     }
 
     fn push(&self, work: Work) -> Result<(), ServeError> {
@@ -330,8 +330,8 @@ impl Engine {
             .lock()
             .map_err(|_| ServeError::Internal("engine queue poisoned".into()))?;
         if q.closed {
-            return Err(ServeError::Unavailable(
-                "the language engine is shutting down".into(),
+            return Err(ServeError::unavailable(
+                "the language engine is shutting down",
             ));
         }
         let full = match &work {

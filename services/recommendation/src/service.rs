@@ -99,7 +99,7 @@ impl From<RecError> for Status {
             }
             .into(),
             RecError::Engine(EngineError::Stopped) => {
-                ServeError::Unavailable("the recommender is shutting down".into()).into()
+                ServeError::unavailable("the recommender is shutting down").into()
             }
             RecError::Engine(EngineError::Model(m)) => ServeError::Internal(m).into(),
             RecError::Serve(e) => e.into(),
@@ -107,7 +107,7 @@ impl From<RecError> for Status {
                 // A full or failing disk is the operator's to fix and the caller's to retry:
                 // UNAVAILABLE, and nothing was acknowledged that a restart would not replay.
                 tracing::warn!(error = %e, "feedback log refused a write");
-                ServeError::Unavailable(e.to_string()).into()
+                ServeError::unavailable(e.to_string()).into()
             }
             RecError::Log(m) => ServeError::Internal(format!("feedback log: {m}")).into(),
         }

@@ -176,7 +176,7 @@ impl Vision {
                         "the deadline passed before `{field}` was decoded"
                     )),
                     // Only seen by a caller that is gone; said plainly for the logs.
-                    DecodeError::Cancelled => ServeError::Unavailable(format!(
+                    DecodeError::Cancelled => ServeError::unavailable(format!(
                         "the call ended before `{field}` was decoded"
                     )),
                     DecodeError::Panicked(detail) => {
