@@ -68,7 +68,7 @@ SH_COMMANDS = frozenset(
         "export",
         "cut",
         "head",
-        "jq",
+        "grep",
     }
 )
 
