@@ -6,11 +6,11 @@ VENV := $(CACHE)/venv
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export MARQUEE_MODEL_REPO := $(CURDIR)/model-repository
 
-.PHONY: help setup build build-release models run test test-rust test-python test-clients test-deploy bench lint fmt clean
+.PHONY: help setup build build-release models run test test-rust test-python test-clients test-deploy test-docs bench lint fmt clean
 
 help:
 	@echo "make run    set up, build, start the vision service locally, print how to call it"
-	@echo "make test   set up, build, run every test (Rust unit + end-to-end, Python clients)"
+	@echo "make test   set up, build, run every test (Rust unit + end-to-end, Python clients, docs examples)"
 	@echo "make bench  benchmarks; figures go to bench/RESULTS.md"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
 
@@ -34,6 +34,7 @@ test: setup
 	$(MAKE) --no-print-directory test-clients
 	$(MAKE) --no-print-directory test-deploy
 	$(MAKE) --no-print-directory test-python
+	$(MAKE) --no-print-directory test-docs
 
 # The Helm chart, dashboards, alert rules and tracing (tests/deploy): offline, real tools
 # (helm-python-sdk, kubernetes-validate, promtool), and the real services with the chart's configs.
@@ -58,6 +59,11 @@ $(NODE_DEPS): clients/node/package-lock.json
 
 test-clients: $(PY_CLIENT_STAMP) $(NODE_DEPS)
 	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q clients
+
+# The runnable examples of README.md and docs/*.md (tests/docs): grpcurl, the `marquee` CLI,
+# Python and Node, run against the real services so a stale example fails.
+test-docs: $(PY_CLIENT_STAMP) $(NODE_DEPS)
+	MARQUEE_BIN_DIR=$(CURDIR)/target/debug $(VENV)/bin/python -m pytest -q tests/docs
 
 bench: build-release
 	MARQUEE_BENCH_PYTHON=$(VENV)/bin/python target/release/marquee-bench all --repo $(MARQUEE_MODEL_REPO) --out bench/RESULTS.md

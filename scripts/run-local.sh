@@ -216,9 +216,9 @@ ${bold}API key for this run${plain} (tenant \`local\`, scope admin):  export MAR
 ${bold}The CLI${plain}:
   MARQUEE_API_KEY=$api_key $bin_dir/marquee --endpoint http://$gw classify $photo
 
-${bold}Classify a photo through the gateway${plain} (grpcurl; bytes fields are base64 in its JSON):
-  grpcurl -plaintext -H "x-api-key: $api_key" -d '{"model":"efficientnet_lite0","top_k":3,"image":{"encoded":"'\$(base64 -w0 $photo)'"}}' \\
-    $gw marquee.vision.v1.ImageService/Classify
+${bold}Classify a photo through the gateway${plain} (grpcurl; bytes fields are base64 in its JSON, on stdin: too long for an argument):
+  printf '{"model":"efficientnet_lite0","top_k":3,"image":{"encoded":"%s"}}' "\$(base64 -w0 $photo)" |
+    grpcurl -plaintext -H "x-api-key: $api_key" -d @ $gw marquee.vision.v1.ImageService/Classify
 
 ${bold}Generate text, streamed token by token${plain}:
   grpcurl -plaintext -H "x-api-key: $api_key" -d '{"prompt":"This dress is","parameters":{"max_new_tokens":48,"temperature":0.8,"top_k":40,"stop":["\\n"]}}' \\
@@ -247,7 +247,7 @@ ${bold}Metrics and probes${plain}:
 
 ${bold}Python${plain} (Open Inference Protocol via tritonclient, installed in the venv):
   $py -c "import tritonclient.grpc as t; print(t.InferenceServerClient('$g').get_model_metadata('efficientnet_lite0'))"
-  A full client that classifies coffee.png is in README.md ("Python client").
+  A full client that classifies coffee.png is in docs/CLIENTS.md ("Python with tritonclient").
 
 EOF
 }
