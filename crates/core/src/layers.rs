@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Frame;
-use opentelemetry::propagation::Extractor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::body::Body;
@@ -204,17 +203,6 @@ pub struct GrpcTrace<S> {
     metrics: Metrics,
 }
 
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
 impl<S, B> Service<Request<Body>> for GrpcTrace<S>
 where
     S: Service<Request<Body>, Response = Response<B>> + Send,
@@ -234,9 +222,7 @@ where
         // Only known methods name a label or a span: a client picks the path freely (any
         // length), and every distinct label value is a new series kept for ever.
         let method = methods::label(req.uri().path());
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        });
+        let parent = crate::propagation::extract(req.headers());
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %method.trim_start_matches('/'),

@@ -11,7 +11,6 @@ use marquee_proto::common::ItemError;
 use marquee_proto::recommendation as pb;
 use marquee_proto::recommendation::recommender_server::Recommender as RecommenderApi;
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use tracing::Instrument;
 
 use marquee_core::repository::{Repository, Served};
@@ -88,11 +87,12 @@ impl From<RecError> for Status {
             RecError::Invalid { field, message } => {
                 ServeError::InvalidArgument { field, message }.into()
             }
-            RecError::NotFound { field, message } => Status::with_error_details(
-                Code::NotFound,
-                message.clone(),
-                ErrorDetails::with_resource_info("item", field, "", message),
-            ),
+            RecError::NotFound { field, message } => ServeError::NotFound {
+                resource: "item".into(),
+                field,
+                message,
+            }
+            .into(),
             RecError::Engine(EngineError::Overloaded(n)) => ServeError::Overloaded {
                 message: format!("the recommendation queue is full ({n} waiting); retry later"),
                 retry_after: Duration::from_millis(50),
