@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use marquee_e2e::state::wait_until;
 use marquee_e2e::*;
 use tonic::Code;
 
@@ -227,16 +226,18 @@ fn sigkill_mid_load_after_a_full_disk_loses_no_acknowledged_feedback() {
             });
         }
         let total = |a: &[AtomicUsize]| a.iter().map(|n| n.load(Ordering::SeqCst)).sum::<usize>();
-        wait_until("refusals on the full disk", Duration::from_secs(30), || {
-            refused.load(Ordering::SeqCst) >= 20
-        })
+        wait_until(
+            "refusals on the full disk",
+            Duration::from_secs(60),
+            || async { (refused.load(Ordering::SeqCst) >= 20).then_some(()) },
+        )
         .await;
         assert_eq!(total(&acked), 30, "exactly the whole records that fit");
         set_file_size_limit(child.child.id(), None);
         wait_until(
             "writes after the disk was freed",
-            Duration::from_secs(30),
-            || total(&acked) >= 130,
+            Duration::from_secs(60),
+            || async { (total(&acked) >= 130).then_some(()) },
         )
         .await;
         // SIGKILL with the writers still going.

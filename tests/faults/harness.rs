@@ -60,22 +60,19 @@ pub fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// Polls `check` every 20 ms until it holds or `timeout` passes; whether it held.
+/// Whether `check` holds within `timeout` ([`poll_until`]: a case reports what it measured
+/// before it asserts, so a wait here answers instead of panicking).
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let end = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(timeout, || {
+        let held = check();
+        async move { held.await.then_some(()) }
+    })
+    .await
+    .is_some()
 }
 
 /// Resident memory of a process in MiB (`VmRSS` of `/proc/<pid>/status`; `"self"` for this
@@ -216,16 +213,7 @@ impl Replica {
 
     /// Polls until the process has exited, at most `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.exit_status() {
-                return Some(s);
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(timeout, || std::future::ready(self.exit_status())).await
     }
 
     /// Starts the replica again on the port it had: the gateway's backend list is a static

@@ -1,6 +1,6 @@
 //! Harness for the end-to-end tests: real servers on `127.0.0.1:0` with the real model
 //! repository, real gRPC clients over loopback. No fixed ports, no sleeps: servers are used
-//! once they report ready.
+//! once they report ready, and other conditions are awaited with a bound ([`wait_until`]).
 
 pub mod state;
 
@@ -8,6 +8,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use marquee_core::metrics::Metrics;
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -36,6 +37,38 @@ pub fn fixture(name: &str) -> Vec<u8> {
             .join(name),
     )
     .expect("fixture exists")
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`; panics naming `what`
+/// if it never does. The one wait of the test crate: every test waits for a condition through
+/// it, with an explicit bound, never with a loop of its own.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    poll_until(limit, probe)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// [`wait_until`] without the panic: `None` once `limit` has passed. For the fault suite,
+/// which reports what it measured before it asserts.
+pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Settings for a test server: ephemeral ports, one intra-op thread per lane (tests run in

@@ -1,10 +1,8 @@
 //! Helpers of the lifecycle hardening tests: fault-injection TorchScript models built by the
-//! test itself with the project's Python (torch.jit.script), health and OIP probes, and bounded
-//! waits.
+//! test itself with the project's Python (torch.jit.script), health and OIP probes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use marquee_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use marquee_proto::inference::model_infer_request::InferInputTensor;
@@ -110,25 +108,6 @@ pub fn newest_version(model_dir: &Path) -> PathBuf {
         .max()
         .expect("the model has a version")
         .1
-}
-
-/// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`.
-pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < until,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A channel to `addr`.

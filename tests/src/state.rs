@@ -1,5 +1,5 @@
-//! Helpers of the `hardening_state` tests: histogram samples from a registry, bounded polling,
-//! and a service binary started with a file-size limit (a full disk without root).
+//! Helpers of the `hardening_state` tests: histogram samples from a registry, and a
+//! service binary started with a file-size limit (a full disk without root).
 
 use std::time::{Duration, Instant};
 
@@ -57,18 +57,6 @@ pub fn histogram(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> Hist
         }
     }
     out
-}
-
-/// Polls `done` every few milliseconds until it holds; panics naming `what` after `limit`.
-pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < limit,
-            "gave up after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// Sets the soft `RLIMIT_FSIZE` of process `pid` (the hard limit stays unlimited, so it can be

@@ -106,7 +106,7 @@ async fn a_dead_vision_lane_fails_health_and_the_gateway_keeps_the_replica_eject
         .expect_err("the batch whose lane died fails");
     assert_eq!(err.code(), Code::Internal, "{err:?}");
 
-    wait_for("gRPC health NOT_SERVING", WAIT, || async {
+    wait_until("gRPC health NOT_SERVING", WAIT, || async {
         (health(&direct, "").await == ServingStatus::NotServing).then_some(())
     })
     .await;
@@ -130,7 +130,7 @@ async fn a_dead_vision_lane_fails_health_and_the_gateway_keeps_the_replica_eject
     assert!(index.models[0].reason.contains("panicked"), "{index:?}");
 
     // The gateway ejects the replica and, over several of its health checks, never restores it.
-    wait_for("the gateway to eject the replica", WAIT, || async {
+    wait_until("the gateway to eject the replica", WAIT, || async {
         (gateway.metric(
             "marquee_gateway_endpoints_healthy",
             &[("backend", "vision")],
@@ -140,7 +140,7 @@ async fn a_dead_vision_lane_fails_health_and_the_gateway_keeps_the_replica_eject
     .await;
     let checks = calls_to(&backend.metrics.render(), "Health/Check");
     let infers = calls_to(&backend.metrics.render(), "ModelInfer");
-    wait_for("five more gateway health checks", WAIT, || async {
+    wait_until("five more gateway health checks", WAIT, || async {
         (calls_to(&backend.metrics.render(), "Health/Check") >= checks + 5.0).then_some(())
     })
     .await;
@@ -230,7 +230,7 @@ torch.jit.script(Faulty(torch.jit.load(sys.argv[1]))).save(sys.argv[1])
         Code::Internal,
         "a request that killed the engine is not retryable: {err:?}"
     );
-    wait_for("gRPC health NOT_SERVING", WAIT, || async {
+    wait_until("gRPC health NOT_SERVING", WAIT, || async {
         (health(&ch, "").await == ServingStatus::NotServing).then_some(())
     })
     .await;
@@ -305,7 +305,7 @@ torch.jit.script(Faulty(torch.jit.load(sys.argv[1]))).save(sys.argv[1])
         Code::Internal,
         "a request that killed a worker is not retryable: {err:?}"
     );
-    wait_for("gRPC health NOT_SERVING", WAIT, || async {
+    wait_until("gRPC health NOT_SERVING", WAIT, || async {
         (health(&ch, "").await == ServingStatus::NotServing).then_some(())
     })
     .await;
@@ -379,7 +379,7 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
             .into_inner()
             .models
     };
-    let refused = wait_for(
+    let refused = wait_until(
         "RepositoryIndex to show version 2 refused",
         WAIT,
         || async {
@@ -398,7 +398,7 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
     );
     // Several more scans of the unchanged files: no retry, no second count.
     let polls = server.metric("marquee_model_repository_polls_total", &[]);
-    wait_for("five more repository polls", WAIT, || async {
+    wait_until("five more repository polls", WAIT, || async {
         (server.metric("marquee_model_repository_polls_total", &[]) >= polls + 5.0).then_some(())
     })
     .await;
@@ -435,7 +435,7 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
 
     // Fixing the files makes the version eligible again, and it goes live.
     replace_file(&dir.join("2/model.pt"), &std::fs::read(&triple).unwrap());
-    let live = wait_for("version 2 to go live once fixed", WAIT, || async {
+    let live = wait_until("version 2 to go live once fixed", WAIT, || async {
         infer().await.ok().filter(|(v, _)| v == "2")
     })
     .await;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use marquee_e2e::state::{histogram, wait_until};
+use marquee_e2e::state::histogram;
 use marquee_e2e::*;
 use marquee_proto::inference::ModelInferRequest;
 use marquee_proto::inference::model_infer_request::InferInputTensor;
@@ -119,8 +119,8 @@ async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
         })
         .collect();
     let depth = || lm_metric(&server, "marquee_language_oip_queue_depth", &[]);
-    wait_until("24 OIP calls queued", Duration::from_secs(20), || {
-        depth() >= 24.0
+    wait_until("24 OIP calls queued", Duration::from_secs(60), || async {
+        (depth() >= 24.0).then_some(())
     })
     .await;
 
@@ -164,8 +164,8 @@ async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
     let queued = || lm_metric(&server, "marquee_language_oip_queued_total", &[]) - queued_before;
     wait_until(
         "the leaving callers' calls queued",
-        Duration::from_secs(20),
-        || queued() >= (VALID + LEAVING) as f64,
+        Duration::from_secs(60),
+        || async { (queued() >= (VALID + LEAVING) as f64).then_some(()) },
     )
     .await;
     assert!(
@@ -227,9 +227,11 @@ async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
     );
 
     // Nothing queued remains; the leaving and expired calls were dropped, never computed.
-    wait_until("the OIP queue to empty", Duration::from_secs(20), || {
-        depth() == 0.0
-    })
+    wait_until(
+        "the OIP queue to empty",
+        Duration::from_secs(60),
+        || async { (depth() == 0.0).then_some(()) },
+    )
     .await;
     assert_eq!(
         oip_outcome(&server, "computed") - computed_before,

@@ -66,9 +66,10 @@ async fn a_new_version_is_swapped_in_without_failing_a_request() {
         }));
     }
     // Drop in version 2 only once traffic is flowing on version 1.
-    while calls_at_v1.load(Ordering::Relaxed) < 40 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("40 calls on version 1", Duration::from_secs(60), || async {
+        (calls_at_v1.load(Ordering::Relaxed) >= 40).then_some(())
+    })
+    .await;
     let staging = repo.path().join("fashion_cnn/.2-staging");
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::copy(
@@ -182,7 +183,7 @@ async fn sigterm_reports_not_serving_finishes_in_flight_calls_then_refuses_new_o
         })
         .collect();
     // SIGTERM only once work is queued (observed on the admin port, not slept).
-    marquee_e2e::lifecycle::wait_for("queued images", Duration::from_secs(60), || async {
+    wait_until("queued images", Duration::from_secs(60), || async {
         let (_, body) = http_get(admin, "/metrics").await;
         let queued = body
             .lines()
@@ -206,19 +207,16 @@ async fn sigterm_reports_not_serving_finishes_in_flight_calls_then_refuses_new_o
     );
 
     // Once the listener closes, new connections are refused while old calls finish.
-    let mut refused_while_busy = false;
-    for _ in 0..2000 {
-        if tonic::transport::Channel::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .is_err()
-        {
-            refused_while_busy = in_flight.iter().any(|h| !h.is_finished());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let refused_while_busy =
+        wait_until("the listener to close", Duration::from_secs(60), || async {
+            let refused = tonic::transport::Channel::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .is_err();
+            refused.then(|| in_flight.iter().any(|h| !h.is_finished()))
+        })
+        .await;
     assert!(
         refused_while_busy,
         "new connections were refused while in-flight calls were still running"

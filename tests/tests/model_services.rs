@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use marquee_e2e::lifecycle::{channel, health, oip, wait_for};
+use marquee_e2e::lifecycle::{channel, health, oip};
 use marquee_e2e::*;
 use marquee_proto::inference::{
     ModelReadyRequest, RepositoryIndexRequest, ServerLiveRequest, ServerReadyRequest,
@@ -321,7 +321,7 @@ async fn hot_reload(kind: Kind) {
         }));
     }
     // Version 2 arrives once traffic flows on version 1.
-    wait_for("calls on version 1", Duration::from_secs(60), || {
+    wait_until("calls on version 1", Duration::from_secs(60), || {
         let n = calls_at_v1.load(Ordering::Relaxed);
         async move { (n >= 6).then_some(()) }
     })
@@ -395,7 +395,7 @@ async fn drain(kind: Kind) {
         unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) },
         0
     );
-    wait_for("NOT_SERVING", Duration::from_secs(10), || {
+    wait_until("NOT_SERVING", Duration::from_secs(10), || {
         let ch = ch.clone();
         async move { (health(&ch, "").await == ServingStatus::NotServing).then_some(()) }
     })
