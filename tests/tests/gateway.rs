@@ -405,13 +405,18 @@ async fn a_flooding_tenant_does_not_starve_another() {
     let noisy = done(NOISY_KEY, 32);
     let quiet = done(QUIET_KEY, 2);
     // Run until the noisy tenant has had 400 calls served (a count, not a duration).
-    while gw.metric(
-        "marquee_gateway_requests_total",
-        &[("tenant", "noisy"), ("code", "OK")],
-    ) < 400.0
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "400 noisy calls served",
+        Duration::from_secs(120),
+        || async {
+            let served = gw.metric(
+                "marquee_gateway_requests_total",
+                &[("tenant", "noisy"), ("code", "OK")],
+            );
+            (served >= 400.0).then_some(())
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let noisy_ok: usize = join_all(noisy).await.into_iter().map(|r| r.unwrap()).sum();
     let quiet_ok: usize = join_all(quiet).await.into_iter().map(|r| r.unwrap()).sum();
@@ -470,14 +475,12 @@ async fn a_killed_replica_costs_no_failed_call_and_all_down_is_unavailable_fast(
         })
         .collect();
     // Kill replica B mid-loop, once both replicas have served traffic.
-    let b_calls = || http_get(b.admin_addr, "/metrics");
-    loop {
-        let body = b_calls().await.1;
-        if body.contains("marquee_grpc_requests_total{code=\"OK\",method=\"/marquee.vision.v1.ImageService/Classify\"}") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("replica B to serve a call", Duration::from_secs(60), || async {
+        let body = http_get(b.admin_addr, "/metrics").await.1;
+        body.contains("marquee_grpc_requests_total{code=\"OK\",method=\"/marquee.vision.v1.ImageService/Classify\"}")
+            .then_some(())
+    })
+    .await;
     b.kill();
     join_all(loops).await;
     assert_eq!(
@@ -492,9 +495,10 @@ async fn a_killed_replica_costs_no_failed_call_and_all_down_is_unavailable_fast(
     );
     // Now every replica is down: UNAVAILABLE at once, not a hang until the deadline.
     a.shutdown.cancel();
-    while gw.metric("marquee_gateway_endpoints_healthy", &[]) > 0.0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("no healthy replica", Duration::from_secs(60), || async {
+        (gw.metric("marquee_gateway_endpoints_healthy", &[]) <= 0.0).then_some(())
+    })
+    .await;
     let mut c = gw.vision().await;
     let mut req = with_key(fashion(&images[0]), ACME_KEY);
     req.set_timeout(Duration::from_secs(20));
@@ -539,9 +543,10 @@ async fn a_deadline_shorter_than_the_backend_queue_is_answered_and_never_compute
         };
         tokio::spawn(async move { c.classify_batch(req).await })
     };
-    while backend.metric("marquee_batcher_queue_depth", &[]) < 20.0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_until("20 images queued", Duration::from_secs(60), || async {
+        (backend.metric("marquee_batcher_queue_depth", &[]) >= 20.0).then_some(())
+    })
+    .await;
     let mut req = with_key(
         ClassifyRequest {
             model: "efficientnet_lite0".into(),
@@ -555,14 +560,15 @@ async fn a_deadline_shorter_than_the_backend_queue_is_answered_and_never_compute
     let client_timer = e.code() == Code::Cancelled && e.message() == "Timeout expired";
     assert!(e.code() == Code::DeadlineExceeded || client_timer, "{e:?}");
     busy.await.unwrap().unwrap();
-    let mut dropped = 0.0;
-    for _ in 0..500 {
-        dropped = backend.metric("marquee_batcher_rejected_total", &[]);
-        if dropped >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let dropped = wait_until(
+        "the expired call dropped",
+        Duration::from_secs(30),
+        || async {
+            let dropped = backend.metric("marquee_batcher_rejected_total", &[]);
+            (dropped >= 1.0).then_some(dropped)
+        },
+    )
+    .await;
     assert_eq!(
         dropped, 1.0,
         "the backend dropped the expired call before compute"
@@ -684,33 +690,41 @@ async fn a_model_added_to_a_backend_becomes_routable_without_a_restart() {
     let staging = repo.path().join(".staging");
     copy_dir(&model_repo().join("efficientnet_lite0"), &staging);
     std::fs::rename(&staging, repo.path().join("efficientnet_lite0")).unwrap();
-    let mut health = HealthClient::new(backend.channel().await);
-    loop {
-        let r = health
-            .check(HealthCheckRequest {
-                service: "efficientnet_lite0".into(),
-            })
-            .await;
-        if r.is_ok_and(|r| r.into_inner().status == 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let health = HealthClient::new(backend.channel().await);
+    wait_until(
+        "efficientnet_lite0 SERVING",
+        Duration::from_secs(60),
+        || {
+            let mut health = health.clone();
+            async move {
+                let r = health
+                    .check(HealthCheckRequest {
+                        service: "efficientnet_lite0".into(),
+                    })
+                    .await;
+                r.is_ok_and(|r| r.into_inner().status == 1).then_some(())
+            }
+        },
+    )
+    .await;
     // The gateway learns of it on its next refresh (or at once on a miss).
-    let mut answer = None;
-    for _ in 0..100 {
-        match client.classify(req()).await {
-            Ok(r) => {
-                answer = Some(r.into_inner());
-                break;
+    let answer = wait_until(
+        "the new model to become routable",
+        Duration::from_secs(60),
+        || {
+            let (mut client, req) = (client.clone(), req());
+            async move {
+                match client.classify(req).await {
+                    Ok(r) => Some(r.into_inner()),
+                    Err(e) => {
+                        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+                        None
+                    }
+                }
             }
-            Err(e) => {
-                assert_eq!(e.code(), Code::NotFound, "{e:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let answer = answer.expect("the new model became routable within 10 s");
+        },
+    )
+    .await;
     assert_eq!(answer.labels[0].name, "espresso");
     gw.shutdown.cancel();
     backend.shutdown.cancel();

@@ -8,7 +8,7 @@
 //! `the_gateway_binary_…` runs `marquee-gateway` as a child process (to read its own memory):
 //! run `cargo build --bins` first, as for the other child-process tests.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use marquee_e2e::*;
@@ -621,15 +621,12 @@ async fn ten_thousand_made_up_batch_keys_leave_the_map_bounded_and_idle_keys_go(
         "a `top_k` no model has classes for never becomes a batch key"
     );
     // Once nobody uses them, the keys are dropped.
-    let until = Instant::now() + Duration::from_secs(10);
-    while batch_keys(&gw, "inference.model_infer") > 0.0 {
-        assert!(
-            Instant::now() < until,
-            "idle batch keys were not dropped within 10 s: {}",
-            batch_keys(&gw, "inference.model_infer")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "idle batch keys to be dropped",
+        Duration::from_secs(60),
+        || async { (batch_keys(&gw, "inference.model_infer") <= 0.0).then_some(()) },
+    )
+    .await;
     assert_eq!(gw.gateway.infer_batches.len(), 0);
     // Honest callers still batch and get answers.
     let ok = oip(&channel)
@@ -769,20 +766,19 @@ async fn a_model_that_moves_to_another_backend_is_batched_there() {
         b_repo.path().join("fashion_cnn"),
     )
     .unwrap();
-    let until = Instant::now() + Duration::from_secs(20);
-    while !gw
-        .gateway
-        .routing
-        .models()
-        .iter()
-        .any(|m| m.model == "fashion_cnn" && m.backend == "b")
-    {
-        assert!(
-            Instant::now() < until,
-            "the gateway never routed fashion_cnn to b"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the gateway to route fashion_cnn to b",
+        Duration::from_secs(60),
+        || async {
+            gw.gateway
+                .routing
+                .models()
+                .iter()
+                .any(|m| m.model == "fashion_cnn" && m.backend == "b")
+                .then_some(())
+        },
+    )
+    .await;
     a.shutdown.cancel();
     let served_by_b = || {
         b.metric(

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use futures::StreamExt;
@@ -42,18 +42,6 @@ fn classify(png: Vec<u8>) -> ClassifyRequest {
 fn a_shirt() -> ClassifyRequest {
     let (images, _) = fashion_test_set(1);
     classify(png_gray(&images[0], 28, 28))
-}
-
-/// Polls `ready` every 10 ms for at most `limit`; returns whether it became true.
-async fn eventually(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if ready() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    ready()
 }
 
 fn api_key(key: &str, tenant: &str, scopes: &[&str]) -> ApiKey {
@@ -271,21 +259,21 @@ async fn a_stream_holds_its_tenants_in_flight_slot_until_it_ends() {
     );
     // The client drops the stream: the slot comes back (once the gateway sees the reset).
     drop(long);
-    let mut admitted = None;
-    let until = Instant::now() + Duration::from_secs(10);
-    while admitted.is_none() && Instant::now() < until {
-        match c.generate(with_key(request(1), SOLO_KEY)).await {
-            Ok(r) => admitted = Some(r.into_inner()),
-            Err(e) if e.code() == Code::ResourceExhausted => {
-                tokio::time::sleep(Duration::from_millis(10)).await
+    wait_until(
+        "a call to be admitted once the dropped stream is gone",
+        Duration::from_secs(60),
+        || {
+            let (mut c, req) = (c.clone(), with_key(request(1), SOLO_KEY));
+            async move {
+                match c.generate(req).await {
+                    Ok(r) => Some(r.into_inner()),
+                    Err(e) if e.code() == Code::ResourceExhausted => None,
+                    Err(e) => panic!("after the stream was dropped: {e:?}"),
+                }
             }
-            Err(e) => panic!("after the stream was dropped: {e:?}"),
-        }
-    }
-    assert!(
-        admitted.is_some(),
-        "a call is admitted once the dropped stream is gone"
-    );
+        },
+    )
+    .await;
     // A stream read to its end frees the slot by the time its caller has seen the end.
     let mut short = c
         .generate_stream(with_key(request(3), SOLO_KEY))
@@ -376,10 +364,12 @@ async fn each_route_spends_its_own_retry_budget() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
-    let until = Instant::now() + Duration::from_secs(10);
-    while checks().await < 2.0 && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "a health check from each gateway",
+        Duration::from_secs(60),
+        || async { (checks().await >= 2.0).then_some(()) },
+    )
+    .await;
     assert_eq!(checks().await, 2.0, "one health check from each gateway");
     for gw in [&vision_gw, &oip_gw] {
         assert_eq!(gw.metric("marquee_gateway_endpoints_healthy", &[]), 2.0);
@@ -553,11 +543,12 @@ async fn a_request_that_kills_two_replicas_is_not_sent_to_a_third() {
             .map(|r| usize::from(r.child.try_wait().unwrap().is_some()))
             .sum()
     }
-    assert!(
-        eventually(Duration::from_secs(10), || dead(&mut replicas) == 2).await,
-        "exactly two replicas died, not {}",
-        dead(&mut replicas)
-    );
+    wait_until("two replicas to die", Duration::from_secs(60), || {
+        let died = dead(&mut replicas);
+        async move { (died >= 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(dead(&mut replicas), 2, "exactly two replicas died");
     // Killed the way the reproduction was: the allocator's abort, not a signal of ours.
     for r in replicas.iter_mut() {
         if let Some(status) = r.child.try_wait().unwrap() {

@@ -39,17 +39,6 @@ async fn flood(channel: &Channel, seed: u64, n: usize, key: Option<&str>) -> BTr
         .await
 }
 
-/// Polls `/metrics` at `admin` until it contains `needle`.
-async fn wait_for_metric(admin: std::net::SocketAddr, needle: &str) {
-    tokio::time::timeout(PATIENCE, async {
-        while !scrape(admin).await.contains(needle) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("/metrics never showed {needle}"));
-}
-
 /// Asserts a second scrape has the series of the first (plus at most a few new codes of known
 /// methods, e.g. a health check that timed out under the flood) and about its size.
 fn assert_same_series(who: &str, before: &str, after: &str) {
@@ -97,7 +86,11 @@ async fn random_paths_add_no_metric_series() {
         "the `limited` tenant (2 calls/s) is admitted, then refused: {limited:?}"
     );
     // The gateway's health checks of the backend have their series too.
-    wait_for_metric(backend.admin_addr, "/grpc.health.v1.Health/Check").await;
+    wait_until("the backend's health-check series", PATIENCE, || async {
+        let body = scrape(backend.admin_addr).await;
+        body.contains("/grpc.health.v1.Health/Check").then_some(())
+    })
+    .await;
     let gw_before = scrape(gateway.admin_addr).await;
     let be_before = scrape(backend.admin_addr).await;
 
@@ -482,19 +475,20 @@ async fn an_open_stream_holds_its_permit_until_it_ends() {
     );
     // The client leaves: the stream's body is dropped and its permit comes back.
     drop(watch);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match health.check(check.clone()).await {
-            Ok(_) => break,
-            Err(e) if e.code() == Code::ResourceExhausted => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the permit of a dropped stream never came back"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    wait_until(
+        "the permit of the dropped stream to come back",
+        Duration::from_secs(60),
+        || {
+            let (mut health, check) = (health.clone(), check.clone());
+            async move {
+                match health.check(check).await {
+                    Ok(_) => Some(()),
+                    Err(e) if e.code() == Code::ResourceExhausted => None,
+                    Err(e) => panic!("unexpected status after the watch was dropped: {e:?}"),
+                }
             }
-            Err(e) => panic!("unexpected status after the watch was dropped: {e:?}"),
-        }
-    }
+        },
+    )
+    .await;
     backend.shutdown.cancel();
 }

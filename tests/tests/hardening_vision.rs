@@ -87,17 +87,6 @@ async fn espresso_is_still_served(server: &TestServer) {
     assert_eq!(out.labels[0].name, "espresso");
 }
 
-/// Polls `ok` for up to 60 s.
-async fn eventually(what: &str, ok: impl Fn() -> bool) {
-    for _ in 0..6000 {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: not within 60 s");
-}
-
 fn describe(item: &HostileImage) -> String {
     format!("{} ({} bytes)", item.name, item.bytes.len())
 }
@@ -238,11 +227,16 @@ async fn fifty_batches_past_their_deadline_are_not_decoded() {
     }
     // Every image that reached the server either waits, is decoding, or has left the pool;
     // wait until none waits or decodes.
-    let idle = || {
-        server.metric("marquee_vision_decode_queue_depth", &[]) == 0.0
-            && server.metric("marquee_vision_decode_workers_busy", &[]) == 0.0
-    };
-    eventually("the decode pool drains", idle).await;
+    wait_until(
+        "the decode pool to drain",
+        Duration::from_secs(60),
+        || async {
+            let idle = server.metric("marquee_vision_decode_queue_depth", &[]) == 0.0
+                && server.metric("marquee_vision_decode_workers_busy", &[]) == 0.0;
+            idle.then_some(())
+        },
+    )
+    .await;
     // A caller with a normal deadline is served: the pool is not busy with abandoned work.
     espresso_is_still_served(&server).await;
     let started = server.metric("marquee_vision_decodes_started_total", &[]);
@@ -275,10 +269,15 @@ async fn a_full_decode_queue_refuses_the_call_with_retry_info() {
         tokio::spawn(async move { c.classify_batch(req).await })
     };
     // One image decoding, three waiting: the queue (4) cannot take another batch of 4.
-    eventually("the first batch is admitted", || {
-        server.metric("marquee_vision_decodes_started_total", &[]) >= 1.0
-            && server.metric("marquee_vision_decode_queue_depth", &[]) == 3.0
-    })
+    wait_until(
+        "the first batch to be admitted",
+        Duration::from_secs(60),
+        || async {
+            let admitted = server.metric("marquee_vision_decodes_started_total", &[]) >= 1.0
+                && server.metric("marquee_vision_decode_queue_depth", &[]) == 3.0;
+            admitted.then_some(())
+        },
+    )
     .await;
     let err = server
         .vision()

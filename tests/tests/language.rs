@@ -366,14 +366,14 @@ async fn a_full_queue_is_refused_at_once_with_retry_info() {
     long.next().await.expect("first message").expect("ok");
     let mut c2 = client(&server).await;
     let queued = tokio::spawn(async move { c2.generate(request("The skirt", greedy(3))).await });
-    // Wait (bounded) until the second request is in the queue.
+    // Wait until the second request is in the queue.
     let depth = || server.metric("marquee_batcher_queue_depth", &[("model", MODEL)]);
-    for _ in 0..500 {
-        if depth() >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the second request to be queued",
+        std::time::Duration::from_secs(30),
+        || async { (depth() >= 1.0).then_some(()) },
+    )
+    .await;
     assert_eq!(depth(), 1.0, "the second request waits in the queue");
     let err = c
         .generate(request("The hat", greedy(3)))

@@ -553,13 +553,16 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
         tokio::spawn(async move { c.classify_batch(req).await })
     };
     // Wait until the batch is queued or running (observed, not slept).
-    while server.metric("marquee_batcher_items_total", &[])
-        + server.metric("marquee_batcher_queue_depth", &[])
-        < 1.0
-    {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_until(
+        "the busy batch to be queued",
+        Duration::from_secs(60),
+        || async {
+            let seen = server.metric("marquee_batcher_items_total", &[])
+                + server.metric("marquee_batcher_queue_depth", &[]);
+            (seen >= 1.0).then_some(())
+        },
+    )
+    .await;
     // Preprocessed tensors, not encoded images, here and in the busy batch: everything goes
     // straight to the queue in order, whereas an image would first wait for a decode thread,
     // and under load its deadline could pass (the call cancelled) before it reached the queue
@@ -582,15 +585,17 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
             .all(|i| matches!(i.result, Some(ItemResult::Classification(_))))
     );
     // Let the lane reach the expired item, then check it was dropped, not computed.
-    let mut dropped = 0.0;
-    for _ in 0..500 {
-        dropped = server.metric("marquee_batcher_rejected_total", &[("reason", "deadline")])
-            + server.metric("marquee_batcher_rejected_total", &[("reason", "cancelled")]);
-        if dropped >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let dropped = wait_until(
+        "the expired request dropped",
+        Duration::from_secs(30),
+        || async {
+            let dropped = server
+                .metric("marquee_batcher_rejected_total", &[("reason", "deadline")])
+                + server.metric("marquee_batcher_rejected_total", &[("reason", "cancelled")]);
+            (dropped >= 1.0).then_some(dropped)
+        },
+    )
+    .await;
     assert_eq!(
         dropped, 1.0,
         "the expired request was dropped before compute"
