@@ -4,6 +4,7 @@
 
 mod language;
 mod load;
+mod markdown;
 mod raw;
 mod recommend;
 mod report;
