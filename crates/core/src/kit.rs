@@ -106,6 +106,30 @@ impl<F: ModelFamily> ModelServer<F> {
         .max_decoding_message_size(self.settings.max_message_bytes)
     }
 
+    /// Serves the service's own gRPC `api` and the Open Inference Protocol (plus health and
+    /// reflection) until `shutdown` is cancelled: what every model service serves. tonic's own
+    /// decoding limit is raised to `server.max_message_bytes` (the layer stack enforces that
+    /// limit with the right status before a body is buffered).
+    pub async fn serve_api<S>(
+        self,
+        api: S,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Running<F>>
+    where
+        F::Model: OipModel,
+        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        let services = Services::new().add_service(api).add_service(self.oip());
+        self.serve(services, shutdown).await
+    }
+
     /// Serves `services` (plus health and reflection) until `shutdown` is cancelled.
     pub async fn serve(
         self,

@@ -17,7 +17,6 @@ use marquee_core::config::{
     validate_model_service,
 };
 use marquee_core::kit::{ModelServer, Running};
-use marquee_core::serve::Services;
 use marquee_proto::language::text_generation_server::TextGenerationServer;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -184,13 +183,9 @@ pub async fn start(
         settings.server.clone(),
         settings.language.max_prompt_bytes,
     );
-    let services = Services::new()
-        .add_service(
-            TextGenerationServer::new(api)
-                .max_decoding_message_size(settings.server.max_message_bytes),
-        )
-        .add_service(kit.oip());
-    kit.serve(services, shutdown).await
+    let api =
+        TextGenerationServer::new(api).max_decoding_message_size(settings.server.max_message_bytes);
+    kit.serve_api(api, shutdown).await
 }
 
 #[cfg(test)]

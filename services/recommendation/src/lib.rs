@@ -24,7 +24,6 @@ use marquee_core::config::{
 };
 use marquee_core::kit::{ModelServer, Running};
 use marquee_core::liveness::Liveness;
-use marquee_core::serve::Services;
 use marquee_proto::recommendation::recommender_server::RecommenderServer;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -318,13 +317,9 @@ async fn start_with(
     )
     .await?;
     let api = service::Recommender::new(kit.repo.clone());
-    let services = Services::new()
-        .add_service(
-            RecommenderServer::new(api)
-                .max_decoding_message_size(settings.server.max_message_bytes),
-        )
-        .add_service(kit.oip());
-    kit.serve(services, shutdown).await
+    let api =
+        RecommenderServer::new(api).max_decoding_message_size(settings.server.max_message_bytes);
+    kit.serve_api(api, shutdown).await
 }
 
 #[cfg(test)]

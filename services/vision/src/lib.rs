@@ -11,7 +11,6 @@ use marquee_core::config::{
     validate_model_service,
 };
 use marquee_core::kit::{ModelServer, Running};
-use marquee_core::serve::Services;
 use marquee_core::tensor::TensorFamily;
 use marquee_proto::vision::image_service_server::ImageServiceServer;
 use serde::{Deserialize, Serialize};
@@ -150,13 +149,9 @@ pub async fn start(
         settings.vision.clone(),
         decoders,
     );
-    let services = Services::new()
-        .add_service(
-            ImageServiceServer::new(vision)
-                .max_decoding_message_size(settings.server.max_message_bytes),
-        )
-        .add_service(kit.oip());
-    kit.serve(services, shutdown).await
+    let vision = ImageServiceServer::new(vision)
+        .max_decoding_message_size(settings.server.max_message_bytes);
+    kit.serve_api(vision, shutdown).await
 }
 
 #[cfg(test)]
