@@ -11,13 +11,23 @@ use crate::config::ServerSettings;
 /// `DEADLINE_EXCEEDED` reaches the client before its timer (or tonic's, which only says
 /// CANCELLED) fires.
 pub fn deadline(metadata: &MetadataMap, settings: &ServerSettings) -> Instant {
-    let max = Duration::from_millis(settings.max_timeout_ms);
+    deadline_within(
+        metadata,
+        settings.default_timeout_ms,
+        settings.max_timeout_ms,
+    )
+}
+
+/// The deadline rule with explicit bounds (the gateway's are per route): the client's
+/// `grpc-timeout` capped at `max_ms`, or `default_ms` without one, minus min(10 %, 20 ms).
+pub fn deadline_within(metadata: &MetadataMap, default_ms: u64, max_ms: u64) -> Instant {
+    let max = Duration::from_millis(max_ms);
     let timeout = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map(|t| t.min(max))
-        .unwrap_or(Duration::from_millis(settings.default_timeout_ms));
+        .unwrap_or(Duration::from_millis(default_ms));
     let margin = (timeout / 10).min(Duration::from_millis(20));
     Instant::now() + timeout - margin
 }

@@ -241,11 +241,14 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
+/// A PEM file named in the configuration (a certificate, a key, a CA); the error names it.
+pub fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("`{}`: {e}", path.display()))
+}
+
 /// The rustls configuration of `server.tls`.
 fn server_tls(tls: &crate::config::ServerTls) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| anyhow::anyhow!("`server.tls`: `{}`: {e}", p.display()))
-    };
+    let read = |p: &std::path::Path| read_pem(p).map_err(|e| anyhow::anyhow!("`server.tls`: {e}"));
     let identity =
         tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
     let mut cfg = tonic::transport::ServerTlsConfig::new().identity(identity);

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use marquee_core::ServeError;
 use prost::Message;
@@ -143,15 +143,11 @@ impl Admitted {
 /// When a call through `route` must be answered: the client's `grpc-timeout` capped at the
 /// route's maximum, or the route's default; minus the same margin the backends use.
 pub fn deadline(metadata: &tonic::metadata::MetadataMap, route: &Route) -> Instant {
-    let max = Duration::from_millis(route.max_timeout_ms);
-    let timeout = metadata
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(marquee_core::deadline::parse_grpc_timeout)
-        .map(|t| t.min(max))
-        .unwrap_or(Duration::from_millis(route.default_timeout_ms));
-    let margin = (timeout / 10).min(Duration::from_millis(20));
-    Instant::now() + timeout - margin
+    marquee_core::deadline::deadline_within(
+        metadata,
+        route.default_timeout_ms,
+        route.max_timeout_ms,
+    )
 }
 
 /// Refuses a request over the route's size limit.

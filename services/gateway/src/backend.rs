@@ -62,8 +62,7 @@ pub struct Endpoint {
 
 /// The rustls client configuration of a backend's `tls` settings.
 fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, String> {
-    let read =
-        |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("`{}`: {e}", p.display()));
+    let read = marquee_core::serve::read_pem;
     let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
     if let Some(domain) = &tls.domain {
         cfg = cfg.domain_name(domain.clone());
