@@ -829,7 +829,9 @@ impl Worker {
                 }
             }
         };
-        if !text.is_empty() || finish.is_some() {
+        // An end with nothing left to say (an end-of-sequence token, which is not sent) sends no
+        // empty message: the summary follows directly.
+        if !text.is_empty() || (finish.is_some() && !seq.pending_ids.is_empty()) {
             let event = Event::Tokens {
                 text,
                 ids: std::mem::take(&mut seq.pending_ids),
