@@ -9,7 +9,7 @@ export MARQUEE_MODEL_REPO := $(CURDIR)/model-repository
 .PHONY: help setup build build-release models run test test-rust test-python test-clients test-deploy test-docs bench lint fmt clean
 
 help:
-	@echo "make run    set up, build, start the vision service locally, print how to call it"
+	@echo "make run    set up, build, start the gateway and the three model services locally, print how to call them"
 	@echo "make test   set up, build, run every test (Rust unit + end-to-end, Python clients, docs examples)"
 	@echo "make bench  benchmarks; figures go to bench/RESULTS.md"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
