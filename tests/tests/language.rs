@@ -71,6 +71,10 @@ async fn stream(c: &mut TextGenerationClient<Channel>, req: GenerateRequest) -> 
     while let Some(msg) = s.next().await {
         let msg = msg.expect("stream message");
         assert_eq!(finals, 0, "nothing may follow the final message");
+        assert!(
+            msg.summary.is_some() || !msg.token_ids.is_empty(),
+            "every message before the final one carries tokens, got {msg:?}"
+        );
         out.deltas.push(msg.text);
         out.ids.extend(msg.token_ids);
         out.logprobs.extend(msg.logprobs);
@@ -180,6 +184,22 @@ async fn stream_concatenation_equals_unary_text_ids_and_logprobs() {
             "text arrives in several messages"
         );
     }
+}
+
+#[tokio::test]
+async fn a_stream_ending_on_end_of_sequence_sends_no_empty_message() {
+    let server = shared_language();
+    let mut c = client(server).await;
+    // Reviews end: sampled long enough, some seed reaches the end-of-sequence token. The
+    // `stream` helper asserts every message but the last carries tokens (an end-of-sequence
+    // finish used to send an empty one first).
+    for seed in 0..40 {
+        let s = stream(&mut c, request("Love this top", sampled(seed, 200))).await;
+        if s.summary.finish_reason == FinishReason::Eos as i32 {
+            return;
+        }
+    }
+    panic!("no seed in 0..40 ended on end-of-sequence within 200 tokens");
 }
 
 #[tokio::test]
