@@ -28,7 +28,7 @@ use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::oip::{OipModel, OipService};
 use crate::repository::{ModelFamily, Repository};
-use crate::serve::{ServeParts, Services, Serving, serve};
+use crate::serve::{GrpcService, ServeParts, Services, Serving, serve};
 
 /// A model service with its models loaded, not yet listening.
 pub struct ModelServer<F: ModelFamily> {
@@ -110,21 +110,13 @@ impl<F: ModelFamily> ModelServer<F> {
     /// reflection) until `shutdown` is cancelled: what every model service serves. tonic's own
     /// decoding limit is raised to `server.max_message_bytes` (the layer stack enforces that
     /// limit with the right status before a body is buffered).
-    pub async fn serve_api<S>(
+    pub async fn serve_api(
         self,
-        api: S,
+        api: impl GrpcService,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Running<F>>
     where
         F::Model: OipModel,
-        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
-            + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
     {
         let services = Services::new().add_service(api).add_service(self.oip());
         self.serve(services, shutdown).await

@@ -52,6 +52,35 @@ pub struct Serving {
     pub task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// A tonic-generated gRPC service, as a server's routes take it.
+pub trait GrpcService:
+    tower::Service<
+        http::Request<tonic::body::Body>,
+        Error = Infallible,
+        Response: axum::response::IntoResponse,
+        Future: Send + 'static,
+    > + tonic::server::NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Error = Infallible,
+            Response: axum::response::IntoResponse,
+            Future: Send + 'static,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The gRPC services a server answers, and their names: reflection advertises exactly these
 /// (plus health and reflection), so a client never discovers a service that would answer
 /// UNIMPLEMENTED.
@@ -67,17 +96,7 @@ impl Services {
     }
 
     /// Adds a tonic service.
-    pub fn add_service<S>(mut self, svc: S) -> Self
-    where
-        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
-            + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
+    pub fn add_service<S: GrpcService>(mut self, svc: S) -> Self {
         self.names.push(S::NAME);
         self.routes = self.routes.add_service(svc);
         self
