@@ -3,17 +3,85 @@
 //! Names follow `marquee_<area>_<name>_<unit>`; labels are few and bounded (`model`, `method`,
 //! `code`): never a user id or free text.
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
-/// Latency buckets in seconds, declared once: 100 µs .. 10 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-/// Batch-size buckets (items per model execution).
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+/// Every histogram bucket table of every Marquee service, in one place, so a dashboard's
+/// quantiles mean the same thing wherever a metric comes from.
+pub mod buckets {
+    /// Request and queue latency in seconds: 100 µs .. 10 s.
+    pub const LATENCY: &[f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    /// Items per model execution or per coalesced call.
+    pub const BATCH: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+    /// Token latency in seconds (time to first token, between tokens, one step): 1 ms .. 10 s.
+    pub const TOKEN_LATENCY: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0,
+    ];
+    /// Token positions of work per engine iteration: powers of two, so that a power-of-two
+    /// budget is a bucket bound and "never above the budget" reads off one bucket.
+    pub const TOKEN_COUNT: &[f64] = &[
+        16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+    ];
+    /// One stage of an in-process pipeline (retrieve, rank, …): 50 µs .. 1 s.
+    pub const STAGE: &[f64] = &[
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    ];
+}
+
+/// Creates metrics and registers them in one registry: the one way every service does it.
+#[derive(Clone, Copy)]
+pub struct Registrar<'a>(pub &'a Registry);
+
+impl Registrar<'_> {
+    /// Registers `metric` and returns it.
+    pub fn register<C: Collector + Clone + 'static>(self, metric: C) -> prometheus::Result<C> {
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn counter(self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.register(IntCounter::new(name, help)?)
+    }
+
+    pub fn counter_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+
+    pub fn gauge_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntGaugeVec> {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+
+    /// A histogram with one of the [`buckets`] tables.
+    pub fn histogram_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> prometheus::Result<HistogramVec> {
+        self.register(HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )?)
+    }
+}
 
 /// All metrics of one server.
 #[derive(Clone)]
@@ -48,32 +116,15 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("valid metric, this is a bug");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric, this is a bug");
-            c
-        };
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels)
-                .expect("valid metric, this is a bug");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric, this is a bug");
-            g
-        };
+        // Fixed names and labels: registering them can only fail on a bug.
+        let r = Registrar(&registry);
+        let bug = "valid, unique metric, this is a bug";
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| r.counter_vec(name, help, labels).expect(bug);
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| r.gauge_vec(name, help, labels).expect(bug);
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid metric, this is a bug");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric, this is a bug");
-            h
+            r.histogram_vec(name, help, labels, buckets).expect(bug)
         };
         Self {
             grpc_requests: counter(
@@ -85,7 +136,7 @@ impl Metrics {
                 "marquee_grpc_request_duration_seconds",
                 "gRPC call latency until the response headers (streams: until the first message).",
                 &["method"],
-                LATENCY_BUCKETS,
+                buckets::LATENCY,
             ),
             batches: counter(
                 "marquee_batcher_batches_total",
@@ -97,19 +148,19 @@ impl Metrics {
                 "marquee_batcher_batch_size",
                 "Items per model execution.",
                 &["model"],
-                BATCH_BUCKETS,
+                buckets::BATCH,
             ),
             queue_wait: histogram(
                 "marquee_batcher_queue_wait_seconds",
                 "Time items waited before compute.",
                 &["model"],
-                LATENCY_BUCKETS,
+                buckets::LATENCY,
             ),
             compute: histogram(
                 "marquee_model_compute_seconds",
                 "Time of one model execution.",
                 &["model"],
-                LATENCY_BUCKETS,
+                buckets::LATENCY,
             ),
             queue_depth: gauge("marquee_batcher_queue_depth", "Items waiting.", &["model"]),
             rejected: counter(

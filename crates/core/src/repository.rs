@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec};
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -163,19 +163,16 @@ impl<F: ModelFamily> Repository<F> {
         liveness: Liveness,
     ) -> anyhow::Result<Arc<Self>> {
         // Registered here rather than in `Metrics`: only servers with a repository have them.
-        let load_failures = IntCounterVec::new(
-            Opts::new(
-                "marquee_model_load_failures_total",
-                "Model versions refused by hot reload (load or warm-up failed), each counted once.",
-            ),
+        let r = crate::metrics::Registrar(&metrics.registry);
+        let load_failures = r.counter_vec(
+            "marquee_model_load_failures_total",
+            "Model versions refused by hot reload (load or warm-up failed), each counted once.",
             &["model"],
         )?;
-        let polls = IntCounter::new(
+        let polls = r.counter(
             "marquee_model_repository_polls_total",
             "Scans of the model repository for new versions.",
         )?;
-        metrics.registry.register(Box::new(load_failures.clone()))?;
-        metrics.registry.register(Box::new(polls.clone()))?;
         let repo = Arc::new(Self {
             family,
             settings,

@@ -1,6 +1,7 @@
 //! Gateway metrics, registered in the server's registry. Tenant labels come from config only.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use marquee_core::metrics::{Registrar, buckets};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec, Registry};
 
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -25,45 +26,33 @@ pub struct GatewayMetrics {
 
 impl GatewayMetrics {
     pub fn register(registry: &Registry) -> Self {
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("valid metric, this is a bug");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric, this is a bug");
-            c
-        };
-        let gauge = IntGaugeVec::new(
-            Opts::new("marquee_gateway_endpoints_healthy", "Healthy replicas."),
-            &["backend"],
-        )
-        .expect("valid metric, this is a bug");
-        registry
-            .register(Box::new(gauge.clone()))
-            .expect("unique metric, this is a bug");
-        let batch_size = HistogramVec::new(
-            HistogramOpts::new(
+        // Fixed names and labels: registering them can only fail on a bug.
+        let r = Registrar(registry);
+        let bug = "valid, unique metric, this is a bug";
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| r.counter_vec(name, help, labels).expect(bug);
+        let gauge = r
+            .gauge_vec(
+                "marquee_gateway_endpoints_healthy",
+                "Healthy replicas.",
+                &["backend"],
+            )
+            .expect(bug);
+        let batch_size = r
+            .histogram_vec(
                 "marquee_gateway_batch_size",
                 "Items per coalesced backend call.",
+                &["route"],
+                buckets::BATCH,
             )
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
-            &["route"],
-        )
-        .expect("valid metric, this is a bug");
-        registry
-            .register(Box::new(batch_size.clone()))
-            .expect("unique metric, this is a bug");
-        let batch_keys = IntGaugeVec::new(
-            Opts::new(
+            .expect(bug);
+        let batch_keys = r
+            .gauge_vec(
                 "marquee_gateway_batch_keys",
                 "Batch keys (model and call shape) held by the cross-client batcher.",
-            ),
-            &["route"],
-        )
-        .expect("valid metric, this is a bug");
-        registry
-            .register(Box::new(batch_keys.clone()))
-            .expect("unique metric, this is a bug");
+                &["route"],
+            )
+            .expect(bug);
         Self {
             requests: counter(
                 "marquee_gateway_requests_total",

@@ -5,20 +5,8 @@
 
 use std::time::Duration;
 
-use marquee_core::metrics::Metrics;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
-
-/// Token-latency buckets in seconds: 1 ms .. 10 s.
-const TOKEN_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// Token positions of OIP work per engine iteration: powers of two, so that a power-of-two
-/// `language.oip_max_tokens_per_step` is a bucket bound and "never above the budget" reads
-/// off one bucket.
-const OIP_TOKEN_BUCKETS: &[f64] = &[
-    16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
-];
+use marquee_core::metrics::{Metrics, Registrar, buckets};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 
 /// What became of an OIP request (the `outcome` label of `marquee_language_oip_requests_total`).
 pub const OIP_OUTCOMES: &[&str] = &["computed", "failed", "deadline", "cancelled", "queue_full"];
@@ -59,24 +47,11 @@ impl LanguageMetrics {
     /// Registers the language series in the server's registry (once per server), labelled for
     /// `model`; [`Self::for_model`] gives each further model its handle.
     pub fn new(core: &Metrics, model: &str) -> anyhow::Result<Self> {
-        let r = &core.registry;
-        let counter = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge = |name: &str, help: &str| -> anyhow::Result<IntGaugeVec> {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["model"])?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<HistogramVec> {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(TOKEN_BUCKETS.to_vec()),
-                labels,
-            )?;
-            r.register(Box::new(h.clone()))?;
-            Ok(h)
+        let r = Registrar(&core.registry);
+        let counter = |name: &str, help: &str, labels: &[&str]| r.counter_vec(name, help, labels);
+        let gauge = |name: &str, help: &str| r.gauge_vec(name, help, &["model"]);
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            r.histogram_vec(name, help, labels, buckets::TOKEN_LATENCY)
         };
         Ok(Self {
             core: core.clone(),
@@ -145,18 +120,12 @@ impl LanguageMetrics {
                 "marquee_language_oip_queue_depth",
                 "OIP ModelInfer requests waiting for the engine.",
             )?,
-            oip_step_tokens: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "marquee_language_oip_step_tokens",
-                        "Token positions (rows x tokens) of OIP requests computed in one engine iteration.",
-                    )
-                    .buckets(OIP_TOKEN_BUCKETS.to_vec()),
-                    &["model"],
-                )?;
-                r.register(Box::new(h.clone()))?;
-                h
-            },
+            oip_step_tokens: r.histogram_vec(
+                "marquee_language_oip_step_tokens",
+                "Token positions (rows x tokens) of OIP requests computed in one engine iteration.",
+                &["model"],
+                buckets::TOKEN_COUNT,
+            )?,
         })
     }
 

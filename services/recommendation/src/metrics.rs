@@ -6,18 +6,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use marquee_core::metrics::{Registrar, buckets};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramVec, IntCounter, IntCounterVec, Registry};
 
 use crate::engine::OutItem;
 use crate::model::ModelData;
 use crate::rerank::{ExposureStats, exposure_stats};
-
-/// Stage latency buckets: 50 µs .. 1 s.
-const STAGE_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
 
 /// Served exposure counts.
 #[derive(Default)]
@@ -77,36 +73,24 @@ impl RecMetrics {
     /// Creates the metrics and registers them on `registry`; `num_items` sizes the exposure
     /// counts.
     pub fn new(registry: &Registry, num_items: usize) -> anyhow::Result<Self> {
-        let counter = |name: &str, help: &str| -> anyhow::Result<IntCounter> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let stages = HistogramVec::new(
-            HistogramOpts::new(
-                "marquee_recommendation_stage_seconds",
-                "Time of one pipeline stage (retrieve, filter, rank, rerank, explain).",
-            )
-            .buckets(STAGE_BUCKETS.to_vec()),
+        let r = Registrar(registry);
+        let counter = |name: &str, help: &str| r.counter(name, help);
+        let stages = r.histogram_vec(
+            "marquee_recommendation_stage_seconds",
+            "Time of one pipeline stage (retrieve, filter, rank, rerank, explain).",
             &["stage"],
+            buckets::STAGE,
         )?;
-        registry.register(Box::new(stages.clone()))?;
-        let feedback = IntCounterVec::new(
-            Opts::new(
-                "marquee_recommendation_feedback_events_total",
-                "Feedback events recorded durably, by event type.",
-            ),
+        let feedback = r.counter_vec(
+            "marquee_recommendation_feedback_events_total",
+            "Feedback events recorded durably, by event type.",
             &["event"],
         )?;
-        registry.register(Box::new(feedback.clone()))?;
-        let log_errors = IntCounterVec::new(
-            Opts::new(
-                "marquee_recommendation_feedback_log_errors_total",
-                "Feedback-log operations that failed (nothing acknowledged), by error: write, unavailable, compact.",
-            ),
+        let log_errors = r.counter_vec(
+            "marquee_recommendation_feedback_log_errors_total",
+            "Feedback-log operations that failed (nothing acknowledged), by error: write, unavailable, compact.",
             &["error"],
         )?;
-        registry.register(Box::new(log_errors.clone()))?;
         let exposure = Arc::new(Mutex::new(Exposure {
             counts: vec![0; num_items + 1],
             ..Exposure::default()

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use marquee_core::ServeError;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use marquee_core::metrics::Registrar;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -87,40 +88,36 @@ struct DecodeMetrics {
 
 impl DecodeMetrics {
     fn register(registry: &Registry) -> Self {
-        let queue_depth = IntGauge::new(
+        // Fixed names and labels: registering them can only fail on a bug.
+        let r = Registrar(registry);
+        let bug = "valid, unique metric, this is a bug";
+        let gauge = |name: &str, help: &str| r.register(IntGauge::new(name, help)?);
+        let queue_depth = gauge(
             "marquee_vision_decode_queue_depth",
             "Images admitted and waiting for a decode worker.",
         )
-        .expect("valid metric, this is a bug");
-        let busy = IntGauge::new(
+        .expect(bug);
+        let busy = gauge(
             "marquee_vision_decode_workers_busy",
             "Decode workers decoding an image.",
         )
-        .expect("valid metric, this is a bug");
-        let started = IntCounter::new(
-            "marquee_vision_decodes_started_total",
-            "Images whose decode a worker began.",
-        )
-        .expect("valid metric, this is a bug");
-        let outcomes = IntCounterVec::new(
-            Opts::new(
+        .expect(bug);
+        let started = r
+            .counter(
+                "marquee_vision_decodes_started_total",
+                "Images whose decode a worker began.",
+            )
+            .expect(bug);
+        let outcomes = r
+            .counter_vec(
                 "marquee_vision_decodes_total",
                 "Images that left the decode pool, by outcome.",
-            ),
-            &["outcome"],
-        )
-        .expect("valid metric, this is a bug");
+                &["outcome"],
+            )
+            .expect(bug);
         // Every label value exists from the start, so a dashboard sees zeros, not gaps.
         for o in Outcome::ALL {
             outcomes.with_label_values(&[o.label()]);
-        }
-        for m in [
-            Box::new(queue_depth.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(busy.clone()),
-            Box::new(started.clone()),
-            Box::new(outcomes.clone()),
-        ] {
-            registry.register(m).expect("unique metric, this is a bug");
         }
         Self {
             queue_depth,
