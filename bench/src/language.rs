@@ -1,7 +1,8 @@
 //! The language service under streaming load, the KV-cache decode step by position, and the
-//! naive Python generation loop, all in one run; writes the "Language generation" section.
+//! naive Python generation loop, all in one run, into plain figures; [`crate::markdown`] renders
+//! them as the "Language generation" section.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,9 +38,9 @@ pub struct LanguageArgs {
     pub python: PathBuf,
 }
 
-const MODEL: &str = "gpt_reviews";
-const NEW_TOKENS: u32 = 64;
-const CONCURRENCY: &[usize] = &[1, 8, 16, 32];
+pub(crate) const MODEL: &str = "gpt_reviews";
+pub(crate) const NEW_TOKENS: u32 = 64;
+pub(crate) const CONCURRENCY: &[usize] = &[1, 8, 16, 32];
 const PROMPTS: &[&str] = &[
     "This dress",
     "I love this top",
@@ -269,12 +270,56 @@ fn naive(a: &LanguageArgs, requests: usize) -> anyhow::Result<Naive> {
     Ok(serde_json::from_str(last)?)
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
+/// One row of the streaming table: the service under one concurrency's closed-loop streams,
+/// each figure the median over the runs.
+#[derive(Clone, Debug)]
+pub(crate) struct StreamFigures {
+    pub(crate) tokens_per_s: f64,
+    pub(crate) requests: f64,
+    pub(crate) ttft_p50_ms: f64,
+    pub(crate) ttft_p99_ms: f64,
+    pub(crate) itl_p50_ms: f64,
+    pub(crate) itl_p99_ms: f64,
+    /// Cores the server used during the load.
+    pub(crate) server_cpu: f64,
+    pub(crate) seqs_per_step: f64,
+    pub(crate) decode_ms: f64,
+    /// Share (0-1) of wall time the engine spent inside model calls.
+    pub(crate) model_share: f64,
 }
 
-/// Runs the language benchmarks and returns the Markdown section.
-pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
+/// The in-process decode step at one batch size (median ms) at positions 10 and 200.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DecodeStep {
+    pub(crate) batch: i64,
+    pub(crate) position_10_ms: f64,
+    pub(crate) position_200_ms: f64,
+}
+
+/// The language benchmarks' figures (each the median of `runs`) and how they were taken.
+#[derive(Clone, Debug)]
+pub(crate) struct LanguageFigures {
+    /// `git rev-parse --short HEAD`, empty outside a checkout.
+    pub(crate) commit: String,
+    /// The version of `MODEL` measured.
+    pub(crate) version: u64,
+    /// Repetitions per figure.
+    pub(crate) runs: usize,
+    /// Seconds per load measurement.
+    pub(crate) seconds: f64,
+    /// The service under streaming load, by concurrency, at every `CONCURRENCY`.
+    pub(crate) streams: BTreeMap<usize, StreamFigures>,
+    /// Server resident memory after the runs.
+    pub(crate) server_rss_mib: f64,
+    /// Decode steps, batch 1 first (the target's), then batch 16.
+    pub(crate) steps: Vec<DecodeStep>,
+    /// The naive Python loop: tokens/s and tokens per request (it stops at EOS).
+    pub(crate) naive_tokens_per_s: f64,
+    pub(crate) naive_tokens_per_request: f64,
+}
+
+/// Runs the language benchmarks into plain figures.
+pub(crate) fn measure(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<LanguageFigures> {
     let model_dir = a.repo.join(MODEL);
     let spec: toml::Table = std::fs::read_to_string(model_dir.join("model.toml"))?.parse()?;
     let version = std::fs::read_dir(&model_dir)?
@@ -294,7 +339,11 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
                 .collect::<anyhow::Result<_>>()?;
             at.push(median(runs));
         }
-        steps.push((batch, at[0], at[1]));
+        steps.push(DecodeStep {
+            batch,
+            position_10_ms: at[0],
+            position_200_ms: at[1],
+        });
     }
 
     eprintln!("== language: service under streaming load");
@@ -332,101 +381,61 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
     let rss = rss_mib(server.child.id());
     drop(server);
 
-    let med = |c: usize, f: &dyn Fn(&StreamLoad) -> f64| {
-        let (_, rs) = loads.iter().find(|(cc, _)| *cc == c).expect("measured");
-        median(rs.iter().map(f).collect())
-    };
-    let tps = |c| med(c, &|r: &StreamLoad| r.tokens_per_s);
-    let naive_tps = median(naive_runs.iter().map(|n| n.tokens_per_s).collect());
-    let naive_tokens = median(naive_runs.iter().map(|n| n.tokens / n.requests).collect());
-
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let mut md = String::new();
-    writeln!(md, "{SECTION}\n")?;
-    writeln!(
-        md,
-        "`marquee-bench language` at commit `{commit}`: model `{MODEL}` (version {version}), the `marquee-language` binary with default settings \
-         (max batch 32, 1 intra-op thread), {NEW_TOKENS} new tokens per request (min_new_tokens = max_new_tokens, so every \
-         request does the same work), temperature 0.8, top-k 40, one streaming gRPC call per request from a one-thread client. \
-         Each figure is the median of {} runs of {} s.\n",
-        a.runs, a.seconds
-    )?;
-    writeln!(
-        md,
-        "| concurrent streams | tokens/s | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | server CPU (cores) | sequences per model step | mean decode step (ms) | engine time in model calls |"
-    )?;
-    writeln!(
-        md,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    )?;
-    for &c in CONCURRENCY {
-        writeln!(
-            md,
-            "| {c} | {:.0} | {:.0} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} | {:.1} | {:.2} | {:.0}% |",
-            tps(c),
-            med(c, &|r| r.requests as f64),
-            med(c, &|r| percentile(&r.ttft_ms, 0.5)),
-            med(c, &|r| percentile(&r.ttft_ms, 0.99)),
-            med(c, &|r| percentile(&r.itl_ms, 0.5)),
-            med(c, &|r| percentile(&r.itl_ms, 0.99)),
-            med(c, &|r| r.server_cpu_share),
-            med(c, &|r| r.seqs_per_step),
-            med(c, &|r| r.decode_ms),
-            med(c, &|r| r.model_share * 100.0),
-        )?;
+    Ok(figures(a, commit, version, &loads, steps, &naive_runs, rss))
+}
+
+/// The runs' medians and how they were taken.
+fn figures(
+    a: &LanguageArgs,
+    commit: String,
+    version: u64,
+    loads: &[(usize, Vec<StreamLoad>)],
+    steps: Vec<DecodeStep>,
+    naive_runs: &[Naive],
+    rss: f64,
+) -> LanguageFigures {
+    let streams = loads
+        .iter()
+        .map(|(c, rs)| {
+            let med = |f: &dyn Fn(&StreamLoad) -> f64| median(rs.iter().map(f).collect());
+            let figures = StreamFigures {
+                tokens_per_s: med(&|r| r.tokens_per_s),
+                requests: med(&|r| r.requests as f64),
+                ttft_p50_ms: med(&|r| percentile(&r.ttft_ms, 0.5)),
+                ttft_p99_ms: med(&|r| percentile(&r.ttft_ms, 0.99)),
+                itl_p50_ms: med(&|r| percentile(&r.itl_ms, 0.5)),
+                itl_p99_ms: med(&|r| percentile(&r.itl_ms, 0.99)),
+                server_cpu: med(&|r| r.server_cpu_share),
+                seqs_per_step: med(&|r| r.seqs_per_step),
+                decode_ms: med(&|r| r.decode_ms),
+                model_share: med(&|r| r.model_share),
+            };
+            (*c, figures)
+        })
+        .collect();
+    LanguageFigures {
+        commit,
+        version,
+        runs: a.runs,
+        seconds: a.seconds,
+        streams,
+        server_rss_mib: rss,
+        steps,
+        naive_tokens_per_s: median(naive_runs.iter().map(|n| n.tokens_per_s).collect()),
+        naive_tokens_per_request: median(
+            naive_runs.iter().map(|n| n.tokens / n.requests).collect(),
+        ),
     }
-    writeln!(
-        md,
-        "\nServer resident memory after the runs: {rss:.0} MiB.\n"
-    )?;
-    writeln!(
-        md,
-        "Decode step (in-process tch, 1 thread, median of 200 steps, {} runs):\n",
-        a.runs
-    )?;
-    writeln!(
-        md,
-        "| batch | position 10 (ms) | position 200 (ms) | ratio |"
-    )?;
-    writeln!(md, "| ---: | ---: | ---: | ---: |")?;
-    for (b, p10, p200) in &steps {
-        writeln!(md, "| {b} | {p10:.3} | {p200:.3} | {:.2}× |", p200 / p10)?;
-    }
-    let (_, p10, p200) = steps[0];
-    writeln!(
-        md,
-        "\nNaive baseline (`bench/naive_generate.py`, same run): one request at a time, full recompute per token, \
-         1 thread, 16 requests of up to {NEW_TOKENS} tokens (it stops at EOS: {naive_tokens:.0} tokens per request on \
-         median): {naive_tps:.0} tokens/s.\n"
-    )?;
-    writeln!(md, "| target (2 cores) | measured | verdict |")?;
-    writeln!(md, "| --- | --- | --- |")?;
-    writeln!(
-        md,
-        "| 16 streams ≥ 4× the tokens/s of 1 stream | {:.0} vs {:.0} tokens/s ({:.2}×) | {} |",
-        tps(16),
-        tps(1),
-        tps(16) / tps(1),
-        verdict(tps(16) >= 4.0 * tps(1))
-    )?;
-    writeln!(
-        md,
-        "| ≥ 5× the naive loop's tokens/s at 16 concurrent requests | {:.0} vs {naive_tps:.0} tokens/s ({:.2}×) | {} |",
-        tps(16),
-        tps(16) / naive_tps,
-        verdict(tps(16) >= 5.0 * naive_tps)
-    )?;
-    writeln!(
-        md,
-        "| decode step at position 200 ≤ 1.5× position 10 (batch 1) | {p200:.3} vs {p10:.3} ms ({:.2}×) | {} |\n",
-        p200 / p10,
-        verdict(p200 <= 1.5 * p10)
-    )?;
-    Ok(md)
+}
+
+/// Runs the language benchmarks and returns the Markdown section ([`crate::markdown`]).
+pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
+    Ok(crate::markdown::language_section(&measure(a, bin_dir)?))
 }
 
 /// Replaces the `## …` section starting with `heading` in `report` (or appends it).

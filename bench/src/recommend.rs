@@ -4,9 +4,9 @@
 //! search, end-to-end `Recommend` over gRPC (k = 20 from 500 candidates, ranked and
 //! re-ranked) at a fixed 100 requests/s and at saturation; plus exposure fairness on the real
 //! catalogue for a fixed set of users with and without re-ranking. Every figure is the
-//! median of `--runs`; the targets are the issue's.
+//! median of `--runs`; the targets are the issue's. Measuring returns plain figures;
+//! [`crate::markdown`] renders them.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::percentile;
 
 /// The report section's heading.
-const HEADING: &str = "## Recommendation";
+pub(crate) const HEADING: &str = "## Recommendation";
 
 #[derive(Args, Clone)]
 pub struct RecommendArgs {
@@ -132,8 +132,13 @@ pub fn run(a: RecommendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the benchmark and returns the Markdown section.
+/// Runs the benchmark and returns the Markdown section ([`crate::markdown`]).
 pub fn section(a: &RecommendArgs) -> anyhow::Result<String> {
+    Ok(crate::markdown::recommendation_section(&measure(a)?))
+}
+
+/// Runs the benchmark into plain figures.
+pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
     let settings = {
         let mut s = marquee_recommendation::Settings::default();
         s.repository.path = a.repo.clone();
@@ -207,7 +212,7 @@ pub fn section(a: &RecommendArgs) -> anyhow::Result<String> {
             saturated_rps: e2e.4,
         });
     }
-    report(a, &settings, &runs, &fairness)
+    Ok(figures(a, &settings, &runs, fairness))
 }
 
 /// One ef: single-thread top-100 latency percentiles and mean recall@100 vs exact search.
@@ -382,9 +387,22 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 
 /// Exposure and accuracy on the real catalogue for every user, k = 10: relevance only vs the
 /// default re-ranking (MMR λ and the long-tail floor from the settings).
-struct Fairness {
-    users: usize,
-    rows: Vec<(String, f64, f64, f64, f64)>,
+#[derive(Clone, Debug)]
+pub(crate) struct Fairness {
+    pub(crate) users: usize,
+    pub(crate) rows: Vec<ExposureRow>,
+}
+
+/// One re-ranking configuration's exposure over every user's list.
+#[derive(Clone, Debug)]
+pub(crate) struct ExposureRow {
+    /// What the lists are (e.g. "relevance only (λ = 0, no floor)").
+    pub(crate) lists: String,
+    pub(crate) coverage: f64,
+    pub(crate) gini: f64,
+    pub(crate) long_tail_share: f64,
+    /// Mean held-out recall@10 over the users with a held-out history.
+    pub(crate) recall_at_10: f64,
 }
 
 fn fairness(
@@ -446,13 +464,13 @@ fn fairness(
             }
         }
         let s = exposure_stats(&counts, tail, slots);
-        rows.push((
-            name.to_string(),
-            s.coverage,
-            s.gini,
-            s.long_tail_share,
-            recall_sum / n_recall.max(1) as f64,
-        ));
+        rows.push(ExposureRow {
+            lists: name.to_string(),
+            coverage: s.coverage,
+            gini: s.gini,
+            long_tail_share: s.long_tail_share,
+            recall_at_10: recall_sum / n_recall.max(1) as f64,
+        });
     }
     Ok(Fairness {
         users: users.len(),
@@ -460,16 +478,60 @@ fn fairness(
     })
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
+/// Retrieval top-100 at one ef, each figure the median over the runs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Retrieval {
+    pub(crate) ef: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// Mean recall@100 against exact search.
+    pub(crate) recall: f64,
 }
 
-fn report(
+/// The recommender's figures (each the median over the runs unless said otherwise) and the
+/// settings they were measured with.
+#[derive(Clone, Debug)]
+pub(crate) struct RecommendFigures {
+    /// Synthetic catalogue size.
+    pub(crate) items: usize,
+    /// Per-dimension Gaussian noise of synthetic item embeddings.
+    pub(crate) noise: f32,
+    pub(crate) hnsw_m: usize,
+    pub(crate) ef_construction: usize,
+    /// Runs measured (index rebuilt each time).
+    pub(crate) runs: usize,
+    pub(crate) cores: usize,
+    /// The service's candidate count, default MMR λ and long-tail floor.
+    pub(crate) candidates: usize,
+    pub(crate) diversity: f32,
+    pub(crate) long_tail_floor: f32,
+    /// Offered requests per second of the open-loop load.
+    pub(crate) rate: f64,
+    /// Engine worker threads for the end-to-end load.
+    pub(crate) workers: usize,
+    pub(crate) build_s: f64,
+    /// RSS growth during the first build only: later runs reuse pages the previous index freed,
+    /// so their growth understates.
+    pub(crate) index_mib: f64,
+    /// One per measured ef, in the order given.
+    pub(crate) retrieval: Vec<Retrieval>,
+    pub(crate) e2e_p50_ms: f64,
+    pub(crate) e2e_p99_ms: f64,
+    /// Achieved requests per second at `rate` offered.
+    pub(crate) e2e_rps: f64,
+    /// Failed calls, summed over the runs.
+    pub(crate) e2e_errors: usize,
+    pub(crate) saturated_rps: f64,
+    pub(crate) fairness: Fairness,
+}
+
+/// The runs' medians and the settings they ran with.
+fn figures(
     a: &RecommendArgs,
     settings: &marquee_recommendation::Settings,
     runs: &[Run],
-    fairness: &Fairness,
-) -> anyhow::Result<String> {
+    fairness: Fairness,
+) -> RecommendFigures {
     let rec = &settings.recommendation;
     // The middle value, or the mean of the two middle values for an even count.
     let med = |f: &dyn Fn(&Run) -> f64| {
@@ -481,112 +543,38 @@ fn report(
             n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
         }
     };
-    let mut md = String::new();
-    writeln!(md, "{HEADING} (`marquee-bench recommend`)\n")?;
-    writeln!(
-        md,
-        "Synthetic catalogue of {} items: the real MovieLens items plus synthetic ones, each \
-         taking a real item's metadata and ranking features and an item-tower embedding \
-         (D = 64) blended from that item and a random other one (weight 0.5-1) plus Gaussian \
-         noise (σ = {} per dimension), renormalised. Queries are the real users' tower \
-         embeddings. HNSW M = {}, ef_construction = {}. Median of {} runs, {} cores, shared \
-         with other work.\n",
-        a.items,
-        a.noise,
-        rec.hnsw_m,
-        a.ef_construction.unwrap_or(rec.hnsw_ef_construction),
-        runs.len(),
-        std::thread::available_parallelism()
+    RecommendFigures {
+        items: a.items,
+        noise: a.noise,
+        hnsw_m: rec.hnsw_m,
+        ef_construction: a.ef_construction.unwrap_or(rec.hnsw_ef_construction),
+        runs: runs.len(),
+        cores: std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(0)
-    )?;
-    writeln!(md, "| figure | value |\n| --- | --- |")?;
-    writeln!(md, "| index build time | {:.1} s |", med(&|r| r.build_s))?;
-    // Only the first build counts: later runs reuse pages the previous index freed, so their
-    // RSS growth understates.
-    let mib = runs.first().map_or(f64::NAN, |r| r.index_mib);
-    writeln!(
-        md,
-        "| index memory (RSS growth during the first build: graph + vector copies) | {mib:.0} MiB |"
-    )?;
-    for (i, &ef) in a.ef.iter().enumerate() {
-        writeln!(
-            md,
-            "| retrieval top-100, ef = {ef}: p50 / p99 / recall@100 | {:.3} ms / {:.3} ms / {:.4} |",
-            med(&|r| r.retrieval[i].1),
-            med(&|r| r.retrieval[i].2),
-            med(&|r| r.retrieval[i].3)
-        )?;
-    }
-    writeln!(
-        md,
-        "| end-to-end `Recommend` (k = 20 of {} candidates, ranked, MMR λ = {}, long-tail floor {}) at {} req/s open loop: p50 / p99 | {:.2} ms / {:.2} ms |",
-        rec.candidates,
-        rec.default_diversity,
-        rec.long_tail_floor,
-        a.rate,
-        med(&|r| r.e2e_p50_ms),
-        med(&|r| r.e2e_p99_ms)
-    )?;
-    writeln!(
-        md,
-        "| achieved rate at {} req/s offered (errors) | {:.1} req/s ({}) |",
-        a.rate,
-        med(&|r| r.e2e_rps),
-        runs.iter().map(|r| r.e2e_errors).sum::<usize>()
-    )?;
-    writeln!(
-        md,
-        "| saturated throughput (8 closed-loop callers, {} engine worker(s)) | {:.0} req/s |\n",
-        a.workers,
-        med(&|r| r.saturated_rps)
-    )?;
-    // Targets: the best ef that reaches the recall target decides the retrieval verdict.
-    let best =
-        a.ef.iter()
+            .unwrap_or(0),
+        candidates: rec.candidates,
+        diversity: rec.default_diversity,
+        long_tail_floor: rec.long_tail_floor,
+        rate: a.rate,
+        workers: a.workers,
+        build_s: med(&|r| r.build_s),
+        index_mib: runs.first().map_or(f64::NAN, |r| r.index_mib),
+        retrieval: a
+            .ef
+            .iter()
             .enumerate()
-            .filter(|(i, _)| med(&|r| r.retrieval[*i].3) >= 0.95)
-            .map(|(i, &ef)| (ef, med(&|r| r.retrieval[i].2)))
-            .min_by(|x, y| x.1.total_cmp(&y.1));
-    writeln!(md, "| target | measured | verdict |\n| --- | --- | --- |")?;
-    match best {
-        Some((ef, p99)) => writeln!(
-            md,
-            "| retrieval p99 ≤ 10 ms at recall@100 ≥ 0.95 | {p99:.3} ms at ef = {ef} | {} |",
-            verdict(p99 <= 10.0)
-        )?,
-        None => writeln!(
-            md,
-            "| retrieval p99 ≤ 10 ms at recall@100 ≥ 0.95 | no measured ef reached recall 0.95 | **missed** |"
-        )?,
+            .map(|(i, &ef)| Retrieval {
+                ef,
+                p50_ms: med(&|r| r.retrieval[i].1),
+                p99_ms: med(&|r| r.retrieval[i].2),
+                recall: med(&|r| r.retrieval[i].3),
+            })
+            .collect(),
+        e2e_p50_ms: med(&|r| r.e2e_p50_ms),
+        e2e_p99_ms: med(&|r| r.e2e_p99_ms),
+        e2e_rps: med(&|r| r.e2e_rps),
+        e2e_errors: runs.iter().map(|r| r.e2e_errors).sum::<usize>(),
+        saturated_rps: med(&|r| r.saturated_rps),
+        fairness,
     }
-    let p99 = med(&|r| r.e2e_p99_ms);
-    let rps = med(&|r| r.e2e_rps);
-    writeln!(
-        md,
-        "| end-to-end p99 ≤ 30 ms at 100 req/s | {p99:.2} ms at {rps:.1} req/s | {} |",
-        verdict(p99 <= 30.0 && rps >= 0.98 * a.rate)
-    )?;
-    writeln!(
-        md,
-        "| memory ≤ 2 GiB for the 1M-item index | {mib:.0} MiB | {} |\n",
-        verdict(mib <= 2048.0 && a.items >= 1_000_000)
-    )?;
-    writeln!(
-        md,
-        "### Exposure fairness (real catalogue, all {} users, k = 10)\n",
-        fairness.users
-    )?;
-    writeln!(
-        md,
-        "| lists | catalogue coverage | Gini of exposure | long-tail share | held-out recall@10 |\n| --- | --- | --- | --- | --- |"
-    )?;
-    for (name, cov, gini, tail, recall) in &fairness.rows {
-        writeln!(
-            md,
-            "| {name} | {cov:.3} | {gini:.3} | {tail:.3} | {recall:.4} |"
-        )?;
-    }
-    writeln!(md)?;
-    Ok(md)
 }
