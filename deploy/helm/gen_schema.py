@@ -127,8 +127,11 @@ VISION = obj(
         "max_image_bytes": integer(1),
         "max_pixels": integer(1),
         "max_batch_items": integer(1),
+        "max_aspect_ratio": integer(1),
+        "decode_workers": integer(1),
+        "decode_queue": integer(1),
     },
-    description="`[vision]` image limits.",
+    description="`[vision]` image limits and the decode pool (docs/CONFIG.md).",
 )
 
 TENANT = obj(

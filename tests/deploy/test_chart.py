@@ -351,6 +351,21 @@ def test_repository_overrides_pass_through_where_the_service_uses_them():
     assert config_of(objects, "recommendation")["repository"] == {"path": "/models", "lanes": 2, "models": ["recommender"], "poll_interval_ms": 0}
 
 
+def test_every_documented_vision_setting_passes_the_schema_and_reaches_the_config():
+    """docs/CONFIG.md's `[vision]` keys, the decode pool's included (the schema used to refuse
+    `max_aspect_ratio`, `decode_workers` and `decode_queue`, which the service accepts)."""
+    vision = {
+        "max_image_bytes": 4194304,
+        "max_pixels": 20000000,
+        "max_batch_items": 64,
+        "max_aspect_ratio": 10,
+        "decode_workers": 2,
+        "decode_queue": 128,
+    }
+    objects = render({"vision": {"config": {"vision": vision}}})
+    assert config_of(objects, "vision")["vision"] == vision
+
+
 def test_every_gateway_route_takes_its_limits_from_values():
     routes = {r: {"default_timeout_ms": 5000, "max_timeout_ms": 60000} for r in ("vision", "inference", "language", "recommendation")}
     objects = render({"gateway": {"config": {"routes": routes}}})
