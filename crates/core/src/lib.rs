@@ -27,6 +27,7 @@ pub mod repository;
 pub mod runner;
 pub mod serve;
 pub mod telemetry;
+pub mod tenant;
 #[cfg(feature = "torch")]
 pub mod tensor;
 

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::Gateway;
 use crate::access::principal;
 use crate::auth::Principal;
-use crate::backend::{BackendPool, outgoing};
+use crate::backend::{BackendPool, outgoing_for};
 use crate::config::{Route, RouteName};
 use crate::error::GatewayError;
 use crate::quota::Slot;
@@ -46,6 +46,8 @@ pub struct Routed<'a> {
 pub struct Admitted {
     pub backend: Arc<BackendPool>,
     pub deadline: Instant,
+    /// The caller's tenant, as authenticated: forwarded to the backend.
+    pub tenant: String,
     /// Held, not read: dropping it passes the slot to the next waiting tenant.
     pub slot: Slot,
 }
@@ -113,6 +115,7 @@ impl Routed<'_> {
         Ok(Admitted {
             backend: self.backend,
             deadline: self.deadline,
+            tenant: self.who.tenant.clone(),
             slot,
         })
     }
@@ -134,7 +137,10 @@ impl Admitted {
     {
         self.backend
             .call_remembering(method, self.deadline, req, |ch, t| {
-                call(ch, outgoing(req.clone(), t))
+                call(
+                    ch,
+                    outgoing_for(req.clone(), t, &self.tenant, &self.backend),
+                )
             })
             .await
     }

@@ -116,6 +116,8 @@ impl Drop for InFlightGuard<'_> {
 pub struct BackendPool {
     pub name: String,
     pub cfg: BackendConfig,
+    /// Sent with the caller's tenant (`backends.<name>.tenant_token_file`).
+    pub tenant_token: Option<String>,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     fair: Arc<FairQueue>,
     /// One retry budget per route (indexed by `RouteName as usize`): a backend serving both
@@ -140,9 +142,15 @@ impl BackendPool {
             .iter()
             .map(|a| Endpoint::new(a, cfg.tls.as_ref()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let tenant_token = cfg
+            .tenant_token_file
+            .as_deref()
+            .map(marquee_core::tenant::read_token_file)
+            .transpose()?;
         let pool = Arc::new(Self {
             name: name.to_string(),
             cfg: cfg.clone(),
+            tenant_token,
             fair: FairQueue::new(endpoints.len().max(1) * cfg.max_in_flight_per_endpoint),
             endpoints: ArcSwap::from_pointee(endpoints),
             budgets: RouteName::ALL.map(|r| retry_budget(routes.get(r).retry_budget_percent)),
@@ -568,6 +576,20 @@ pub fn outgoing<T>(message: T, remaining: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(remaining);
     marquee_core::propagation::inject(req.metadata_mut());
+    req
+}
+
+/// As [`outgoing`], for one caller's call: with the tenant the gateway authenticated (and the
+/// backend's tenant token), so backends that keep per-user state key it by tenant. Built
+/// afresh, the request carries nothing the client sent in its metadata.
+pub fn outgoing_for<T>(
+    message: T,
+    remaining: Duration,
+    tenant: &str,
+    backend: &BackendPool,
+) -> tonic::Request<T> {
+    let mut req = outgoing(message, remaining);
+    marquee_core::tenant::forward(req.metadata_mut(), tenant, backend.tenant_token.as_deref());
     req
 }
 

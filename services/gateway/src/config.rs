@@ -187,6 +187,9 @@ pub struct Backend {
     pub models_refresh_ms: u64,
     /// Call the replicas over TLS (mutual TLS with `cert_file` + `key_file`).
     pub tls: Option<ClientTls>,
+    /// A secret the gateway sends beside the caller's tenant (`x-marquee-tenant-token`), so a
+    /// backend configured with the same file accepts the tenant only from the gateway.
+    pub tenant_token_file: Option<PathBuf>,
 }
 
 /// TLS to a backend. Files are PEM.
@@ -218,6 +221,7 @@ impl Default for Backend {
             max_in_flight_per_endpoint: 64,
             models_refresh_ms: 5_000,
             tls: None,
+            tenant_token_file: None,
         }
     }
 }
@@ -434,6 +438,13 @@ impl Validate for Settings {
                         ));
                     }
                 }
+            }
+            if let Some(Err(e)) = b
+                .tenant_token_file
+                .as_deref()
+                .map(marquee_core::tenant::read_token_file)
+            {
+                errors.push(format!("`backends.{name}.tenant_token_file`: {e}"));
             }
             if b.health_interval_ms == 0 {
                 errors.push(format!(

@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status};
 use crate::Gateway;
 use crate::access::principal;
 use crate::admission::Admission;
-use crate::backend::outgoing;
+use crate::backend::outgoing_for;
 use crate::batch::{
     ClassifyDispatch, InferDispatch, InferKey, InferPlan, MAX_BATCHED_TOP_K, check_name, send_infer,
 };
@@ -346,7 +346,7 @@ impl TextGeneration for LanguageRoute {
                 "marquee.language.v1.TextGeneration/GenerateStream",
                 call.deadline,
                 |ch, t| {
-                    let r = outgoing(req.clone(), t);
+                    let r = outgoing_for(req.clone(), t, &call.tenant, &call.backend);
                     async move { language_client(ch).generate_stream(r).await }
                 },
             )
