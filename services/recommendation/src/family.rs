@@ -36,6 +36,11 @@ pub struct UserState {
     pub key: UserKey,
     pub log: Mutex<FeedbackLog>,
     pub log_path: PathBuf,
+    /// With it, a tenant header is accepted only from the gateway (`recommendation.
+    /// tenant_token_file`).
+    pub tenant_token: Option<String>,
+    /// The tenant whose users the training histories are (`recommendation.training_tenant`).
+    pub training_tenant: String,
 }
 
 /// A model given in memory instead of read from its version directory (the bench serves a
@@ -121,7 +126,7 @@ impl ModelFamily for RecFamily {
             }
         };
         let run = data.instance.resolve(at.settings, DEFAULT_LANES)?;
-        let users = Users::from_training(&data, &self.state.key);
+        let users = Users::from_training(&data, &self.state.key, &self.state.training_tenant);
         let config = self
             .settings
             .engine_config(run.threads, run.lanes, at.liveness.clone());

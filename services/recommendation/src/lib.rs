@@ -75,6 +75,15 @@ pub struct RecommendationSettings {
     /// Secret key of the user-id hash; default `<state_dir>/user_id.key`, created on first
     /// start. Mount it from a secret in production: losing it orphans the feedback log.
     pub user_id_key_file: Option<PathBuf>,
+    /// Users are keyed by (tenant, user id): the tenant the gateway authenticated, sent in
+    /// `x-marquee-tenant`, or `default` on a call without it. With this file (the same secret
+    /// as the gateway's `backends.<name>.tenant_token_file`), a tenant header is accepted only
+    /// with the token the gateway sends beside it; without it, anyone who can reach this
+    /// service directly can name a tenant (fine on a private network or a laptop).
+    pub tenant_token_file: Option<PathBuf>,
+    /// The tenant whose users the training histories are: the model's own users (MovieLens
+    /// users in the demo model) belong to this tenant only.
+    pub training_tenant: String,
     /// Candidates retrieved from the index per request (N).
     pub candidates: usize,
     /// Largest `k`.
@@ -112,6 +121,8 @@ impl Default for RecommendationSettings {
         Self {
             state_dir: PathBuf::from("var/recommendation"),
             user_id_key_file: None,
+            tenant_token_file: None,
+            training_tenant: marquee_core::tenant::DEFAULT_TENANT.into(),
             // The pipeline: k = 20 from 500 candidates; also what metrics.json measured.
             candidates: 500,
             max_k: 100,
@@ -179,6 +190,23 @@ impl Validate for Settings {
                     "`recommendation.{name}` must be in [0, 1], got {v}"
                 ));
             }
+        }
+        if let Some(Err(e)) = r
+            .tenant_token_file
+            .as_deref()
+            .map(marquee_core::tenant::read_token_file)
+        {
+            errors.push(format!("`recommendation.tenant_token_file`: {e}"));
+        }
+        let t = &r.training_tenant;
+        if t.is_empty()
+            || t.len() > marquee_core::tenant::MAX_TENANT_BYTES
+            || !t.bytes().all(|b| b.is_ascii_graphic())
+        {
+            errors.push(format!(
+                "`recommendation.training_tenant` must be 1..={} visible ASCII characters, got `{t}`",
+                marquee_core::tenant::MAX_TENANT_BYTES
+            ));
         }
         if !matches!(r.index.as_str(), "hnsw" | "exact") {
             errors.push(format!(
@@ -290,10 +318,18 @@ async fn start_with(
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.key_path().display()))?;
         let (log, replay) = FeedbackLog::open(&rec.log_path())
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.log_path().display()))?;
+        let tenant_token = rec
+            .tenant_token_file
+            .as_deref()
+            .map(marquee_core::tenant::read_token_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let state = UserState {
             key,
             log: Mutex::new(log),
             log_path: rec.log_path(),
+            tenant_token,
+            training_tenant: rec.training_tenant.clone(),
         };
         Ok::<_, anyhow::Error>((Arc::new(state), replay.dropped_bytes))
     })

@@ -97,7 +97,28 @@ impl UserKey {
         Ok(Self(key))
     }
 
-    /// The keyed hash of a user id.
+    /// The pseudonym of user `user_id` of `tenant`: tenants' user ids are separate spaces, so
+    /// the same id in two tenants is two users. The default tenant's pseudonym is
+    /// [`Self::hash`] of the id alone, as before tenants were keyed, so logs and training
+    /// users from then stay theirs; the others hash the tenant too (a longer, differently
+    /// framed input, so no id of one space collides with another's by construction).
+    pub fn hash_for(&self, tenant: &str, user_id: i64) -> UserHash {
+        if tenant == marquee_core::tenant::DEFAULT_TENANT {
+            return self.hash(user_id);
+        }
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length, this is a bug");
+        mac.update(b"tenant\0");
+        mac.update(&(tenant.len() as u64).to_le_bytes());
+        mac.update(tenant.as_bytes());
+        mac.update(&user_id.to_le_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        UserHash(out)
+    }
+
+    /// The keyed hash of a user id (the default tenant's pseudonym).
     pub fn hash(&self, user_id: i64) -> UserHash {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
             .expect("HMAC accepts keys of any length, this is a bug");
@@ -122,6 +143,17 @@ mod tests {
         assert_ne!(a.hash(42), b.hash(42), "another key gives other hashes");
         assert!(!a.hash(42).to_string().contains("42"));
         assert_eq!(a.hash(42).to_string().len(), 16);
+    }
+
+    #[test]
+    fn tenants_have_separate_user_spaces_and_the_default_one_keeps_its_hashes() {
+        let k = UserKey::from_bytes(vec![1; 32]);
+        assert_eq!(k.hash_for("default", 42), k.hash(42));
+        assert_ne!(k.hash_for("acme", 42), k.hash_for("globex", 42));
+        assert_ne!(k.hash_for("acme", 42), k.hash(42));
+        assert_eq!(k.hash_for("acme", 42), k.hash_for("acme", 42));
+        // Length-framed: ("ab", id) and ("a", id') cannot meet by shifting bytes around.
+        assert_ne!(k.hash_for("ab", 1), k.hash_for("a", 1));
     }
 
     #[test]

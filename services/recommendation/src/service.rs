@@ -20,6 +20,7 @@ use crate::engine::{EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, Val
 use crate::family::{RecFamily, RecModel, UserState};
 use crate::feedback::{EventKind, LogError, Record};
 use crate::model::Catalog;
+use crate::privacy::UserHash;
 use crate::users::Subject;
 
 /// The catalogue of a version.
@@ -174,6 +175,18 @@ impl Recommender {
         self.repo.only().map_err(RecError::Serve)
     }
 
+    /// The caller's tenant: set by the gateway, `default` on a direct call; refused when a
+    /// tenant token is configured and the header did not come with it.
+    fn tenant<T>(&self, request: &Request<T>) -> Result<String, RecError> {
+        marquee_core::tenant::of_call(request.metadata(), self.state().tenant_token.as_deref())
+            .map_err(RecError::Serve)
+    }
+
+    /// The pseudonym of `user_id` in `tenant`'s user space.
+    fn user(&self, tenant: &str, user_id: i64) -> UserHash {
+        self.state().key.hash_for(tenant, user_id)
+    }
+
     fn settings(&self) -> &RecommendationSettings {
         self.repo.family().settings()
     }
@@ -259,7 +272,12 @@ impl Recommender {
     }
 
     /// Parses a `RecommendRequest` and looks its subject up.
-    fn check_recommend(&self, m: &Model, r: &pb::RecommendRequest) -> Result<RecQuery, RecError> {
+    fn check_recommend(
+        &self,
+        m: &Model,
+        tenant: &str,
+        r: &pb::RecommendRequest,
+    ) -> Result<RecQuery, RecError> {
         let k = self.check_k("k", r.k)?;
         let settings = self.settings();
         let diversity = unit_interval("diversity", r.diversity, settings.default_diversity)?;
@@ -271,7 +289,7 @@ impl Recommender {
         let filter = self.check_filter(m, r.filter.as_ref())?;
         let subject = match &r.subject {
             Some(pb::recommend_request::Subject::UserId(id)) => {
-                let hash = self.state().key.hash(*id);
+                let hash = self.user(tenant, *id);
                 m.users
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
@@ -352,19 +370,18 @@ impl Recommender {
     /// One `Recommend`, with the user id only as a keyed hash in the span.
     pub async fn recommend_one(
         &self,
+        tenant: &str,
         r: &pb::RecommendRequest,
     ) -> Result<pb::RecommendResponse, RecError> {
         let user = match &r.subject {
-            Some(pb::recommend_request::Subject::UserId(id)) => {
-                self.state().key.hash(*id).to_string()
-            }
+            Some(pb::recommend_request::Subject::UserId(id)) => self.user(tenant, *id).to_string(),
             Some(pb::recommend_request::Subject::Anonymous(_)) => "anonymous".into(),
             None => "none".into(),
         };
         let span = tracing::debug_span!("recommend", user = %user, k = r.k);
         async {
             let m = self.model()?;
-            let q = self.check_recommend(&m, r)?;
+            let q = self.check_recommend(&m, tenant, r)?;
             let out = m.engine.recommend(q).await?;
             Ok(self.response(&m, out))
         }
@@ -372,7 +389,12 @@ impl Recommender {
         .await
     }
 
-    fn check_feedback(&self, m: &Model, r: &pb::RecordFeedbackRequest) -> Result<Record, RecError> {
+    fn check_feedback(
+        &self,
+        m: &Model,
+        tenant: &str,
+        r: &pb::RecordFeedbackRequest,
+    ) -> Result<Record, RecError> {
         let event = u8::try_from(r.event)
             .ok()
             .and_then(EventKind::from_u8)
@@ -410,7 +432,7 @@ impl Recommender {
         };
         item_indices(catalog(m), "item_id", &[r.item_id])?;
         Ok(Record::Feedback {
-            user: self.state().key.hash(r.user_id),
+            user: self.user(tenant, r.user_id),
             item_id: r.item_id,
             event,
             timestamp_ms,
@@ -433,7 +455,10 @@ impl RecommenderApi for Recommender {
         &self,
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
-        Ok(Response::new(self.recommend_one(request.get_ref()).await?))
+        let tenant = self.tenant(&request)?;
+        Ok(Response::new(
+            self.recommend_one(&tenant, request.get_ref()).await?,
+        ))
     }
 
     async fn recommend_batch(
@@ -453,7 +478,9 @@ impl RecommenderApi for Recommender {
             .into());
         }
         // Concurrently: the engine queue spreads them over the workers.
-        let results = futures::future::join_all(reqs.iter().map(|r| self.recommend_one(r))).await;
+        let tenant = self.tenant(&request)?;
+        let results =
+            futures::future::join_all(reqs.iter().map(|r| self.recommend_one(&tenant, r))).await;
         let mut items = Vec::with_capacity(results.len());
         for (i, r) in results.into_iter().enumerate() {
             let result = match r {
@@ -509,8 +536,9 @@ impl RecommenderApi for Recommender {
         &self,
         request: Request<pb::RecordFeedbackRequest>,
     ) -> Result<Response<pb::RecordFeedbackResponse>, Status> {
+        let tenant = self.tenant(&request)?;
         let model = self.model()?;
-        let record = self.check_feedback(&model, request.get_ref())?;
+        let record = self.check_feedback(&model, &tenant, request.get_ref())?;
         drop(model);
         let span = tracing::debug_span!("record_feedback", user = %record.user());
         let (state, repo) = (self.state().clone(), self.repo.clone());
@@ -554,7 +582,8 @@ impl RecommenderApi for Recommender {
         &self,
         request: Request<pb::ForgetUserRequest>,
     ) -> Result<Response<pb::ForgetUserResponse>, Status> {
-        let user = self.state().key.hash(request.get_ref().user_id);
+        let tenant = self.tenant(&request)?;
+        let user = self.user(&tenant, request.get_ref().user_id);
         let span = tracing::info_span!("forget_user", user = %user);
         let (state, repo) = (self.state().clone(), self.repo.clone());
         let metrics = self.repo.family().metrics().clone();

@@ -52,8 +52,9 @@ pub struct Users {
 }
 
 impl Users {
-    /// Training users with their training histories.
-    pub fn from_training(data: &ModelData, key: &UserKey) -> Self {
+    /// Training users with their training histories, as users of `tenant`
+    /// (`recommendation.training_tenant`).
+    pub fn from_training(data: &ModelData, key: &UserKey, tenant: &str) -> Self {
         let mut map = HashMap::with_capacity(data.users.len());
         for (&user_id, &index) in &data.users {
             let history = data
@@ -66,7 +67,7 @@ impl Users {
                 })
                 .unwrap_or_default();
             map.insert(
-                key.hash(user_id),
+                key.hash_for(tenant, user_id),
                 UserState {
                     index,
                     history,
