@@ -50,8 +50,14 @@ async fn recommendations_route_through_the_gateway_with_read_and_write_scopes() 
         diversity: Some(0.0),
         ..Default::default()
     };
+    // Through the gateway the call is tenant globex's; directly, the same tenant is named in
+    // the header the gateway sets (no tenant token is configured here).
+    let mut as_globex = tonic::Request::new(req.clone());
+    as_globex
+        .metadata_mut()
+        .insert("x-marquee-tenant", "globex".parse().unwrap());
     let want = direct
-        .recommend(req.clone())
+        .recommend(as_globex)
         .await
         .expect("direct")
         .into_inner();
