@@ -153,12 +153,19 @@ start_service marquee-language \
   MARQUEE__REPOSITORY__PATH="$model_repo"
 
 # The feedback log and the user-id hash key persist across runs here.
+# Users are kept per tenant. The gateway tells the recommender the caller's tenant with a
+# token only the two of them know (a fresh one per run), so a direct call cannot claim one;
+# the MovieLens training users are the local tenant's, the gateway's only tenant here.
+tenant_token="$log_dir/tenant.token"
+(umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$tenant_token")
 start_service marquee-recommendation \
   "${own_env[@]}" \
   MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_RECOMMENDATION_GRPC_ADDR:-127.0.0.1:8003}" \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_RECOMMENDATION_ADMIN_ADDR:-127.0.0.1:9003}" \
   MARQUEE__REPOSITORY__PATH="$model_repo" \
-  MARQUEE__RECOMMENDATION__STATE_DIR="$log_dir/recommendation-state"
+  MARQUEE__RECOMMENDATION__STATE_DIR="$log_dir/recommendation-state" \
+  MARQUEE__RECOMMENDATION__TENANT_TOKEN_FILE="$tenant_token" \
+  MARQUEE__RECOMMENDATION__TRAINING_TENANT=local
 
 # The gateway in front, with a fresh API key for this run (only its SHA-256 is configured).
 api_key=${MARQUEE_API_KEY:-mq_$(head -c 18 /dev/urandom | base64 | tr -d '/+=' | head -c 24)}
@@ -184,6 +191,7 @@ endpoints = ["$(dial "${grpc_of[marquee-language]}")"]
 [backends.recommendation]
 kind = "recommendation"
 endpoints = ["$(dial "${grpc_of[marquee-recommendation]}")"]
+tenant_token_file = "$tenant_token"
 CFG
 # The gateway has its own settings: MARQUEE__* variables meant for the vision service (say
 # MARQUEE__REPOSITORY__MODELS) must not reach it.

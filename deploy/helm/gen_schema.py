@@ -225,6 +225,7 @@ LANGUAGE = obj(
 
 RECOMMENDATION = obj(
     {
+        "training_tenant": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"},
         "candidates": integer(1),
         "max_k": integer(1),
         "max_batch_requests": integer(1),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import sys
 import tempfile
 import time
@@ -85,7 +86,11 @@ def stack() -> Stack:
         pytest.fail(f"the `marquee` CLI is not in {bin_dir()} (set MARQUEE_BIN_DIR)")
     root = Path(tempfile.mkdtemp(prefix="marquee-docs-"))
     (root / "state").mkdir()
-    common = {"MODEL_REPO": str(repo), "STATE_DIR": str(root / "state")}
+    # As `make run`: the gateway vouches for the caller's tenant with a token only it and the
+    # recommender know.
+    token = root / "tenant.token"
+    token.write_text(secrets.token_urlsafe(24) + "\n")
+    common = {"MODEL_REPO": str(repo), "STATE_DIR": str(root / "state"), "TENANT_TOKEN": str(token)}
     with contextlib.ExitStack() as stack:
         backends = {}
         for name in ("vision", "language", "recommendation"):
@@ -98,6 +103,7 @@ def stack() -> Stack:
             VISION=backends["vision"].grpc_addr,
             LANGUAGE=backends["language"].grpc_addr,
             RECOMMENDATION=backends["recommendation"].grpc_addr,
+            TENANT_TOKEN=str(token),
         )
         gateway = stack.enter_context(run_binary("marquee-gateway", {}, ["--config", str(gw_cfg)]))
         wait_ready(gateway.admin_addr, GATEWAY_MODELS, READY_TIMEOUT_S)
