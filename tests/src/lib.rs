@@ -260,6 +260,18 @@ pub const NOISY_KEY: &str = "noisy-test-key-77e0aa";
 pub const QUIET_KEY: &str = "quiet-test-key-31c9b8";
 pub const LIMITED_KEY: &str = "limited-test-key-0d4e21";
 
+/// A gateway backend of kind `recommendation` with one replica at `addr`, health-checked every
+/// 100 ms.
+pub fn recommendation_backend(addr: SocketAddr) -> marquee_gateway::config::Backend {
+    use marquee_gateway::config::{Backend, BackendKind};
+    Backend {
+        kind: BackendKind::Recommendation,
+        endpoints: vec![addr.to_string()],
+        health_interval_ms: 100,
+        ..Backend::default()
+    }
+}
+
 /// Gateway settings in front of `backends` (vision replicas): ephemeral ports; tenants `acme`
 /// (vision), `globex` (recommendation only), `noisy` and `quiet` (vision), `limited` (2 calls/s).
 pub fn gateway_settings(backends: &[SocketAddr]) -> marquee_gateway::config::Settings {

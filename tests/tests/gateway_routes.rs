@@ -2,7 +2,7 @@
 //! read and write scopes enforced at the gateway.
 
 use marquee_e2e::*;
-use marquee_gateway::config::{ApiKey, Backend, BackendKind};
+use marquee_gateway::config::ApiKey;
 use marquee_proto::recommendation::recommend_request::Subject;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
 use marquee_proto::recommendation::{
@@ -21,12 +21,7 @@ async fn recommendations_route_through_the_gateway_with_read_and_write_scopes() 
     s.backends.clear();
     s.backends.insert(
         "recommendation".into(),
-        Backend {
-            kind: BackendKind::Recommendation,
-            endpoints: vec![rec.grpc_addr.to_string()],
-            health_interval_ms: 100,
-            ..Backend::default()
-        },
+        recommendation_backend(rec.grpc_addr),
     );
     let key = |k: &str, scopes: &[&str]| ApiKey {
         sha256: marquee_gateway::auth::hash_key(k),

@@ -6,7 +6,7 @@
 //! id, and tenant b's `Recommend(explain)` for the same id explained its picks with a's likes.
 
 use marquee_e2e::*;
-use marquee_gateway::config::{ApiKey, Backend, BackendKind, Tenant};
+use marquee_gateway::config::{ApiKey, Backend, Tenant};
 use marquee_proto::recommendation::recommend_request::Subject;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
 use marquee_proto::recommendation::{
@@ -80,11 +80,8 @@ async fn one_tenants_users_are_invisible_to_another_and_the_tenant_comes_only_fr
     s.backends.insert(
         "recommendation".into(),
         Backend {
-            kind: BackendKind::Recommendation,
-            endpoints: vec![rec.grpc_addr.to_string()],
-            health_interval_ms: 100,
             tenant_token_file: Some(token_file),
-            ..Backend::default()
+            ..recommendation_backend(rec.grpc_addr)
         },
     );
     for (key, tenant) in [(A_KEY, "a"), (B_KEY, "b")] {
