@@ -226,6 +226,8 @@ LANGUAGE = obj(
 RECOMMENDATION = obj(
     {
         "training_tenant": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"},
+        "retention_days": integer(0, 36500),
+        "retention_purge_interval_ms": integer(1),
         "candidates": integer(1),
         "max_k": integer(1),
         "max_batch_requests": integer(1),

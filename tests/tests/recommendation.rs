@@ -386,6 +386,84 @@ async fn forget_user_makes_them_indistinguishable_from_cold_start_also_after_res
     again.shutdown.cancel();
 }
 
+/// Records one like of `user` for item `item` at `timestamp_ms`; the user's history length.
+async fn like_at(
+    c: &mut marquee_proto::recommendation::recommender_client::RecommenderClient<
+        tonic::transport::Channel,
+    >,
+    user: i64,
+    item: i64,
+    timestamp_ms: i64,
+) -> u32 {
+    c.record_feedback(pb::RecordFeedbackRequest {
+        user_id: user,
+        item_id: item,
+        event: pb::FeedbackEvent::Like as i32,
+        timestamp_ms,
+    })
+    .await
+    .expect("feedback recorded")
+    .into_inner()
+    .history_length
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_older_than_the_retention_period_is_purged_at_start_and_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = 7_000_101; // not a training user: its history is only feedback
+    let day_ms = 86_400_000;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // The clock this test controls: each event's own timestamp.
+    let old = now() - 40 * day_ms;
+    // Without retention: 3 events 40 days old and 2 of today are all kept.
+    let server = start_recommendation(recommendation_settings(dir.path())).await;
+    let mut c = server.client().await;
+    for (i, ts) in [old, old + 1, old + 2, 0, 0].into_iter().enumerate() {
+        assert_eq!(like_at(&mut c, user, 1 + i as i64, ts).await, i as u32 + 1);
+    }
+    server.shutdown.cancel();
+
+    // With a 30-day retention: the old events are gone at start, before anything is served.
+    let mut s = recommendation_settings(dir.path());
+    s.recommendation.retention_days = 30;
+    s.recommendation.retention_purge_interval_ms = 100;
+    let server = start_recommendation(s).await;
+    let purged = |server: &TestRecommender| {
+        server.metric("marquee_recommendation_feedback_purged_total", &[])
+    };
+    assert_eq!(purged(&server), 3.0);
+    let mut c = server.client().await;
+    assert_eq!(like_at(&mut c, user, 6, 0).await, 3, "2 recent + this one");
+
+    // While serving: an event that is already expired is accepted, then purged by the next
+    // pass, from the log and from the user's history.
+    assert_eq!(like_at(&mut c, user, 7, now() - 31 * day_ms).await, 4);
+    wait_until(
+        "the periodic retention pass",
+        std::time::Duration::from_secs(60),
+        || {
+            let n = purged(&server);
+            async move { (n >= 4.0).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(like_at(&mut c, user, 8, 0).await, 4, "3 recent + this one");
+    let cutoff = now() - 30 * day_ms;
+    let replay =
+        marquee_recommendation::feedback::read_all(&dir.path().join("feedback.log")).unwrap();
+    assert_eq!(replay.records.len(), 4);
+    assert!(replay.records.iter().all(|r| matches!(
+        r,
+        marquee_recommendation::feedback::Record::Feedback { timestamp_ms, .. } if *timestamp_ms >= cutoff
+    )));
+    server.shutdown.cancel();
+}
+
 /// Mean number of distinct genres per list.
 fn distinct_genres(lists: &[pb::RecommendResponse]) -> f64 {
     let total: usize = lists

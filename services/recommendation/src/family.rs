@@ -200,3 +200,77 @@ impl marquee_core::oip::OipModel for RecModel {
         )))
     }
 }
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The oldest feedback timestamp retention keeps at `now_ms`, or `None` when retention is off.
+pub fn retention_cutoff(settings: &RecommendationSettings, now_ms: i64) -> Option<i64> {
+    (settings.retention_days > 0)
+        .then(|| now_ms.saturating_sub(settings.retention_days as i64 * 86_400_000))
+}
+
+/// One retention pass at `now_ms` (blocking): removes expired feedback from the log, then
+/// rebuilds the serving version's users from its training data and the log. Under the lock
+/// every feedback write and every version swap takes, so the users that serve afterwards are
+/// exactly training + the log as it now is.
+pub fn purge_expired(
+    repo: &marquee_core::repository::Repository<RecFamily>,
+    now_ms: i64,
+) -> Result<u64, String> {
+    let family = repo.family();
+    let Some(cutoff) = retention_cutoff(&family.settings, now_ms) else {
+        return Ok(0);
+    };
+    let state = &family.state;
+    let mut log = state.log.lock().unwrap_or_else(|p| p.into_inner());
+    let removed = log.purge_before(cutoff).map_err(|e| e.to_string())?;
+    if removed == 0 {
+        return Ok(0);
+    }
+    let model = repo.only().map_err(|e| e.to_string())?;
+    let data = &model.engine.shared.data;
+    let mut users = Users::from_training(data, &state.key, &state.training_tenant);
+    let replay = crate::feedback::read_all(&state.log_path)
+        .map_err(|e| format!("`{}`: {e}", state.log_path.display()))?;
+    for r in &replay.records {
+        users.apply(r, &data.catalog);
+    }
+    *model.users.write().unwrap_or_else(|p| p.into_inner()) = users;
+    drop(log);
+    family.metrics.purged.inc_by(removed);
+    tracing::info!(removed, "retention: expired feedback removed");
+    Ok(removed)
+}
+
+/// Runs [`purge_expired`] every `retention_purge_interval_ms` until `shutdown`.
+pub fn spawn_retention(
+    repo: Arc<marquee_core::repository::Repository<RecFamily>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every =
+        std::time::Duration::from_millis(repo.family().settings.retention_purge_interval_ms);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let repo = repo.clone();
+            // A log rewrite fsyncs: off the runtime. A failure is logged and retried next time.
+            match tokio::task::spawn_blocking(move || purge_expired(&repo, now_ms())).await {
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "retention pass failed; retrying at the next one")
+                }
+                Err(e) => tracing::error!(error = %e, "retention pass panicked"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
+}

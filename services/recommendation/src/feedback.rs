@@ -401,25 +401,54 @@ impl FeedbackLog {
     }
 
     /// Rewrites the log without any record of `user`, then appends a `Forget` tombstone (so
-    /// replay also drops the user's training history). Write to a temporary file, fsync it,
-    /// rename over the log, fsync the directory: a crash leaves the old or the new log, never a
-    /// mix. Returns how many records of the user were removed.
-    ///
-    /// Once the rename is done the user is forgotten durably, whatever follows: if reopening
-    /// the new log fails, appends are refused until a reopen succeeds (never written to the
-    /// old, unlinked file).
+    /// replay also drops the user's training history). Returns how many records of the user
+    /// were removed. Durable as [`Self::rewrite`] describes.
     pub fn forget(&mut self, user: UserHash) -> Result<u64, LogError> {
+        self.rewrite(|r| r.user() != user, Some(Record::Forget { user }))
+    }
+
+    /// Retention: rewrites the log without the feedback older than `cutoff_ms` (Unix ms).
+    /// `Forget` tombstones stay: they also erase training histories on replay. Returns how
+    /// many records were removed.
+    pub fn purge_before(&mut self, cutoff_ms: i64) -> Result<u64, LogError> {
+        if self.records == 0 {
+            return Ok(0);
+        }
+        self.rewrite(
+            |r| match r {
+                Record::Feedback { timestamp_ms, .. } => *timestamp_ms >= cutoff_ms,
+                Record::Forget { .. } => true,
+            },
+            None,
+        )
+    }
+
+    /// Rewrites the log with the records `keep` keeps, then `append`: write to a temporary
+    /// file, fsync it, rename over the log, fsync the directory, so a crash leaves the old or
+    /// the new log, never a mix. Returns how many records were removed.
+    ///
+    /// Once the rename is done the rewrite is durable, whatever follows: if reopening the new
+    /// log fails, appends are refused until a reopen succeeds (never written to the old,
+    /// unlinked file).
+    fn rewrite(
+        &mut self,
+        keep: impl Fn(&Record) -> bool,
+        append: Option<Record>,
+    ) -> Result<u64, LogError> {
         let mut bytes = std::fs::read(&self.path).map_err(LogError::Compact)?;
         // Only the good records: bytes after them are a partial record awaiting its cut.
         bytes.truncate(self.end() as usize);
         let (records, _) = parse(&bytes);
         let before = records.len();
-        let kept: Vec<Record> = records.into_iter().filter(|r| r.user() != user).collect();
+        let kept: Vec<Record> = records.into_iter().filter(|r| keep(r)).collect();
         let removed = (before - kept.len()) as u64;
+        if removed == 0 && append.is_none() {
+            return Ok(0);
+        }
         let tmp = self.path.with_extension("compact.tmp");
         let mut buf = Vec::with_capacity(bytes.len());
         buf.extend_from_slice(MAGIC);
-        for r in kept.iter().chain(std::iter::once(&Record::Forget { user })) {
+        for r in kept.iter().chain(append.iter()) {
             buf.extend_from_slice(&r.encode());
         }
         let written = (|| {
@@ -433,7 +462,7 @@ impl FeedbackLog {
             let _ = std::fs::remove_file(&tmp);
             return Err(LogError::Compact(e));
         }
-        self.records = kept.len() as u64 + 1;
+        self.records = (kept.len() + append.iter().count()) as u64;
         // The old handle points at the unlinked file from here on: never write through it.
         self.handle = Handle::Reopen {
             end: buf.len() as u64,
@@ -476,6 +505,44 @@ mod tests {
             event: EventKind::Watch,
             timestamp_ms: 1_700_000_000_000 + item,
         }
+    }
+
+    #[test]
+    fn retention_removes_only_feedback_older_than_the_cutoff_and_keeps_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feedback.log");
+        let (mut log, _) = FeedbackLog::open(&path).unwrap();
+        // fb(u, item) is at 1_700_000_000_000 + item ms: items 1..=3 are old, 10 and 11 new.
+        for r in [fb(1, 1), fb(2, 2), fb(1, 10), fb(3, 3), fb(2, 11)] {
+            log.append(&r).unwrap();
+        }
+        log.forget(UserHash([3; 16])).unwrap();
+        let cutoff = 1_700_000_000_000 + 5;
+        assert_eq!(log.purge_before(cutoff).unwrap(), 2, "fb(1,1) and fb(2,2)");
+        assert_eq!(
+            log.purge_before(cutoff).unwrap(),
+            0,
+            "nothing older is left"
+        );
+        log.append(&fb(4, 12)).unwrap();
+        let replay = read_all(&path).unwrap();
+        assert_eq!(
+            replay.records,
+            vec![
+                fb(1, 10),
+                fb(2, 11),
+                Record::Forget {
+                    user: UserHash([3; 16])
+                },
+                fb(4, 12)
+            ]
+        );
+        assert_eq!(log.len(), 4);
+        let (_, reopened) = FeedbackLog::open(&path).unwrap();
+        assert_eq!(
+            reopened.records, replay.records,
+            "the purge survives a restart"
+        );
     }
 
     #[test]

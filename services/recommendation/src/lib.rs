@@ -110,6 +110,12 @@ pub struct RecommendationSettings {
     pub queue_capacity: usize,
     /// How far in the future a feedback timestamp may be (clients' clocks drift).
     pub max_clock_skew_ms: u64,
+    /// Retention: feedback older than this many days (by its timestamp) is removed from the
+    /// log and from users' histories, at start and every `retention_purge_interval_ms`
+    /// (data minimisation). 0 keeps feedback until `ForgetUser`.
+    pub retention_days: u64,
+    /// How often the retention pass runs while serving.
+    pub retention_purge_interval_ms: u64,
     /// History items named per explanation.
     pub explain_history: usize,
     /// Ranking features named per explanation.
@@ -139,6 +145,9 @@ impl Default for RecommendationSettings {
             rank_batch: 512,
             queue_capacity: 256,
             max_clock_skew_ms: 300_000,
+            retention_days: 0,
+            // Hourly: feedback outlives its retention by at most an hour.
+            retention_purge_interval_ms: 3_600_000,
             explain_history: 3,
             explain_features: 5,
         }
@@ -169,6 +178,18 @@ impl Validate for Settings {
         at_least_1("queue_capacity", r.queue_capacity);
         at_least_1("hnsw_ef_search", r.hnsw_ef_search);
         at_least_1("hnsw_ef_construction", r.hnsw_ef_construction);
+        if r.retention_purge_interval_ms == 0 {
+            errors.push(
+                "`recommendation.retention_purge_interval_ms` must be at least 1, got 0".into(),
+            );
+        }
+        // 100 years: past it the cutoff arithmetic is meaningless, and so is the setting.
+        if r.retention_days > 36_500 {
+            errors.push(format!(
+                "`recommendation.retention_days` must be at most 36500 (0 keeps feedback), got {}",
+                r.retention_days
+            ));
+        }
         if !(2..=256).contains(&r.hnsw_m) {
             errors.push(format!(
                 "`recommendation.hnsw_m` must be in 2..=256, got {}",
@@ -313,11 +334,18 @@ async fn start_with(
 ) -> anyhow::Result<Running<RecFamily>> {
     let rec = settings.recommendation.clone();
     // Key and log outlive model versions; opening them reads and fsyncs: off the runtime.
-    let (state, dropped_bytes) = tokio::task::spawn_blocking(move || {
+    let (state, dropped_bytes, purged_at_start) = tokio::task::spawn_blocking(move || {
         let key = UserKey::load_or_create(&rec.key_path())
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.key_path().display()))?;
-        let (log, replay) = FeedbackLog::open(&rec.log_path())
+        let (mut log, replay) = FeedbackLog::open(&rec.log_path())
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.log_path().display()))?;
+        // Retention before anything is loaded from the log: expired feedback is never served.
+        let purged_at_start = match family::retention_cutoff(&rec, family::now_ms()) {
+            Some(cutoff) => log
+                .purge_before(cutoff)
+                .map_err(|e| anyhow::anyhow!("`{}`: retention: {e}", rec.log_path().display()))?,
+            None => 0,
+        };
         let tenant_token = rec
             .tenant_token_file
             .as_deref()
@@ -331,7 +359,7 @@ async fn start_with(
             tenant_token,
             training_tenant: rec.training_tenant.clone(),
         };
-        Ok::<_, anyhow::Error>((Arc::new(state), replay.dropped_bytes))
+        Ok::<_, anyhow::Error>((Arc::new(state), replay.dropped_bytes, purged_at_start))
     })
     .await??;
     let rec = settings.recommendation.clone();
@@ -348,10 +376,14 @@ async fn start_with(
                 );
                 rec_metrics.log_dropped_bytes.inc_by(dropped_bytes);
             }
+            rec_metrics.purged.inc_by(purged_at_start);
             Ok(RecFamily::new(rec, rec_metrics, state, preloaded))
         },
     )
     .await?;
+    if settings.recommendation.retention_days > 0 {
+        family::spawn_retention(kit.repo.clone(), shutdown.clone());
+    }
     let api = service::Recommender::new(kit.repo.clone());
     let api =
         RecommenderServer::new(api).max_decoding_message_size(settings.server.max_message_bytes);

@@ -33,6 +33,8 @@ pub struct RecMetrics {
     pub feedback: IntCounterVec,
     pub forgotten: IntCounter,
     pub log_dropped_bytes: IntCounter,
+    /// Feedback records removed by retention (`recommendation.retention_days`).
+    pub purged: IntCounter,
     /// Feedback-log writes refused, by `error`: `write` (failed and cut off again),
     /// `unavailable` (refused until a repair or reopen succeeds), `compact` (ForgetUser).
     pub log_errors: IntCounterVec,
@@ -136,6 +138,10 @@ impl RecMetrics {
             forgotten: counter(
                 "marquee_recommendation_users_forgotten_total",
                 "ForgetUser calls completed.",
+            )?,
+            purged: counter(
+                "marquee_recommendation_feedback_purged_total",
+                "Feedback records removed because they were older than the retention period.",
             )?,
             log_dropped_bytes: counter(
                 "marquee_recommendation_feedback_log_dropped_bytes_total",
