@@ -47,37 +47,44 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 // === impl MessageLimit ===
 
-/// Refuses request messages larger than `max` bytes with `RESOURCE_EXHAUSTED`.
+/// A layer that wraps every request body, the same way for every service: what wraps it is
+/// a [`WrapBody`]. The message-size limit and the body-read timeout are two of them.
 #[derive(Clone)]
-pub struct MessageLimitLayer {
-    max: usize,
+pub struct RequestBodyLayer<W> {
+    wrap: W,
 }
 
-impl MessageLimitLayer {
-    pub fn new(max: usize) -> Self {
-        Self { max }
+impl<W> RequestBodyLayer<W> {
+    pub fn new(wrap: W) -> Self {
+        Self { wrap }
     }
 }
 
-impl<S> Layer<S> for MessageLimitLayer {
-    type Service = MessageLimit<S>;
+/// What a [`RequestBodyLayer`] does to one request body (`path` is the gRPC method path).
+pub trait WrapBody: Clone {
+    fn wrap(&self, path: &str, body: Body) -> Body;
+}
+
+impl<S, W: Clone> Layer<S> for RequestBodyLayer<W> {
+    type Service = RequestBodyService<S, W>;
     fn layer(&self, inner: S) -> Self::Service {
-        MessageLimit {
+        RequestBodyService {
             inner,
-            max: self.max,
+            wrap: self.wrap.clone(),
         }
     }
 }
 
 #[derive(Clone)]
-pub struct MessageLimit<S> {
+pub struct RequestBodyService<S, W> {
     inner: S,
-    max: usize,
+    wrap: W,
 }
 
-impl<S> Service<Request<Body>> for MessageLimit<S>
+impl<S, W> Service<Request<Body>> for RequestBodyService<S, W>
 where
     S: Service<Request<Body>>,
+    W: WrapBody,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -88,16 +95,30 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let max = self.max;
-        self.inner.call(req.map(|body| {
-            Body::new(LimitBody {
-                inner: body,
-                max,
-                prefix: [0; 5],
-                have: 0,
-                skip: 0,
-            })
-        }))
+        let (parts, body) = req.into_parts();
+        let body = self.wrap.wrap(parts.uri.path(), body);
+        self.inner.call(Request::from_parts(parts, body))
+    }
+}
+
+/// Refuses request messages larger than `max` bytes with `RESOURCE_EXHAUSTED`.
+#[derive(Clone)]
+pub struct MessageLimit {
+    pub max: usize,
+}
+
+/// The message-size limit as a layer.
+pub type MessageLimitLayer = RequestBodyLayer<MessageLimit>;
+
+impl WrapBody for MessageLimit {
+    fn wrap(&self, _path: &str, body: Body) -> Body {
+        Body::new(LimitBody {
+            inner: body,
+            max: self.max,
+            prefix: [0; 5],
+            have: 0,
+            skip: 0,
+        })
     }
 }
 
@@ -417,57 +438,24 @@ impl http_body::Body for PermitBody {
 /// `timeout` between frames. Past it the body fails with `DEADLINE_EXCEEDED`, which ends the
 /// call and returns its permit.
 #[derive(Clone)]
-pub struct BodyTimeoutLayer {
-    timeout: Duration,
+pub struct BodyTimeout {
+    pub timeout: Duration,
 }
 
-impl BodyTimeoutLayer {
-    pub fn new(timeout: Duration) -> Self {
-        Self { timeout }
-    }
-}
+/// The body-read timeout as a layer.
+pub type BodyTimeoutLayer = RequestBodyLayer<BodyTimeout>;
 
-impl<S> Layer<S> for BodyTimeoutLayer {
-    type Service = BodyTimeout<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        BodyTimeout {
-            inner,
+impl WrapBody for BodyTimeout {
+    fn wrap(&self, path: &str, body: Body) -> Body {
+        let streaming = methods::lookup(path).is_some_and(|m| m.client_streaming);
+        Body::new(TimedBody {
+            inner: body,
+            // The clock starts now, at the request headers, not at the first poll.
+            sleep: tokio::time::sleep(self.timeout),
             timeout: self.timeout,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct BodyTimeout<S> {
-    inner: S,
-    timeout: Duration,
-}
-
-impl<S> Service<Request<Body>> for BodyTimeout<S>
-where
-    S: Service<Request<Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let timeout = self.timeout;
-        let streaming = methods::lookup(req.uri().path()).is_some_and(|m| m.client_streaming);
-        self.inner.call(req.map(|body| {
-            Body::new(TimedBody {
-                inner: body,
-                // The clock starts now, at the request headers, not at the first poll.
-                sleep: tokio::time::sleep(timeout),
-                timeout,
-                streaming,
-                done: false,
-            })
-        }))
+            streaming,
+            done: false,
+        })
     }
 }
 
@@ -563,8 +551,12 @@ impl StackLimits {
 /// The whole stack, for `tonic::transport::Server::layer`.
 pub fn server_stack(metrics: Metrics, limits: &StackLimits) -> ServerStack {
     tower::ServiceBuilder::new()
-        .layer(BodyTimeoutLayer::new(limits.body_read_timeout))
-        .layer(MessageLimitLayer::new(limits.max_message_bytes))
+        .layer(BodyTimeoutLayer::new(BodyTimeout {
+            timeout: limits.body_read_timeout,
+        }))
+        .layer(MessageLimitLayer::new(MessageLimit {
+            max: limits.max_message_bytes,
+        }))
         .layer(GrpcTraceLayer::new(metrics))
         .layer(AdmissionLayer::new(
             limits.max_concurrent_requests,
