@@ -18,15 +18,7 @@ async fn sigterm_of_a_replica_mid_load_drains_it_without_failing_a_call() {
         |_| {},
     )
     .await;
-    let load = Load::start(
-        c.gateway_targets(6).await,
-        c.inputs.clone(),
-        Duration::from_secs(90),
-    );
-    assert!(
-        c.wait_all_served(20.0, Duration::from_secs(30)).await,
-        "both replicas serve the load before the fault"
-    );
+    let load = c.steady_load().await;
     let at_term = load.completed();
     let termed = Instant::now();
     c.replicas[1].sigterm();

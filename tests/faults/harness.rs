@@ -424,6 +424,21 @@ impl Cluster {
         .await
     }
 
+    /// The steady load every fault case starts from: 6 clients through the gateway for 90 s,
+    /// returned once both replicas have served 20 calls of it.
+    pub async fn steady_load(&self) -> Load {
+        let load = Load::start(
+            self.gateway_targets(6).await,
+            self.inputs.clone(),
+            Duration::from_secs(90),
+        );
+        assert!(
+            self.wait_all_served(20.0, Duration::from_secs(30)).await,
+            "both replicas serve the load before the fault"
+        );
+        load
+    }
+
     pub fn stop(&self) {
         self.gw.shutdown.cancel();
     }

@@ -10,15 +10,7 @@ use crate::harness::*;
 async fn sigkill_of_a_replica_mid_load_fails_no_call_and_the_restarted_replica_is_readmitted() {
     let _one_at_a_time = serial().await;
     let mut c = Cluster::start(replica_env(&marquee_e2e::model_repo(), 0, 0), |_| {}).await;
-    let load = Load::start(
-        c.gateway_targets(6).await,
-        c.inputs.clone(),
-        Duration::from_secs(90),
-    );
-    assert!(
-        c.wait_all_served(20.0, Duration::from_secs(30)).await,
-        "both replicas serve the load before the fault"
-    );
+    let load = c.steady_load().await;
     let at_kill = load.completed();
     c.replicas[1].sigkill();
     let ejected = eventually(Duration::from_secs(10), || async { c.healthy() == 1.0 }).await;

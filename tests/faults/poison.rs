@@ -22,15 +22,7 @@ async fn a_poison_image_mid_load_fails_only_its_own_call_and_both_replicas_stay_
     let _one_at_a_time = serial().await;
     let env = replica_env_serving(&model_repo(), &[MODEL, POISON_MODEL], 0, 0);
     let mut c = Cluster::start(env, |_| {}).await;
-    let load = Load::start(
-        c.gateway_targets(6).await,
-        c.inputs.clone(),
-        Duration::from_secs(90),
-    );
-    assert!(
-        c.wait_all_served(20.0, Duration::from_secs(30)).await,
-        "both replicas serve the load before the poison"
-    );
+    let load = c.steady_load().await;
     let mut client = ImageServiceClient::new(c.gw.channel().await);
     let mut poison_req = classify_request(poison_png());
     poison_req.model = POISON_MODEL.into();

@@ -69,31 +69,31 @@ pub fn install_version(model_dir: &Path, version: u64, model_pt: &Path) {
 
 /// `model.toml` of a tensor model taking `x` `[4]` and returning `y` `[4]`, one lane.
 pub fn tensor_manifest(name: &str) -> String {
-    format!(
-        r#"name = "{name}"
-platform = "torchscript"
-description = "lifecycle test model"
+    test_manifest(name, &[("y", 4)], 4, 16)
+}
 
-[[inputs]]
-name = "x"
-datatype = "FP32"
-dims = [4]
-
-[[outputs]]
-name = "y"
-datatype = "FP32"
-dims = [4]
-
-[batching]
-max_batch_size = 4
-max_queue_delay_us = 0
-queue_capacity = 16
-
-[instance]
-lanes = 1
-threads = 1
-"#
-    )
+/// `model.toml` of a test tensor model: input `x` `[4]`, the given `(name, width)` outputs,
+/// one lane of one thread, no queue delay.
+pub fn test_manifest(
+    name: &str,
+    outputs: &[(&str, usize)],
+    max_batch_size: usize,
+    queue_capacity: usize,
+) -> String {
+    let mut toml = format!(
+        "name = \"{name}\"\nplatform = \"torchscript\"\ndescription = \"built by the test\"\n\n\
+         [[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\ndims = [4]\n\n"
+    );
+    for (output, width) in outputs {
+        toml.push_str(&format!(
+            "[[outputs]]\nname = \"{output}\"\ndatatype = \"FP32\"\ndims = [{width}]\n\n"
+        ));
+    }
+    toml.push_str(&format!(
+        "[batching]\nmax_batch_size = {max_batch_size}\nmax_queue_delay_us = 0\n\
+         queue_capacity = {queue_capacity}\n\n[instance]\nlanes = 1\nthreads = 1\n"
+    ));
+    toml
 }
 
 /// The newest numbered version directory of a model directory.

@@ -95,29 +95,7 @@ pub fn fault_repo() -> tempfile::TempDir {
     std::fs::create_dir_all(model.join("1")).unwrap();
     std::fs::write(
         model.join("model.toml"),
-        r#"name = "faulty"
-platform = "torchscript"
-description = "Test fault model: raises at run time when an input value is above 0.5."
-
-[[inputs]]
-name = "x"
-datatype = "FP32"
-dims = [4]
-
-[[outputs]]
-name = "logits"
-datatype = "FP32"
-dims = [4]
-
-[batching]
-max_batch_size = 4
-max_queue_delay_us = 0
-queue_capacity = 16
-
-[instance]
-lanes = 1
-threads = 1
-"#,
+        crate::lifecycle::test_manifest("faulty", &[("logits", 4)], 4, 16),
     )
     .unwrap();
     let script = format!(

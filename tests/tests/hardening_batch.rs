@@ -309,35 +309,12 @@ fn affine_repo() -> tempfile::TempDir {
         "y = x * 4.0 + 1.0\n\
          s = ((x[:, 0] + x[:, 1]) + x[:, 2]) + x[:, 3]\n\
          return y, s.unsqueeze(1)",
-        r#"name = "affine"
-platform = "torchscript"
-description = "y = 4x + 1 and the row sum ((x0 + x1) + x2) + x3; built by the test"
-
-[[inputs]]
-name = "x"
-datatype = "FP32"
-dims = [4]
-
-[[outputs]]
-name = "y"
-datatype = "FP32"
-dims = [4]
-
-[[outputs]]
-name = "sum"
-datatype = "FP32"
-dims = [1]
-
-[batching]
-max_batch_size = 32
-max_queue_delay_us = 0
-queue_capacity = 1024
-
-[instance]
-lanes = 1
-threads = 1
-device = "cpu"
-"#,
+        &marquee_e2e::lifecycle::test_manifest(
+            "affine",
+            &[("y", AFFINE_ROW), ("sum", 1)],
+            32,
+            1024,
+        ),
     );
     repo
 }
