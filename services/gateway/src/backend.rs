@@ -492,10 +492,16 @@ impl BackendPool {
 
 /// Whether a status says the replica (not the request) failed, so an idempotent call may go
 /// to another one: UNAVAILABLE, or the connection dying mid-call, which tonic reports as
-/// UNKNOWN "transport error" (a replica killed with calls in flight).
+/// UNKNOWN "transport error" or, when hyper gives up the call as the connection closes, as
+/// CANCELLED "operation was canceled" with hyper's error behind it (seen once in ~10 runs of
+/// the SIGKILL fault case). A caller that cancels drops the call instead and never sees a
+/// status; the gateway's own per-attempt timeout is CANCELLED "Timeout expired", not this.
 fn replica_failed(s: &Status) -> bool {
     s.code() == Code::Unavailable
         || (s.code() == Code::Unknown && s.message().starts_with("transport error"))
+        || (s.code() == Code::Cancelled
+            && s.message() == "operation was canceled"
+            && std::error::Error::source(s).is_some())
 }
 
 /// Whether the replica's connection broke while the call was in flight (the replica died or
