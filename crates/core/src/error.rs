@@ -19,6 +19,20 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// `ErrorInfo.reason` of [`ServeError::DependencyUnavailable`] (domain [`ERROR_DOMAIN`]).
+pub const DEPENDENCY_UNAVAILABLE: &str = "DEPENDENCY_UNAVAILABLE";
+/// `ErrorInfo.domain` of the reasons Marquee servers send.
+pub const ERROR_DOMAIN: &str = "marquee.dev";
+
+/// Whether `status` is a replica's [`ServeError::DependencyUnavailable`]: the replica answered
+/// and is healthy; what failed is shared by all of them.
+pub fn is_dependency_unavailable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        && status
+            .get_details_error_info()
+            .is_some_and(|i| i.reason == DEPENDENCY_UNAVAILABLE && i.domain == ERROR_DOMAIN)
+}
+
 /// The start of every message an `INTERNAL` status from a Marquee server carries.
 pub const INTERNAL_PREFIX: &str = "internal error; reference ";
 
@@ -60,6 +74,16 @@ pub enum ServeError {
     Unavailable {
         message: String,
         retry_after: Option<Duration>,
+    },
+    /// A dependency every replica shares (the recommender's database) cannot be reached: the
+    /// replica itself is fine, so a proxy must neither eject it nor send the call to another
+    /// replica (it would meet the same dependency). `UNAVAILABLE` with `RetryInfo` and an
+    /// `ErrorInfo` of reason [`DEPENDENCY_UNAVAILABLE`] naming the dependency.
+    #[error("{message}")]
+    DependencyUnavailable {
+        dependency: String,
+        message: String,
+        retry_after: Duration,
     },
     /// The queue is full: refused at once, with a hint for when to retry.
     #[error("{message}")]
@@ -113,7 +137,7 @@ impl ServeError {
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Aborted(_) => Code::Aborted,
-            Self::Unavailable { .. } => Code::Unavailable,
+            Self::Unavailable { .. } | Self::DependencyUnavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Internal(_) => Code::Internal,
@@ -213,6 +237,19 @@ impl From<ServeError> for Status {
                 retry_after: Some(retry_after),
                 ..
             } => ErrorDetails::with_retry_info(Some(*retry_after)),
+            ServeError::DependencyUnavailable {
+                dependency,
+                retry_after,
+                ..
+            } => {
+                let mut d = ErrorDetails::with_retry_info(Some(*retry_after));
+                d.set_error_info(
+                    DEPENDENCY_UNAVAILABLE,
+                    ERROR_DOMAIN,
+                    [("dependency".to_string(), dependency.clone())],
+                );
+                d
+            }
             _ => return Status::new(code, err.to_string()),
         };
         Status::with_error_details(code, err.to_string(), details)
@@ -250,6 +287,28 @@ mod tests {
         assert_eq!(status.code(), Code::ResourceExhausted);
         let retry = status.get_details_retry_info().expect("retry info");
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn a_dependency_outage_says_so_and_when_to_retry() {
+        let status: Status = ServeError::DependencyUnavailable {
+            dependency: "postgres".into(),
+            message: "the feedback database is unavailable".into(),
+            retry_after: Duration::from_secs(1),
+        }
+        .into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(is_dependency_unavailable(&status));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(
+            info.metadata.get("dependency").map(String::as_str),
+            Some("postgres")
+        );
+        let retry = status.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+        assert!(!is_dependency_unavailable(
+            &ServeError::unavailable("draining").into()
+        ));
     }
 
     #[test]

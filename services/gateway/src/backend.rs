@@ -496,8 +496,12 @@ impl BackendPool {
 /// CANCELLED "operation was canceled" with hyper's error behind it (seen once in ~10 runs of
 /// the SIGKILL fault case). A caller that cancels drops the call instead and never sees a
 /// status; the gateway's own per-attempt timeout is CANCELLED "Timeout expired", not this.
+/// A replica's answer that a dependency all replicas share is down (the recommender's
+/// database) is not the replica failing: it is passed on, with its `RetryInfo`, and the
+/// replica stays in rotation (ejecting every replica would turn a clear status into "no
+/// healthy replica", and would outlast the outage by a health-check period).
 fn replica_failed(s: &Status) -> bool {
-    s.code() == Code::Unavailable
+    (s.code() == Code::Unavailable && !marquee_core::error::is_dependency_unavailable(s))
         || (s.code() == Code::Unknown && s.message().starts_with("transport error"))
         || (s.code() == Code::Cancelled
             && s.message() == "operation was canceled"
@@ -628,6 +632,16 @@ mod tests {
         assert!(died_mid_call(&reset), "{reset:?}");
         // The replica's own answer, with no broken connection behind it.
         assert!(!died_mid_call(&Status::unavailable("draining")));
+        let database: Status = marquee_core::ServeError::DependencyUnavailable {
+            dependency: "postgres".into(),
+            message: "down".into(),
+            retry_after: std::time::Duration::from_secs(1),
+        }
+        .into();
+        assert!(
+            !replica_failed(&database),
+            "a shared dependency is not the replica"
+        );
     }
 
     #[test]
