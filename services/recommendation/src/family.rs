@@ -24,6 +24,7 @@ use crate::feedback::FeedbackLog;
 use crate::index::ItemIndex;
 use crate::metrics::RecMetrics;
 use crate::model::{Matrix, ModelData};
+use crate::pgstore::PgStore;
 use crate::privacy::UserKey;
 use crate::users::Users;
 
@@ -31,11 +32,22 @@ use crate::users::Users;
 /// leaves the other core to the runtime and the feedback log.
 pub const DEFAULT_LANES: usize = 1;
 
-/// The service's own state, which outlives model versions: the user-id key and the log.
+/// Where feedback and erasures are kept (`recommendation.store`).
+pub enum Store {
+    /// The feedback log on this replica's disk; each version's users are built from it.
+    File {
+        log: Mutex<FeedbackLog>,
+        path: PathBuf,
+    },
+    /// One database for every replica; versions hold only the training users, and each
+    /// request reads its user's rows.
+    Postgres(PgStore),
+}
+
+/// The service's own state, which outlives model versions: the user-id key and the store.
 pub struct UserState {
     pub key: UserKey,
-    pub log: Mutex<FeedbackLog>,
-    pub log_path: PathBuf,
+    pub store: Store,
     /// With it, a tenant header is accepted only from the gateway (`recommendation.
     /// tenant_token_file`).
     pub tenant_token: Option<String>,
@@ -152,9 +164,16 @@ impl ModelFamily for RecFamily {
     }
 
     fn install(&self, model: &RecModel, swap: &mut dyn FnMut()) -> Result<(), String> {
-        let _log = self.state.log.lock().unwrap_or_else(|p| p.into_inner());
-        let replay = crate::feedback::read_all(&self.state.log_path)
-            .map_err(|e| format!("`{}`: {e}", self.state.log_path.display()))?;
+        let Store::File { log, path } = &self.state.store else {
+            // The database is read per request: nothing to carry over between versions.
+            self.metrics
+                .reset_exposure(model.engine.shared.data.catalog.len());
+            swap();
+            return Ok(());
+        };
+        let _log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let replay =
+            crate::feedback::read_all(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
         let catalog = &model.engine.shared.data.catalog;
         let mut users = model.users.write().unwrap_or_else(|p| p.into_inner());
         for r in &replay.records {
@@ -227,7 +246,10 @@ pub fn purge_expired(
         return Ok(0);
     };
     let state = &family.state;
-    let mut log = state.log.lock().unwrap_or_else(|p| p.into_inner());
+    let Store::File { log, path } = &state.store else {
+        return Ok(0);
+    };
+    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
     let removed = log.purge_before(cutoff).map_err(|e| e.to_string())?;
     if removed == 0 {
         return Ok(0);
@@ -235,8 +257,8 @@ pub fn purge_expired(
     let model = repo.only().map_err(|e| e.to_string())?;
     let data = &model.engine.shared.data;
     let mut users = Users::from_training(data, &state.key, &state.training_tenant);
-    let replay = crate::feedback::read_all(&state.log_path)
-        .map_err(|e| format!("`{}`: {e}", state.log_path.display()))?;
+    let replay =
+        crate::feedback::read_all(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
     for r in &replay.records {
         users.apply(r, &data.catalog);
     }
@@ -247,7 +269,8 @@ pub fn purge_expired(
     Ok(removed)
 }
 
-/// Runs [`purge_expired`] every `retention_purge_interval_ms` until `shutdown`.
+/// Runs a retention pass every `retention_purge_interval_ms` until `shutdown`: [`purge_expired`]
+/// on the file store, one `DELETE` on the database.
 pub fn spawn_retention(
     repo: Arc<marquee_core::repository::Repository<RecFamily>>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -261,6 +284,25 @@ pub fn spawn_retention(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            let family = repo.family();
+            if let (Store::Postgres(db), Some(cutoff)) = (
+                &family.state.store,
+                retention_cutoff(&family.settings, now_ms()),
+            ) {
+                // Every replica runs it; a pass after another's deletes nothing.
+                match db.purge_before(cutoff).await {
+                    Ok(removed) => {
+                        family.metrics.purged.inc_by(removed);
+                        if removed > 0 {
+                            tracing::info!(removed, "retention: expired feedback removed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention pass failed; retrying at the next one")
+                    }
+                }
+                continue;
             }
             let repo = repo.clone();
             // A log rewrite fsyncs: off the runtime. A failure is logged and retried next time.

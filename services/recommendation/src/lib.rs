@@ -9,6 +9,7 @@ pub mod feedback;
 pub mod index;
 pub mod metrics;
 pub mod model;
+pub mod pgstore;
 pub mod privacy;
 pub mod rerank;
 pub mod service;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::EngineConfig;
-use crate::family::{Preloaded, RecFamily, UserState};
+use crate::family::{Preloaded, RecFamily, Store, UserState};
 use crate::feedback::FeedbackLog;
 use crate::index::HnswParams;
 use crate::metrics::RecMetrics;
@@ -70,7 +71,13 @@ impl Default for Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecommendationSettings {
-    /// Where the feedback log (and, by default, the user-id key) live.
+    /// Where feedback and erasures are kept: `file` (the feedback log in `state_dir`: one
+    /// replica, `make run`) or `postgres` (one database shared by every replica, which then
+    /// keep no user state of their own; `[recommendation.postgres]`).
+    pub store: StoreKind,
+    /// The PostgreSQL store's connection and limits (with `store = "postgres"`).
+    pub postgres: pgstore::PostgresSettings,
+    /// Where the feedback log (and, by default, the user-id key) live (file store).
     pub state_dir: PathBuf,
     /// Secret key of the user-id hash; default `<state_dir>/user_id.key`, created on first
     /// start. Mount it from a secret in production: losing it orphans the feedback log.
@@ -122,9 +129,20 @@ pub struct RecommendationSettings {
     pub explain_features: usize,
 }
 
+/// `recommendation.store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    File,
+    Postgres,
+}
+
 impl Default for RecommendationSettings {
     fn default() -> Self {
         Self {
+            store: StoreKind::File,
+            postgres: pgstore::PostgresSettings::default(),
             state_dir: PathBuf::from("var/recommendation"),
             user_id_key_file: None,
             tenant_token_file: None,
@@ -228,6 +246,22 @@ impl Validate for Settings {
                 "`recommendation.training_tenant` must be 1..={} visible ASCII characters, got `{t}`",
                 marquee_core::tenant::MAX_TENANT_BYTES
             ));
+        }
+        if r.store == StoreKind::Postgres {
+            r.postgres.validate(errors);
+            // Replicas must share one key; a key created per pod would split every user.
+            match &r.user_id_key_file {
+                None => errors.push(
+                    "`recommendation.user_id_key_file` is required with `recommendation.store = \"postgres\"`: \
+                     every replica must hash user ids with the same key (mount one Secret)"
+                        .into(),
+                ),
+                Some(p) if !p.is_file() => errors.push(format!(
+                    "`recommendation.user_id_key_file`: `{}` does not exist (with the postgres store it is read, never created)",
+                    p.display()
+                )),
+                Some(_) => {}
+            }
         }
         if !matches!(r.index.as_str(), "hnsw" | "exact") {
             errors.push(format!(
@@ -333,10 +367,37 @@ async fn start_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running<RecFamily>> {
     let rec = settings.recommendation.clone();
-    // Key and log outlive model versions; opening them reads and fsyncs: off the runtime.
-    let (state, dropped_bytes, purged_at_start) = tokio::task::spawn_blocking(move || {
-        let key = UserKey::load_or_create(&rec.key_path())
-            .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.key_path().display()))?;
+    // Key and store outlive model versions; the file store's open reads and fsyncs: off the
+    // runtime.
+    let state = tokio::task::spawn_blocking(move || {
+        let key = match rec.store {
+            StoreKind::File => UserKey::load_or_create(&rec.key_path()),
+            // Shared by every replica: read, never created (validated at start).
+            StoreKind::Postgres => std::fs::read(rec.key_path()).and_then(|k| {
+                if k.len() < privacy::MIN_KEY_BYTES {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{} bytes, at least {} are required",
+                            k.len(),
+                            privacy::MIN_KEY_BYTES
+                        ),
+                    ))
+                } else {
+                    Ok(UserKey::from_bytes(k))
+                }
+            }),
+        }
+        .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.key_path().display()))?;
+        let tenant_token = rec
+            .tenant_token_file
+            .as_deref()
+            .map(marquee_core::tenant::read_token_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        if rec.store == StoreKind::Postgres {
+            return Ok::<_, anyhow::Error>((key, tenant_token, None, 0, 0));
+        }
         let (mut log, replay) = FeedbackLog::open(&rec.log_path())
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.log_path().display()))?;
         // Retention before anything is loaded from the log: expired feedback is never served.
@@ -346,22 +407,38 @@ async fn start_with(
                 .map_err(|e| anyhow::anyhow!("`{}`: retention: {e}", rec.log_path().display()))?,
             None => 0,
         };
-        let tenant_token = rec
-            .tenant_token_file
-            .as_deref()
-            .map(marquee_core::tenant::read_token_file)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
-        let state = UserState {
-            key,
+        let store = Store::File {
             log: Mutex::new(log),
-            log_path: rec.log_path(),
-            tenant_token,
-            training_tenant: rec.training_tenant.clone(),
+            path: rec.log_path(),
         };
-        Ok::<_, anyhow::Error>((Arc::new(state), replay.dropped_bytes, purged_at_start))
+        Ok((
+            key,
+            tenant_token,
+            Some(store),
+            replay.dropped_bytes,
+            purged_at_start,
+        ))
     })
     .await??;
+    let (key, tenant_token, store, dropped_bytes, mut purged_at_start) = state;
+    let rec = &settings.recommendation;
+    let store = match store {
+        Some(file) => file,
+        None => {
+            let db = pgstore::PgStore::open(&rec.postgres, &key).await?;
+            // As with the file store: expired feedback is never served.
+            if let Some(cutoff) = family::retention_cutoff(rec, family::now_ms()) {
+                purged_at_start = db.purge_before(cutoff).await?;
+            }
+            Store::Postgres(db)
+        }
+    };
+    let state = Arc::new(UserState {
+        key,
+        store,
+        tenant_token,
+        training_tenant: rec.training_tenant.clone(),
+    });
     let rec = settings.recommendation.clone();
     let kit = RecommendationServer::load(
         NAME,
@@ -434,5 +511,63 @@ mod tests {
         assert!(text.contains("`recommendation.default_diversity` must be in [0, 1], got 1.5"));
         assert!(text.contains("got `faiss`"));
         assert!(text.contains("`recommendation.max_k` (1000)"));
+        // The database store needs its connection string and a shared key, both as files.
+        let err = marquee_core::config::load_from::<Settings, _>(
+            None,
+            env(&[("MARQUEE__RECOMMENDATION__STORE", "postgres")]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 2, "{text}");
+        assert!(
+            text.contains("`recommendation.postgres.url_file` is required"),
+            "{text}"
+        );
+        assert!(
+            text.contains("`recommendation.user_id_key_file` is required"),
+            "{text}"
+        );
+        let url = dir.path().join("url");
+        std::fs::write(&url, "host=127.0.0.1 port=5432 user=marquee").unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, [1u8; 32]).unwrap();
+        let ok: Settings = marquee_core::config::load_from(
+            None,
+            env(&[
+                ("MARQUEE__RECOMMENDATION__STORE", "postgres"),
+                (
+                    "MARQUEE__RECOMMENDATION__POSTGRES__URL_FILE",
+                    url.to_str().unwrap(),
+                ),
+                (
+                    "MARQUEE__RECOMMENDATION__USER_ID_KEY_FILE",
+                    key.to_str().unwrap(),
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(ok.recommendation.store, StoreKind::Postgres);
+        std::fs::write(&url, "not a connection string ===").unwrap();
+        let err = marquee_core::config::load_from::<Settings, _>(
+            None,
+            env(&[
+                ("MARQUEE__RECOMMENDATION__STORE", "postgres"),
+                (
+                    "MARQUEE__RECOMMENDATION__POSTGRES__URL_FILE",
+                    url.to_str().unwrap(),
+                ),
+                (
+                    "MARQUEE__RECOMMENDATION__USER_ID_KEY_FILE",
+                    key.to_str().unwrap(),
+                ),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is not a connection string"), "{err}");
+        assert!(
+            !err.contains("==="),
+            "the connection string is never echoed: {err}"
+        );
     }
 }

@@ -38,6 +38,8 @@ pub struct RecMetrics {
     /// Feedback-log writes refused, by `error`: `write` (failed and cut off again),
     /// `unavailable` (refused until a repair or reopen succeeds), `compact` (ForgetUser).
     pub log_errors: IntCounterVec,
+    /// Database calls that failed (nothing acknowledged), by `op`: record, read, forget.
+    pub database_errors: IntCounterVec,
     exposure: Arc<Mutex<Exposure>>,
 }
 
@@ -92,6 +94,11 @@ impl RecMetrics {
             "marquee_recommendation_feedback_log_errors_total",
             "Feedback-log operations that failed (nothing acknowledged), by error: write, unavailable, compact.",
             &["error"],
+        )?;
+        let database_errors = r.counter_vec(
+            "marquee_recommendation_database_errors_total",
+            "Feedback-database calls that failed (nothing acknowledged), by op: record, read, forget.",
+            &["op"],
         )?;
         let exposure = Arc::new(Mutex::new(Exposure {
             counts: vec![0; num_items + 1],
@@ -148,6 +155,7 @@ impl RecMetrics {
                 "Bytes of torn or corrupt feedback-log tail cut off at start.",
             )?,
             log_errors,
+            database_errors,
             exposure,
         })
     }

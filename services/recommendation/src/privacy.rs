@@ -128,6 +128,16 @@ impl UserKey {
         out.copy_from_slice(&full[..16]);
         UserHash(out)
     }
+
+    /// A fingerprint of the key (the MAC of a fixed label: 8-byte ids never collide with it,
+    /// and it reveals nothing of the key): a shared store records the first key that wrote to
+    /// it, so a replica started with another key is refused instead of splitting users.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length, this is a bug");
+        mac.update(b"marquee user-id key fingerprint");
+        mac.finalize().into_bytes()[..16].to_vec()
+    }
 }
 
 #[cfg(test)]

@@ -17,9 +17,10 @@ use marquee_core::repository::{Repository, Served};
 
 use crate::RecommendationSettings;
 use crate::engine::{EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, ValidFilter};
-use crate::family::{RecFamily, RecModel, UserState};
+use crate::family::{RecFamily, RecModel, Store, UserState};
 use crate::feedback::{EventKind, LogError, Record};
 use crate::model::Catalog;
+use crate::pgstore::StoreError;
 use crate::privacy::UserHash;
 use crate::users::Subject;
 
@@ -45,6 +46,9 @@ pub enum RecError {
     /// Writing or compacting the feedback log failed; nothing was acknowledged.
     #[error(transparent)]
     Feedback(#[from] LogError),
+    /// The feedback database did not take or give the data; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The task writing the feedback log failed (a bug).
     #[error("feedback log: {0}")]
     Log(String),
@@ -110,10 +114,27 @@ impl From<RecError> for Status {
                 tracing::warn!(error = %e, "feedback log refused a write");
                 ServeError::unavailable(e.to_string()).into()
             }
+            RecError::Store(StoreError::Unavailable(m)) => {
+                tracing::warn!(error = %m, "feedback database unavailable");
+                // Every replica shares the database: the gateway passes this on as it is.
+                ServeError::DependencyUnavailable {
+                    dependency: "postgres".into(),
+                    message: format!("the feedback database is unavailable; retry later ({m})"),
+                    retry_after: DATABASE_RETRY,
+                }
+                .into()
+            }
+            RecError::Store(e @ StoreError::Failed(_)) => {
+                ServeError::Internal(e.to_string()).into()
+            }
             RecError::Log(m) => ServeError::Internal(format!("feedback log: {m}")).into(),
         }
     }
 }
+
+/// When a client should try again after the database failed: a restart or failover takes
+/// seconds, and a tighter loop of retries from every client only adds to its recovery load.
+const DATABASE_RETRY: Duration = Duration::from_secs(1);
 
 /// The handlers, over the repository's one recommender model and the service's user state.
 #[derive(Clone)]
@@ -272,12 +293,7 @@ impl Recommender {
     }
 
     /// Parses a `RecommendRequest` and looks its subject up.
-    fn check_recommend(
-        &self,
-        m: &Model,
-        tenant: &str,
-        r: &pb::RecommendRequest,
-    ) -> Result<RecQuery, RecError> {
+    fn check_recommend(&self, m: &Model, r: &pb::RecommendRequest) -> Result<RecQuery, RecError> {
         let k = self.check_k("k", r.k)?;
         let settings = self.settings();
         let diversity = unit_interval("diversity", r.diversity, settings.default_diversity)?;
@@ -288,13 +304,9 @@ impl Recommender {
         )?;
         let filter = self.check_filter(m, r.filter.as_ref())?;
         let subject = match &r.subject {
-            Some(pb::recommend_request::Subject::UserId(id)) => {
-                let hash = self.user(tenant, *id);
-                m.users
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .subject(hash)
-            }
+            // Looked up after the request checked out (`user_subject`): with the database it
+            // is a query, and a bad request should not cost one.
+            Some(pb::recommend_request::Subject::UserId(_)) => Subject::default(),
             Some(pb::recommend_request::Subject::Anonymous(ctx)) => {
                 let max = self.settings().max_filter_values;
                 if ctx.recent_item_ids.len() > max {
@@ -322,6 +334,22 @@ impl Recommender {
             long_tail_floor,
             explain: r.explain,
         })
+    }
+
+    /// The engine's view of a user: this version's users (file store), or the version's
+    /// training state overlaid with the user's rows in the database, read now (no copy kept).
+    async fn user_subject(&self, m: &Model, user: UserHash) -> Result<Subject, RecError> {
+        let users = || m.users.read().unwrap_or_else(|p| p.into_inner());
+        match &self.state().store {
+            Store::File { .. } => Ok(users().subject(user)),
+            Store::Postgres(db) => {
+                let rows = db.user(user).await.inspect_err(|_| {
+                    let metrics = self.repo.family().metrics();
+                    metrics.database_errors.with_label_values(&["read"]).inc()
+                })?;
+                Ok(users().subject_with(user, &rows, catalog(m)))
+            }
+        }
     }
 
     fn item_message(&self, m: &Model, it: &OutItem) -> pb::RecommendedItem {
@@ -381,7 +409,10 @@ impl Recommender {
         let span = tracing::debug_span!("recommend", user = %user, k = r.k);
         async {
             let m = self.model()?;
-            let q = self.check_recommend(&m, tenant, r)?;
+            let mut q = self.check_recommend(&m, r)?;
+            if let Some(pb::recommend_request::Subject::UserId(id)) = &r.subject {
+                q.subject = self.user_subject(&m, self.user(tenant, *id)).await?;
+            }
             let out = m.engine.recommend(q).await?;
             Ok(self.response(&m, out))
         }
@@ -488,6 +519,7 @@ impl RecommenderApi for Recommender {
                 Err(e @ RecError::Engine(_))
                 | Err(e @ RecError::Serve(_))
                 | Err(e @ RecError::Log(_))
+                | Err(e @ RecError::Store(_))
                 | Err(e @ RecError::Feedback(_)) => {
                     // Server-side trouble fails the whole call, as it would each request.
                     return Err(e.into());
@@ -539,39 +571,39 @@ impl RecommenderApi for Recommender {
         let tenant = self.tenant(&request)?;
         let model = self.model()?;
         let record = self.check_feedback(&model, &tenant, request.get_ref())?;
-        drop(model);
-        let span = tracing::debug_span!("record_feedback", user = %record.user());
-        let (state, repo) = (self.state().clone(), self.repo.clone());
-        let metrics = self.repo.family().metrics().clone();
         let event_name = match &record {
             Record::Feedback { event, .. } => event.name(),
             Record::Forget { .. } => "forget",
         };
-        // fsync blocks: off the async runtime.
-        let (sequence, history) = tokio::task::spawn_blocking(move || {
-            let _enter = span.enter();
-            let mut log = state.log.lock().unwrap_or_else(|p| p.into_inner());
-            let seq = log
-                .append(&record)
-                .inspect_err(|e| count_log_error(&metrics, e))?;
-            // Under the log lock: memory applies events in log order, to the version serving
-            // now (a new version replays the log under this lock before it goes live).
-            let m = repo.only().map_err(RecError::Serve)?;
-            let len = m
-                .users
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .apply(&record, catalog(&m));
-            Ok::<_, RecError>((seq, len))
-        })
-        .await
-        .map_err(|e| RecError::Log(format!("writer task failed: {e}")))??;
-        self.repo
-            .family()
-            .metrics()
-            .feedback
-            .with_label_values(&[event_name])
-            .inc();
+        let span = tracing::debug_span!("record_feedback", user = %record.user());
+        let metrics = self.repo.family().metrics();
+        let (sequence, history) = match &self.state().store {
+            Store::Postgres(db) => {
+                let user = record.user();
+                let done = db
+                    .record(&record)
+                    .instrument(span)
+                    .await
+                    .inspect_err(|_| metrics.database_errors.with_label_values(&["record"]).inc())
+                    .map_err(RecError::from)?;
+                // The training history counts while the user was never forgotten.
+                let training = if done.forgotten {
+                    0
+                } else {
+                    model
+                        .users
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .history_len(user)
+                };
+                (done.sequence, done.positives as usize + training)
+            }
+            Store::File { .. } => {
+                drop(model);
+                self.record_in_log(record, span).await?
+            }
+        };
+        metrics.feedback.with_label_values(&[event_name]).inc();
         Ok(Response::new(pb::RecordFeedbackResponse {
             sequence,
             history_length: history as u32,
@@ -585,11 +617,86 @@ impl RecommenderApi for Recommender {
         let tenant = self.tenant(&request)?;
         let user = self.user(&tenant, request.get_ref().user_id);
         let span = tracing::info_span!("forget_user", user = %user);
+        let metrics = self.repo.family().metrics();
+        let (removed_rows, removed_history) = match &self.state().store {
+            Store::Postgres(db) => {
+                let done = db
+                    .forget(user, now_ms())
+                    .instrument(span.clone())
+                    .await
+                    .inspect_err(|_| metrics.database_errors.with_label_values(&["forget"]).inc())
+                    .map_err(RecError::from)?;
+                let training = if done.already {
+                    0
+                } else {
+                    self.model()?
+                        .users
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .history_len(user)
+                };
+                span.in_scope(|| tracing::info!(rows = done.rows, "user forgotten"));
+                (done.rows, done.rows as usize + training)
+            }
+            Store::File { .. } => self.forget_in_log(user, span).await?,
+        };
+        metrics.forgotten.inc();
+        Ok(Response::new(pb::ForgetUserResponse {
+            history_removed: removed_history as u32,
+            log_records_removed: removed_rows,
+        }))
+    }
+}
+
+impl Recommender {
+    /// Appends to the file store's log (fsync'd), then applies the event to the serving
+    /// version's users, both under the log lock; returns (sequence, history length).
+    async fn record_in_log(
+        &self,
+        record: Record,
+        span: tracing::Span,
+    ) -> Result<(u64, usize), RecError> {
         let (state, repo) = (self.state().clone(), self.repo.clone());
         let metrics = self.repo.family().metrics().clone();
-        let (removed_log, removed_mem) = tokio::task::spawn_blocking(move || {
+        // fsync blocks: off the async runtime.
+        tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            let mut log = state.log.lock().unwrap_or_else(|p| p.into_inner());
+            let Store::File { log, .. } = &state.store else {
+                return Err(RecError::Log("not the file store".into()));
+            };
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = log
+                .append(&record)
+                .inspect_err(|e| count_log_error(&metrics, e))?;
+            // Under the log lock: memory applies events in log order, to the version serving
+            // now (a new version replays the log under this lock before it goes live).
+            let m = repo.only().map_err(RecError::Serve)?;
+            let len = m
+                .users
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(&record, catalog(&m));
+            Ok((seq, len))
+        })
+        .await
+        .map_err(|e| RecError::Log(format!("writer task failed: {e}")))?
+    }
+
+    /// Compacts the user out of the file store's log and out of the serving version's users;
+    /// returns (log records removed, history entries removed).
+    async fn forget_in_log(
+        &self,
+        user: UserHash,
+        span: tracing::Span,
+    ) -> Result<(u64, usize), RecError> {
+        let (state, repo) = (self.state().clone(), self.repo.clone());
+        let metrics = self.repo.family().metrics().clone();
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let Store::File { log, .. } = &state.store else {
+                return Err(RecError::Log("not the file store".into()));
+            };
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             let removed = log
                 .forget(user)
                 .inspect_err(|e| count_log_error(&metrics, e))?;
@@ -600,14 +707,9 @@ impl RecommenderApi for Recommender {
                 .unwrap_or_else(|p| p.into_inner())
                 .forget(user);
             tracing::info!(log_records = removed, history = mem, "user forgotten");
-            Ok::<_, RecError>((removed, mem))
+            Ok((removed, mem))
         })
         .await
-        .map_err(|e| RecError::Log(format!("compaction task failed: {e}")))??;
-        self.repo.family().metrics().forgotten.inc();
-        Ok(Response::new(pb::ForgetUserResponse {
-            history_removed: removed_mem as u32,
-            log_records_removed: removed_log,
-        }))
+        .map_err(|e| RecError::Log(format!("compaction task failed: {e}")))?
     }
 }

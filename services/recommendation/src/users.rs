@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use crate::feedback::Record;
 use crate::model::{Catalog, ModelData};
+use crate::pgstore::UserRows;
 use crate::privacy::{UserHash, UserKey};
 
 /// One user's state.
@@ -130,6 +131,28 @@ impl Users {
         }
     }
 
+    /// The engine's view of a user whose feedback lives in the shared database: this version's
+    /// training state (unless the user was forgotten), then `rows` applied in order, as the
+    /// file store's replay would. Built per request; nothing of it is kept.
+    pub fn subject_with(&self, user: UserHash, rows: &UserRows, catalog: &Catalog) -> Subject {
+        let mut one = Users::default();
+        if !rows.forgotten
+            && let Some(s) = self.map.get(&user)
+        {
+            one.map.insert(user, s.clone());
+        }
+        for r in &rows.events {
+            one.apply(r, catalog);
+        }
+        one.subject(user)
+    }
+
+    /// The user's positive history length in this version (training history, for the
+    /// database store whose versions hold nothing else).
+    pub fn history_len(&self, user: UserHash) -> usize {
+        self.map.get(&user).map_or(0, |s| s.history.len())
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -179,5 +202,37 @@ mod tests {
         assert_eq!(users.forget(u), 2);
         let cold = users.subject(u);
         assert!(cold.is_cold() && cold.exclude.is_empty() && cold.user_index == 0);
+    }
+
+    #[test]
+    fn database_rows_overlay_the_training_state_unless_forgotten() {
+        let c = catalog();
+        let u = UserHash([3; 16]);
+        let mut training = Users::default();
+        training.map.insert(
+            u,
+            UserState {
+                index: 7,
+                history: vec![(1, 0)],
+                hidden: Vec::new(),
+            },
+        );
+        let fb = |item, event| Record::Feedback {
+            user: u,
+            item_id: item,
+            event,
+            timestamp_ms: 1,
+        };
+        let mut rows = UserRows {
+            events: vec![fb(20, EventKind::Like), fb(30, EventKind::Dislike)],
+            forgotten: false,
+        };
+        let s = training.subject_with(u, &rows, &c);
+        assert_eq!((s.user_index, s.history.clone()), (7, vec![1, 2]));
+        assert_eq!(s.exclude, vec![1, 2, 3]);
+        assert_eq!(training.history_len(u), 1, "the version's users are not changed");
+        rows.forgotten = true;
+        let s = training.subject_with(u, &rows, &c);
+        assert_eq!((s.user_index, s.history), (0, vec![2]), "training state dropped");
     }
 }
