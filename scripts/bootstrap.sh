@@ -14,8 +14,9 @@ key() { cat "$@" | sha256sum | cut -c1-16; }
 # 1. Debian packages: Fashion-MNIST (the CNN's training data), openssl (test keys for the JWT
 #    cases), prometheus (promtool, for the alert-rule and exposition checks), wamerican (an
 #    English word list, independent of our corpus, to measure that generated text is made of
-#    real words) and Node.js (the Node client example and its test).
-apt_packages=(dataset-fashion-mnist openssl prometheus wamerican)
+#    real words), Node.js (the Node client example and its test) and PostgreSQL (the
+#    recommender's shared store: its tests start throwaway clusters from these binaries).
+apt_packages=(dataset-fashion-mnist openssl postgresql prometheus wamerican)
 command -v npm >/dev/null || apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 pub mod hostile;
 pub mod jwt;
 pub mod lifecycle;
+pub mod postgres;
 pub mod server;
 pub mod torchscript;
 
@@ -417,7 +418,12 @@ impl ChildServer {
         cmd.env("MARQUEE__SERVER__GRPC_ADDR", "127.0.0.1:0")
             .env("MARQUEE__SERVER__ADMIN_ADDR", "127.0.0.1:0")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
+            // `MARQUEE_TEST_CHILD_LOGS=1` shows the child's logs when a test needs debugging.
+            .stderr(if std::env::var_os("MARQUEE_TEST_CHILD_LOGS").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            });
         for (k, v) in env {
             cmd.env(k, v);
         }
