@@ -243,8 +243,22 @@ RECOMMENDATION = obj(
         "max_clock_skew_ms": integer(0),
         "explain_history": integer(0),
         "explain_features": integer(0),
+        # `[recommendation.postgres]` tuning; `url_file` is the chart's (the mounted
+        # `recommendation.postgres` Secret), so it is not accepted here.
+        "postgres": obj(
+            {
+                # At least 1 each, as the service's own check (pgstore.rs) demands.
+                "pool_size": integer(1),
+                "timeout_ms": integer(1),
+                "start_timeout_ms": integer(1),
+                "max_history": integer(1),
+            },
+            description="`[recommendation.postgres]` with `recommendation.store: postgres`; the chart sets `url_file`.",
+        ),
     },
-    description="`[recommendation]`; the chart sets `state_dir` from `state` and `user_id_key_file` from `secrets.userIdKey`.",
+    description="`[recommendation]`; the chart sets `store` from `recommendation.store`, `state_dir` from `state`, "
+    "`postgres.url_file` from `recommendation.postgres`, `user_id_key_file` from `secrets.userIdKey` and "
+    "`tenant_token_file` from `secrets.tenantToken`.",
 )
 
 
@@ -254,6 +268,39 @@ def backend_config(name: str) -> dict:
     own = {"vision": VISION, "language": LANGUAGE, "recommendation": RECOMMENDATION}[name]
     props = {"server": SERVER, "repository": repository(name), name: own}
     return obj(props, description=f"The {name} service's TOML config (docs/CONFIG.md).")
+
+
+STORES = ("file", "postgres")
+
+# What each recommendation store demands of the rest of the component. Written as "another
+# store, or else ..." (`anyOf`, the same as `if`/`then`) because the validator's message then
+# names the store beside the offending key ("store: value must be 'postgres'" next to
+# "replicaCount: maximum: got 2, want 1"), where an `if`/`then` failure names only the key.
+STORE_RULES = [
+    # The file store is one feedback log on one volume with one writer: a second replica would
+    # either fail to mount the claim or write the same log, so no replicas > 1 and no HPA.
+    {
+        "anyOf": [
+            {"properties": {"store": {"enum": [s for s in STORES if s != "file"]}}},
+            {
+                "properties": {
+                    "replicaCount": {"maximum": 1},
+                    "autoscaling": {"properties": {"enabled": {"const": False}}},
+                }
+            },
+        ]
+    },
+    # The postgres store has nothing to connect to without the connection string's Secret.
+    {
+        "anyOf": [
+            {"properties": {"store": {"enum": [s for s in STORES if s != "postgres"]}}},
+            {
+                "properties": {"postgres": {"properties": {"existingSecret": {"minLength": 1}}}},
+                "required": ["postgres"],
+            },
+        ]
+    },
+]
 
 
 def component(name: str) -> dict:
@@ -345,15 +392,33 @@ def component(name: str) -> dict:
         )
         props["config"] = backend_config(name)
         if name == "recommendation":
+            props["store"] = {
+                "enum": list(STORES),
+                "description": "`file`: the feedback log on a claim, one replica; `postgres`: stateless replicas that may autoscale.",
+            }
             props["state"] = obj(
                 {
                     "mountPath": {"type": "string", "pattern": "^/"},
                     "existingClaim": STRING,
-                    "sizeLimit": QUANTITY,
+                    "size": QUANTITY,
+                    "storageClassName": STRING,
+                    # Writable modes only: the one pod writes the log.
+                    "accessModes": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]},
+                    },
                 },
-                description="Writable state (feedback log): an existing claim, else an emptyDir.",
+                description="The file store's volume (feedback log): an existing claim, else one the chart creates.",
             )
-    return obj(props, required=["enabled", "image", "ports", "resources", "probes"])
+            props["postgres"] = obj(
+                {"existingSecret": STRING, "key": {"type": "string", "minLength": 1}},
+                description="The Secret (and its key) holding the PostgreSQL connection string of the postgres store.",
+            )
+    o = obj(props, required=["enabled", "image", "ports", "resources", "probes"])
+    if name == "recommendation":
+        o["allOf"] = STORE_RULES
+    return o
 
 
 def schema() -> dict:
@@ -415,7 +480,8 @@ def schema() -> dict:
                         "jwksKey": STRING,
                     }
                 ),
-                "userIdKey": obj({"existingSecret": STRING, "key": STRING}),
+                "userIdKey": obj({"existingSecret": STRING, "key": {"type": "string", "minLength": 1}}),
+                "tenantToken": obj({"existingSecret": STRING, "key": {"type": "string", "minLength": 1}}),
             }
         ),
     }

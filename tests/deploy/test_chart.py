@@ -4,6 +4,7 @@ resources, pod security, network isolation of backends, drain within the grace p
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -31,6 +32,7 @@ from conftest import (
     chart,
     component_of,
     config_of,
+    config_text_of,
     load_values,
     pod_specs,
     render,
@@ -42,10 +44,15 @@ CI_IDS = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
 # The CLI installed next to this Python (the venv), whatever PATH says.
 KUBERNETES_VALIDATE = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) or "kubernetes-validate"
 CRD_GROUP = "monitoring.coreos.com/"
+POSTGRES_VALUES = CHART_DIR / "ci" / "postgres-store-values.yaml"
+# The two Secrets the chart generates (templates/secrets.yaml) and where the token is read.
+USER_ID_KEY_SECRET = f"{RELEASE}-marquee-recommendation-user-id-key"
+TENANT_TOKEN_SECRET = f"{RELEASE}-marquee-tenant-token"
+TENANT_TOKEN_FILE = "/etc/marquee/secrets/tenant-token/tenant-token"
 
 
 def test_the_ci_values_cover_defaults_gpu_mesh_and_a_single_service():
-    assert {"default", "gpu", "mesh", "istio", "single-service"} <= set(CI_IDS)
+    assert {"default", "gpu", "mesh", "istio", "single-service", "postgres-store"} <= set(CI_IDS)
 
 
 def test_generated_files_are_current():
@@ -115,6 +122,16 @@ BAD_VALUES = {
     "tenant weight type": ("gateway.config.tenants.web", {"weight": "heavy"}, "weight"),
     "OTLP endpoint without scheme": ("telemetry.otlpEndpoint", "collector:4317", "otlpEndpoint"),
     "root user": ("podSecurity.runAsUser", 0, "runAsUser"),
+    # The recommender's store and secret files are the chart's (recommendation.store, the
+    # mounted Secrets), never set in `config`.
+    "chart-owned store": ("recommendation.config.recommendation.store", "postgres", "store"),
+    "chart-owned connection string file": ("recommendation.config.recommendation.postgres.url_file", "/tmp/url", "url_file"),
+    "chart-owned user-id key file": ("recommendation.config.recommendation.user_id_key_file", "/tmp/key", "user_id_key_file"),
+    "chart-owned recommender token file": ("recommendation.config.recommendation.tenant_token_file", "/tmp/t", "tenant_token_file"),
+    "chart-owned gateway token file": ("gateway.config.backends.recommendation.tenant_token_file", "/tmp/t", "tenant_token_file"),
+    "unknown store": ("recommendation.store", "redis", "store"),
+    "read-only state claim": ("recommendation.state.accessModes", ["ReadOnlyMany"], "accessModes"),
+    "state.sizeLimit is gone (a claim, not an emptyDir)": ("recommendation.state.sizeLimit", "1Gi", "sizeLimit"),
 }
 
 
@@ -277,11 +294,15 @@ def test_backends_get_headless_services_that_the_gateway_config_resolves(default
         svc = services[b]
         assert svc["spec"]["clusterIP"] == "None", f"{b}: headless, so DNS returns every pod"
         grpc = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-        assert gateway["backends"][b] == {
+        expected = {
             "kind": b,
             "endpoints": [],
             "dns": f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{grpc}",
         }
+        if b == "recommendation":
+            # The tenant token (test_the_tenant_token_is_one_secret_on_both_sides_of_the_call).
+            expected["tenant_token_file"] = TENANT_TOKEN_FILE
+        assert gateway["backends"][b] == expected
 
 
 def test_each_service_reads_its_rendered_config_and_listens_where_its_ports_say(default_objects):
@@ -332,7 +353,12 @@ def test_values_reach_the_config_as_typed_toml(default_objects):
     rec = config_of(default_objects, "recommendation")
     assert set(rec) == {"server", "repository", "telemetry", "recommendation"}
     assert rec["repository"] == {"path": "/models", "poll_interval_ms": 10000}
-    assert rec["recommendation"] == {"state_dir": "/var/lib/marquee"}
+    # The file store (the service's default, so no `store` key) and the chart's secret files.
+    assert rec["recommendation"] == {
+        "state_dir": "/var/lib/marquee",
+        "user_id_key_file": "/etc/marquee/secrets/user-id-key/user-id.key",
+        "tenant_token_file": TENANT_TOKEN_FILE,
+    }
 
 
 def test_repository_overrides_pass_through_where_the_service_uses_them():
@@ -372,8 +398,14 @@ def test_every_gateway_route_takes_its_limits_from_values():
     assert config_of(objects, "gateway")["routes"] == routes
 
 
-def test_secrets_are_referenced_never_written(default_objects):
-    assert not by_kind(default_objects, "Secret"), "the chart creates no Secret"
+def test_credentials_are_referenced_and_only_marquees_own_keys_are_generated(default_objects):
+    """API keys, JWT keys and the database's connection string are the operator's: the chart
+    only mounts them. The only Secrets it writes are the two keys Marquee makes up itself."""
+    generated = {s["metadata"]["name"] for s in by_kind(default_objects, "Secret")}
+    assert generated == {USER_ID_KEY_SECRET, TENANT_TOKEN_SECRET}
+    for objects in (render_ci(CHART_DIR / "ci" / "mesh-values.yaml"), render_ci(CHART_DIR / "ci" / "postgres-store-values.yaml")):
+        names = {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+        assert "marquee-jwt" not in names and "recommendations-db-app" not in names and names <= generated
     gw = next(d for d in by_kind(default_objects, "Deployment") if component_of(d) == "gateway")
     spec = gw["spec"]["template"]["spec"]
     vol = next(v for v in spec["volumes"] if v["name"] == "api-keys")
@@ -418,7 +450,7 @@ def test_gpu_values_request_gpus_and_select_gpu_nodes():
     assert "nvidia.com/gpu" not in deps["recommendation"]["containers"][0]["resources"]["limits"]
     assert device_of(config_of(objects, "recommendation"), "recommendation") is None
     # Model storage: a created claim for language, an existing one for recommendation.
-    claims = by_kind(objects, "PersistentVolumeClaim")
+    claims = [c for c in by_kind(objects, "PersistentVolumeClaim") if c["metadata"]["name"].endswith("-models")]
     assert [c["metadata"]["name"] for c in claims] == [f"{RELEASE}-marquee-language-models"]
     assert claims[0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
     vol = next(v for v in deps["recommendation"]["volumes"] if v["name"] == "models")
@@ -441,11 +473,208 @@ def test_recommendation_state_is_writable_and_its_key_comes_from_a_secret():
     assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "rec-state"}
     assert cfg["user_id_key_file"] == f"{mounts['user-id-key']['mountPath']}/user-id.key" and mounts["user-id-key"]["readOnly"]
     assert volumes["user-id-key"]["secret"]["secretName"] == "rec-user-key"
-    # Default: an emptyDir, and the service makes its own key there.
-    default = render_ci(CHART_DIR / "ci" / "default-values.yaml")
-    rec = next(d for d in by_kind(default, "Deployment") if component_of(d) == "recommendation")
-    assert "emptyDir" in next(v for v in rec["spec"]["template"]["spec"]["volumes"] if v["name"] == "state")
-    assert "user_id_key_file" not in config_of(default, "recommendation")["recommendation"]
+    # A named claim and a named key: the chart creates neither.
+    assert not [c for c in by_kind(objects, "PersistentVolumeClaim") if c["metadata"]["name"].endswith("-state")]
+    assert USER_ID_KEY_SECRET not in {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+
+
+def deployment_of(objects: list[dict], comp: str) -> dict:
+    (d,) = [d for d in by_kind(objects, "Deployment") if component_of(d) == comp]
+    return d
+
+
+def volume_and_mount(deployment: dict, name: str) -> tuple[dict, dict]:
+    spec = deployment["spec"]["template"]["spec"]
+    vol = next(v for v in spec["volumes"] if v["name"] == name)
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == name)
+    return vol, mount
+
+
+def test_the_file_store_is_one_recreated_replica_on_a_claim(default_objects):
+    """The default store: one feedback log written by exactly one pod, on a claim (an emptyDir
+    would lose users' histories with the pod), never two pods at once (Recreate, no HPA), and no
+    disruption budget that could hold a node drain forever."""
+    rec = deployment_of(default_objects, "recommendation")
+    assert rec["spec"]["replicas"] == 1
+    assert rec["spec"]["strategy"] == {"type": "Recreate"}, "the old pod is gone before the new one opens the log"
+    vol, mount = volume_and_mount(rec, "state")
+    (claim,) = [c for c in by_kind(default_objects, "PersistentVolumeClaim") if c["metadata"]["name"] == f"{RELEASE}-marquee-recommendation-state"]
+    assert vol == {"name": "state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert not mount.get("readOnly")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"], "the cluster's default class"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    cfg = config_of(default_objects, "recommendation")["recommendation"]
+    assert cfg["state_dir"] == mount["mountPath"]
+    assert "store" not in cfg and "postgres" not in cfg, "file is the service's default store"
+    assert "recommendation" not in {component_of(h) for h in by_kind(default_objects, "HorizontalPodAutoscaler")}
+    assert "recommendation" not in {component_of(p) for p in by_kind(default_objects, "PodDisruptionBudget")}
+    # Size, class and access mode come from values; even a budget of 0 is not rendered for it.
+    objects = render(
+        {
+            "recommendation": {
+                "state": {"size": "20Gi", "storageClassName": "fast-rwo", "accessModes": ["ReadWriteOncePod"]},
+                "pdb": {"enabled": True, "maxUnavailable": 0},
+            }
+        }
+    )
+    (claim,) = [c for c in by_kind(objects, "PersistentVolumeClaim") if c["metadata"]["name"].endswith("-state")]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["spec"]["storageClassName"] == "fast-rwo"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOncePod"]
+    assert "recommendation" not in {component_of(p) for p in by_kind(objects, "PodDisruptionBudget")}
+
+
+FILE_STORE_SCALING = {
+    "autoscaling": ({"autoscaling": {"enabled": True}}, "'/recommendation/autoscaling/enabled': value must be false"),
+    "two replicas": ({"replicaCount": 2}, "'/recommendation/replicaCount': maximum: got 2, want 1"),
+}
+
+
+@pytest.mark.parametrize("case", FILE_STORE_SCALING.values(), ids=FILE_STORE_SCALING.keys())
+def test_the_schema_refuses_scaling_the_file_store(case):
+    rec, refused = case
+    for values in ({"recommendation": rec}, {"recommendation": {**rec, "store": "file"}}):
+        with pytest.raises(helm.HelmValuesError) as e:
+            chart().validate_schema(values)
+        message = str(e.value)
+        # The message names the key and the reason: the store (which would have to be another).
+        assert refused in message, message
+        assert "'/recommendation/store': value must be 'postgres'" in message, message
+        with pytest.raises(helm.HelmError):
+            render(values)
+    # The same scaling with the postgres store is fine.
+    values = {"recommendation": {**rec, "store": "postgres", "postgres": {"existingSecret": "db"}}}
+    chart().validate_schema(values)
+    assert deployment_of(render(values), "recommendation")
+
+
+def test_the_templates_refuse_what_the_schema_refuses_when_it_is_skipped(tmp_path):
+    """`helm install --skip-schema-validation` skips the schema, not the templates' own check:
+    the chart without its schema still refuses two writers on one log, and a postgres store
+    without a connection string."""
+    unchecked = tmp_path / "marquee"
+    shutil.copytree(CHART_DIR, unchecked)
+    (unchecked / "values.schema.json").unlink()
+    loose = helm.Chart.load(str(unchecked))
+    for values, reason in (
+        ({"recommendation": {"replicaCount": 2}}, "recommendation.store is file"),
+        ({"recommendation": {"autoscaling": {"enabled": True}}}, "recommendation.store is file"),
+        ({"recommendation": {"store": "postgres"}}, "recommendation.postgres.existingSecret"),
+    ):
+        with pytest.raises(helm.HelmRenderError) as e:
+            loose.render(values, name=RELEASE, namespace=NAMESPACE)
+        assert reason in str(e.value), str(e.value)
+
+
+def test_the_schema_requires_the_connection_string_secret_with_the_postgres_store():
+    for values in (
+        {"recommendation": {"store": "postgres"}},
+        {"recommendation": {"store": "postgres", "postgres": {"existingSecret": ""}}},
+    ):
+        with pytest.raises(helm.HelmValuesError) as e:
+            chart().validate_schema(values)
+        message = str(e.value)
+        assert "'/recommendation/postgres/existingSecret': minLength: got 0, want 1" in message, message
+        assert "'/recommendation/store': value must be 'file'" in message, message
+
+
+def test_the_postgres_store_is_stateless_and_autoscales():
+    objects = render_ci(POSTGRES_VALUES)
+    rec = deployment_of(objects, "recommendation")
+    # Replicas are interchangeable: rolled like every other service, counted by the HPA.
+    assert "replicas" not in rec["spec"], "the HPA owns the replica count"
+    assert rec["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert rec["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (hpa,) = [h for h in by_kind(objects, "HorizontalPodAutoscaler") if component_of(h) == "recommendation"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": rec["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert "recommendation" in {component_of(p) for p in by_kind(objects, "PodDisruptionBudget")}
+    assert not by_kind(objects, "PersistentVolumeClaim"), "no claim: the state is in PostgreSQL"
+    state, _ = volume_and_mount(rec, "state")
+    assert "emptyDir" in state and "persistentVolumeClaim" not in state
+    # The connection string: only its key of the operator's Secret, read-only, as url_file.
+    vol, mount = volume_and_mount(rec, "postgres")
+    assert vol["secret"] == {"secretName": "recommendations-db-app", "items": [{"key": "uri", "path": "uri"}], "defaultMode": 0o440}
+    assert mount["readOnly"]
+    cfg = config_of(objects, "recommendation")["recommendation"]
+    assert cfg["store"] == "postgres"
+    assert cfg["postgres"] == {"url_file": f"{mount['mountPath']}/uri", "pool_size": 16, "timeout_ms": 1500}
+    text = config_text_of(objects, "recommendation")
+    assert 'store = "postgres"' in text and "[recommendation.postgres]" in text
+    # Nothing of the database's Secret is written by the chart.
+    assert "recommendations-db-app" not in {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+
+
+@pytest.mark.parametrize("values_file", [CHART_DIR / "ci" / "default-values.yaml", POSTGRES_VALUES], ids=["generated", "existing"])
+def test_every_recommender_replica_mounts_the_one_user_id_key_secret(values_file):
+    """One pod template (one Deployment, which the HPA scales) mounts one Secret: every
+    replica hashes user ids with the same key. Generated: 32 random bytes, the key the
+    service would make itself, kept and immutable; or an existing Secret, only referenced."""
+    objects = render_ci(values_file)
+    named = load_values(values_file).get("secrets", {}).get("userIdKey", {}).get("existingSecret")
+    recs = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet") and component_of(o) == "recommendation"]
+    assert len(recs) == 1
+    vol, mount = volume_and_mount(recs[0], "user-id-key")
+    assert vol["secret"]["secretName"] == (named or USER_ID_KEY_SECRET)
+    assert vol["secret"]["items"] == [{"key": "user-id.key", "path": "user-id.key"}]
+    assert mount["readOnly"]
+    cfg = config_of(objects, "recommendation")["recommendation"]
+    assert cfg["user_id_key_file"] == f"{mount['mountPath']}/user-id.key"
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    if named:
+        assert named not in secrets and USER_ID_KEY_SECRET not in secrets
+        return
+    secret = secrets[USER_ID_KEY_SECRET]
+    assert component_of(secret) == "recommendation"
+    # privacy.rs UserKey::load_or_create: the whole file is the key, >= 16 bytes; it makes 32.
+    assert len(base64.b64decode(secret["data"]["user-id.key"])) == 32
+    assert secret["immutable"] is True
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"secrets": {"tenantToken": {"existingSecret": "shared-token", "key": "token"}}}],
+    ids=["generated", "existing"],
+)
+def test_the_tenant_token_is_one_secret_on_both_sides_of_the_call(values):
+    """The gateway sends the token it reads from `backends.recommendation.tenant_token_file`;
+    the recommender, given the same file as `recommendation.tenant_token_file`, refuses a
+    tenant header without it. Both mount one Secret at one path."""
+    objects = render(values)
+    named = values.get("secrets", {}).get("tenantToken", {})
+    secret_name, key = named.get("existingSecret", TENANT_TOKEN_SECRET), named.get("key", "tenant-token")
+    backends = config_of(objects, "gateway")["backends"]
+    path = config_of(objects, "recommendation")["recommendation"]["tenant_token_file"]
+    assert backends["recommendation"]["tenant_token_file"] == path
+    # Only the recommender reads tenants with a token.
+    assert all("tenant_token_file" not in backends[b] for b in ("vision", "language"))
+    mounted = {}
+    for comp in ("gateway", "recommendation"):
+        vol, mount = volume_and_mount(deployment_of(objects, comp), "tenant-token")
+        assert mount["readOnly"]
+        assert f"{mount['mountPath']}/{vol['secret']['items'][0]['path']}" == path, comp
+        mounted[comp] = vol["secret"]
+    assert mounted["gateway"] == mounted["recommendation"]
+    assert mounted["gateway"]["secretName"] == secret_name and mounted["gateway"]["items"] == [{"key": key, "path": key}]
+    for comp in ("vision", "language"):
+        spec = deployment_of(objects, comp)["spec"]["template"]["spec"]
+        assert "tenant-token" not in {v["name"] for v in spec["volumes"]}, comp
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    if "existingSecret" in named:
+        assert secret_name not in secrets and TENANT_TOKEN_SECRET not in secrets
+    else:
+        token = base64.b64decode(secrets[TENANT_TOKEN_SECRET]["data"][key]).decode()
+        # marquee_core::tenant::read_token_file: at least 16 visible ASCII characters.
+        assert len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token
+        assert secrets[TENANT_TOKEN_SECRET]["immutable"] is True
+    # No recommender: no token anywhere.
+    without = render({**values, "recommendation": {"enabled": False}})
+    assert not by_kind(without, "Secret")
+    gw = deployment_of(without, "gateway")["spec"]["template"]["spec"]
+    assert "tenant-token" not in {v["name"] for v in gw["volumes"]}
 
 
 def test_models_are_copied_from_a_model_image_by_default(default_objects):
@@ -484,6 +713,11 @@ def test_autoscaling_and_disruption_budgets(default_objects):
     pdbs = {component_of(p): p for p in by_kind(default_objects, "PodDisruptionBudget")}
     for d in by_kind(default_objects, "Deployment"):
         comp = component_of(d)
+        if comp == "recommendation":
+            # The file store (default): one replica, no HPA, no PDB
+            # (test_the_file_store_is_one_recreated_replica_on_a_claim).
+            assert comp not in hpas and comp not in pdbs
+            continue
         assert "replicas" not in d["spec"], f"{comp}: the HPA owns the replica count"
         cpu = hpas[comp]["spec"]["metrics"][0]
         assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"

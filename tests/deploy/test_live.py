@@ -18,6 +18,7 @@ import importlib.resources
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -318,13 +319,30 @@ def chart_config_files(root: Path) -> dict[str, Path]:
     return files
 
 
+def recommendation_secret_files(root: Path) -> dict[str, str]:
+    """The files the chart mounts from its Secrets into the recommender, made as the chart
+    makes them (32 random bytes; a token of letters and digits), as env overrides of the
+    rendered paths under /etc/marquee/secrets."""
+    user_id_key = root / "user-id.key"
+    user_id_key.write_bytes(os.urandom(32))
+    tenant_token = root / "tenant-token"
+    tenant_token.write_text(secrets.token_hex(24))
+    return {
+        "MARQUEE__RECOMMENDATION__USER_ID_KEY_FILE": str(user_id_key),
+        "MARQUEE__RECOMMENDATION__TENANT_TOKEN_FILE": str(tenant_token),
+    }
+
+
 @pytest.fixture(scope="session")
 def ml_services():
     """marquee-language and marquee-recommendation on the chart's TOML. Only the paths differ
-    outside the pod (`repository.path`, the model mount, and the state volume) and libtorch
-    gets one thread (`repository.threads`, the same override on both)."""
+    outside the pod (`repository.path`, the model mount, the state volume and the two files
+    the chart mounts from Secrets: the user-id key and the tenant token, written here as the
+    chart generates them) and libtorch gets one thread (`repository.threads`, the same
+    override on both)."""
     root = Path(tempfile.mkdtemp(prefix="marquee-deploy-ml-"))
     files = chart_config_files(root)
+    secret_files = recommendation_secret_files(root)
     with run_binary(
         "marquee-language",
         {"MARQUEE__REPOSITORY__PATH": str(model_repo()), "MARQUEE__REPOSITORY__THREADS": "1"},
@@ -336,12 +354,14 @@ def ml_services():
                 "MARQUEE__REPOSITORY__PATH": str(model_repo()),
                 "MARQUEE__REPOSITORY__THREADS": "1",
                 "MARQUEE__RECOMMENDATION__STATE_DIR": str(root / "state"),
+                **secret_files,
             },
             ["--config", str(files["recommendation"])],
         ) as recommendation:
             for srv in (language, recommendation):
                 wait_for_sigterm_handler(srv.process)
-            yield {"language": language, "recommendation": recommendation}
+            token = Path(secret_files["MARQUEE__RECOMMENDATION__TENANT_TOKEN_FILE"]).read_text()
+            yield {"language": language, "recommendation": recommendation, "tenant_token": token}
 
 
 LANGUAGE_MODEL = "gpt_reviews"
@@ -628,6 +648,22 @@ def test_language_and_recommendation_run_the_config_the_chart_renders(component,
     assert "marquee_" in scrape(srv)
 
 
+def test_the_recommender_on_the_charts_config_refuses_a_forged_tenant(ml_services, marquee_pb):
+    """The chart gives the recommender a tenant token (and the gateway the same one): a caller
+    that reaches the recommender directly and names a tenant without the token is refused;
+    with the token, as the gateway sends it, the tenant is accepted."""
+    rpb, rgrpc = marquee_pb.recommendation_pb2, marquee_pb.recommendation_pb2_grpc
+    request = rpb.RecommendRequest(user_id=KNOWN_USER, k=3)
+    with grpc.insecure_channel(ml_services["recommendation"].grpc_addr) as ch:
+        stub = rgrpc.RecommenderStub(ch)
+        for forged in ([("x-marquee-tenant", "acme")], [("x-marquee-tenant", "acme"), ("x-marquee-tenant-token", "not-the-token-0123456789")]):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Recommend(request, metadata=forged, timeout=60)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+        token = ml_services["tenant_token"].strip()
+        assert stub.Recommend(request, metadata=[("x-marquee-tenant", "acme"), ("x-marquee-tenant-token", token)], timeout=60).items
+
+
 # --- what each service serves: reflection, and the OIP discovery calls --------------------------
 
 # Every service: health, reflection (v1 and v1alpha) and the Open Inference Protocol.
@@ -709,7 +745,7 @@ def test_services_refuse_repository_keys_they_would_ignore(case, tmp_path):
             "MARQUEE__SERVER__ADMIN_ADDR": "127.0.0.1:0",
             "MARQUEE__REPOSITORY__PATH": str(model_repo()),
             "NO_COLOR": "1",
-            **({"MARQUEE__RECOMMENDATION__STATE_DIR": str(tmp_path / "state")} if component == "recommendation" else {}),
+            **({"MARQUEE__RECOMMENDATION__STATE_DIR": str(tmp_path / "state"), **recommendation_secret_files(tmp_path)} if component == "recommendation" else {}),
             **env,
         },
         stdin=subprocess.DEVNULL,

@@ -104,6 +104,31 @@ ready pod. Arg: (list root name). */}}
 {{- define "marquee.jwtDir" -}}/etc/marquee/secrets/jwt{{- end -}}
 {{- define "marquee.configDir" -}}/etc/marquee/config{{- end -}}
 {{- define "marquee.userIdKeyDir" -}}/etc/marquee/secrets/user-id-key{{- end -}}
+{{- define "marquee.tenantTokenDir" -}}/etc/marquee/secrets/tenant-token{{- end -}}
+{{- define "marquee.postgresDir" -}}/etc/marquee/secrets/postgres{{- end -}}
+
+{{/* The Secret holding the recommender's user-id hash key: the named one, else the one the
+chart generates (templates/secrets.yaml). Arg: root. */}}
+{{- define "marquee.userIdKeySecret" -}}
+{{- .Values.secrets.userIdKey.existingSecret | default (printf "%s-recommendation-user-id-key" (include "marquee.fullname" .) | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* The Secret holding the tenant token the gateway and the recommender share. Arg: root. */}}
+{{- define "marquee.tenantTokenSecret" -}}
+{{- .Values.secrets.tenantToken.existingSecret | default (printf "%s-tenant-token" (include "marquee.fullname" .) | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* The one file both sides read the tenant token from: the same path in the gateway's
+`backends.recommendation.tenant_token_file` and the recommender's
+`recommendation.tenant_token_file`. Arg: root. */}}
+{{- define "marquee.tenantTokenFile" -}}
+{{- printf "%s/%s" (include "marquee.tenantTokenDir" .) .Values.secrets.tenantToken.key -}}
+{{- end -}}
+
+{{/* The recommender's store ("file" or "postgres"). Arg: root. */}}
+{{- define "marquee.recommendationStore" -}}
+{{- .Values.recommendation.store | default "file" -}}
+{{- end -}}
 
 {{/* The service's whole config as a dict: the component's `config` values plus the keys the
 chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
@@ -126,6 +151,10 @@ chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
       {{- $_ := set $entry "dns" (include "marquee.backendDns" (list $root $b)) -}}
       {{- /* Replaces the gateway's built-in default (127.0.0.1:8001): only DNS finds replicas. */ -}}
       {{- $_ := set $entry "endpoints" list -}}
+      {{- if eq $b "recommendation" -}}
+        {{- /* Sent beside the caller's tenant: the recommender accepts a tenant only with it. */ -}}
+        {{- $_ := set $entry "tenant_token_file" (include "marquee.tenantTokenFile" $root) -}}
+      {{- end -}}
       {{- $_ := set $backends $b $entry -}}
     {{- end -}}
   {{- end -}}
@@ -155,10 +184,20 @@ chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
   {{- $_ := set $cfg "repository" $repo -}}
   {{- if eq .name "recommendation" -}}
     {{- $rec := $cfg.recommendation | default dict -}}
+    {{- /* With the postgres store state_dir is a scratch emptyDir (deployment.yaml): nothing the
+    service defaults to lands on the read-only root filesystem. */ -}}
     {{- $_ := set $rec "state_dir" .c.state.mountPath -}}
-    {{- if $root.Values.secrets.userIdKey.existingSecret -}}
-      {{- $_ := set $rec "user_id_key_file" (printf "%s/%s" (include "marquee.userIdKeyDir" .) $root.Values.secrets.userIdKey.key) -}}
+    {{- if eq (include "marquee.recommendationStore" $root) "postgres" -}}
+      {{- /* `file` is the service's default and is left unsaid. */ -}}
+      {{- $_ := set $rec "store" "postgres" -}}
+      {{- $pg := $rec.postgres | default dict -}}
+      {{- $_ := set $pg "url_file" (printf "%s/%s" (include "marquee.postgresDir" .) .c.postgres.key) -}}
+      {{- $_ := set $rec "postgres" $pg -}}
     {{- end -}}
+    {{- /* Always from a Secret: every replica (and every restart) must hash user ids with the
+    same key, which a key the service creates in its own volume cannot promise. */ -}}
+    {{- $_ := set $rec "user_id_key_file" (printf "%s/%s" (include "marquee.userIdKeyDir" .) $root.Values.secrets.userIdKey.key) -}}
+    {{- $_ := set $rec "tenant_token_file" (include "marquee.tenantTokenFile" $root) -}}
     {{- $_ := set $cfg "recommendation" $rec -}}
   {{- end -}}
 {{- end -}}
