@@ -351,13 +351,7 @@ impl OipModel for LoadedModel {
             let mut shape = vec![valid.batch as i64];
             shape.extend_from_slice(&spec.dims);
             let contents = if valid.raw {
-                raw_output_contents.push(
-                    values
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect::<Vec<u8>>()
-                        .into(),
-                );
+                raw_output_contents.push(crate::oip::f32_le_bytes(&values).into());
                 None
             } else {
                 Some(InferTensorContents {

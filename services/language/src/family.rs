@@ -260,8 +260,7 @@ impl OipModel for LanguageModel {
         let vocab = self.engine.shape.vocab as i64;
         let raw = !req.raw_input_contents.is_empty();
         let (contents, raw_output_contents) = if raw {
-            let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (None, vec![bytes.into()])
+            (None, vec![marquee_core::oip::f32_le_bytes(&logits).into()])
         } else {
             (
                 Some(InferTensorContents {
