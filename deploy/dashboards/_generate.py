@@ -714,6 +714,19 @@ def recommendation() -> Board:
         description="A torn or corrupt tail cut off the feedback log when the pod started; anything above 0 "
         "means feedback after that point was lost (see MarqueeRecommendationFeedbackLogTruncated).",
     )
+    b.panel(
+        "Feedback-database errors/s by call",
+        [
+            (
+                f"sum by (op) (rate(marquee_recommendation_database_errors_total{{{sel}}}[$__rate_interval]))",
+                "{{op}}",
+            )
+        ],
+        unit="ops",
+        w=24,
+        description="PostgreSQL store only: calls that failed with UNAVAILABLE because the database did not answer "
+        "(nothing acknowledged; see MarqueeRecommendationDatabaseUnavailable). Always 0 with the file store.",
+    )
     return b
 
 

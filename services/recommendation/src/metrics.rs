@@ -100,6 +100,11 @@ impl RecMetrics {
             "Feedback-database calls that failed (nothing acknowledged), by op: record, read, forget.",
             &["op"],
         )?;
+        // Exported at 0 from the start (a closed set): alerts on its rate see a series before
+        // the first failure.
+        for op in ["record", "read", "forget"] {
+            database_errors.with_label_values(&[op]);
+        }
         let exposure = Arc::new(Mutex::new(Exposure {
             counts: vec![0; num_items + 1],
             ..Exposure::default()

@@ -230,9 +230,17 @@ mod tests {
         let s = training.subject_with(u, &rows, &c);
         assert_eq!((s.user_index, s.history.clone()), (7, vec![1, 2]));
         assert_eq!(s.exclude, vec![1, 2, 3]);
-        assert_eq!(training.history_len(u), 1, "the version's users are not changed");
+        assert_eq!(
+            training.history_len(u),
+            1,
+            "the version's users are not changed"
+        );
         rows.forgotten = true;
         let s = training.subject_with(u, &rows, &c);
-        assert_eq!((s.user_index, s.history), (0, vec![2]), "training state dropped");
+        assert_eq!(
+            (s.user_index, s.history),
+            (0, vec![2]),
+            "training state dropped"
+        );
     }
 }
