@@ -438,6 +438,20 @@ pub fn section(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<String> {
     Ok(crate::markdown::language_section(&measure(a, bin_dir)?))
 }
 
+/// Replaces `heading`'s section of the report at `out` with `md` (or appends it), or prints
+/// `md` when there is no `out`.
+pub fn write_section(out: Option<&Path>, heading: &str, md: &str) -> anyhow::Result<()> {
+    match out {
+        Some(p) => {
+            let old = std::fs::read_to_string(p).unwrap_or_default();
+            std::fs::write(p, replace_section(&old, heading, md))?;
+            eprintln!("wrote {}", p.display());
+        }
+        None => print!("{md}"),
+    }
+    Ok(())
+}
+
 /// Replaces the `## …` section starting with `heading` in `report` (or appends it).
 pub fn replace_section(report: &str, heading: &str, new: &str) -> String {
     match report.find(heading) {

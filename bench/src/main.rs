@@ -8,6 +8,7 @@ mod markdown;
 mod raw;
 mod recommend;
 mod report;
+mod stores;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,9 @@ enum Cmd {
     Recommend(recommend::RecommendArgs),
     /// The language service, decode steps and the naive loop; replaces that section of `--out`.
     Language(language::LanguageArgs),
+    /// The recommender's feedback stores (file, PostgreSQL) side by side; prints Markdown or
+    /// replaces that section of `--out`.
+    Stores(stores::StoresArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Load(a) => load::run(a),
         Cmd::Recommend(a) => recommend::run(a),
         Cmd::Language(a) => language::run(a),
+        Cmd::Stores(a) => stores::run(a),
     }
 }
 

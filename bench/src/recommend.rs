@@ -119,17 +119,7 @@ fn training_subject(data: &ModelData, user_index: u32) -> Subject {
 }
 
 pub fn run(a: RecommendArgs) -> anyhow::Result<()> {
-    let md = section(&a)?;
-    match &a.out {
-        Some(p) => {
-            let old = std::fs::read_to_string(p).unwrap_or_default();
-            let new = crate::language::replace_section(&old, HEADING, &md);
-            std::fs::write(p, new)?;
-            eprintln!("wrote {}", p.display());
-        }
-        None => print!("{md}"),
-    }
-    Ok(())
+    crate::language::write_section(a.out.as_deref(), HEADING, &section(&a)?)
 }
 
 /// Runs the benchmark and returns the Markdown section ([`crate::markdown`]).

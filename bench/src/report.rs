@@ -315,6 +315,10 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     let language = crate::language::section(&lm, &bin_dir)?;
     let rec = crate::recommend::RecommendArgs::with_defaults(a.repo.clone(), a.runs);
     let recommendation = crate::recommend::section(&rec)?;
+    let stores = crate::stores::section(&crate::stores::StoresArgs::with_defaults(
+        a.repo.clone(),
+        a.runs,
+    ))?;
 
     let mut md = crate::markdown::header(&run);
     for v in &vision {
@@ -323,6 +327,7 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     md.push_str(&crate::markdown::gateway_section(&gateway));
     md.push_str(&language);
     md.push_str(&recommendation);
+    md.push_str(&stores);
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     print!("{md}");
