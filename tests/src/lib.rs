@@ -273,6 +273,36 @@ pub fn recommendation_backend(addr: SocketAddr) -> marquee_gateway::config::Back
     }
 }
 
+/// Gateway settings in front of the recommender `replicas` only, for the API-key tenants `keys`
+/// (`(key, tenant)`, each with `recommendation:read` and `:write`), forwarding each caller's
+/// tenant with the shared token in `token_file`.
+pub fn tenant_gateway_settings(
+    replicas: &[SocketAddr],
+    token_file: &Path,
+    keys: &[(&str, &str)],
+) -> marquee_gateway::config::Settings {
+    use marquee_gateway::config::{ApiKey, Backend, Tenant};
+    let mut s = gateway_settings(&[]);
+    s.backends.clear();
+    s.backends.insert(
+        "recommendation".into(),
+        Backend {
+            tenant_token_file: Some(token_file.to_path_buf()),
+            endpoints: replicas.iter().map(|a| a.to_string()).collect(),
+            ..recommendation_backend(replicas[0])
+        },
+    );
+    for &(key, tenant) in keys {
+        s.tenants.insert(tenant.into(), Tenant::default());
+        s.auth.api_keys.push(ApiKey {
+            sha256: marquee_gateway::auth::hash_key(key),
+            tenant: tenant.into(),
+            scopes: vec!["recommendation:read".into(), "recommendation:write".into()],
+        });
+    }
+    s
+}
+
 /// Gateway settings in front of `backends` (vision replicas): ephemeral ports; tenants `acme`
 /// (vision), `globex` (recommendation only), `noisy` and `quiet` (vision), `limited` (2 calls/s).
 pub fn gateway_settings(backends: &[SocketAddr]) -> marquee_gateway::config::Settings {

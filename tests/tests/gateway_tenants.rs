@@ -6,7 +6,6 @@
 //! id, and tenant b's `Recommend(explain)` for the same id explained its picks with a's likes.
 
 use marquee_e2e::*;
-use marquee_gateway::config::{ApiKey, Backend, Tenant};
 use marquee_proto::recommendation::recommend_request::Subject;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
 use marquee_proto::recommendation::{
@@ -75,23 +74,7 @@ async fn one_tenants_users_are_invisible_to_another_and_the_tenant_comes_only_fr
     rs.recommendation.tenant_token_file = Some(token_file.clone());
     let rec = start_recommendation(rs).await;
 
-    let mut s = gateway_settings(&[rec.grpc_addr]);
-    s.backends.clear();
-    s.backends.insert(
-        "recommendation".into(),
-        Backend {
-            tenant_token_file: Some(token_file),
-            ..recommendation_backend(rec.grpc_addr)
-        },
-    );
-    for (key, tenant) in [(A_KEY, "a"), (B_KEY, "b")] {
-        s.tenants.insert(tenant.into(), Tenant::default());
-        s.auth.api_keys.push(ApiKey {
-            sha256: marquee_gateway::auth::hash_key(key),
-            tenant: tenant.into(),
-            scopes: vec!["recommendation:read".into(), "recommendation:write".into()],
-        });
-    }
+    let s = tenant_gateway_settings(&[rec.grpc_addr], &token_file, &[(A_KEY, "a"), (B_KEY, "b")]);
     let gw = start_gateway(s).await;
     let mut via = RecommenderClient::new(gw.channel().await);
     let mut direct = rec.client().await;

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use marquee_e2e::postgres::{Postgres, bytea};
 use marquee_e2e::*;
-use marquee_gateway::config::{ApiKey, Backend, Tenant};
 use marquee_proto::recommendation::recommend_request::Subject;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
 use marquee_proto::recommendation::{
@@ -122,36 +121,6 @@ impl Shared {
                 "SELECT count(*) FROM marquee_forgotten WHERE user_key = {key}"
             )),
         )
-    }
-}
-
-impl Shared {
-    /// A gateway in front of `replicas`, forwarding tenants `a` and `b` (API keys `A_KEY`,
-    /// `B_KEY`) with the shared token.
-    fn gateway(
-        &self,
-        replicas: impl Iterator<Item = std::net::SocketAddr>,
-    ) -> marquee_gateway::config::Settings {
-        let endpoints: Vec<String> = replicas.map(|a| a.to_string()).collect();
-        let mut gs = gateway_settings(&[]);
-        gs.backends.clear();
-        gs.backends.insert(
-            "recommendation".into(),
-            Backend {
-                tenant_token_file: Some(self.token_file.clone()),
-                endpoints,
-                ..recommendation_backend("127.0.0.1:1".parse().unwrap())
-            },
-        );
-        for (key, tenant) in [(A_KEY, "a"), (B_KEY, "b")] {
-            gs.tenants.insert(tenant.into(), Tenant::default());
-            gs.auth.api_keys.push(ApiKey {
-                sha256: marquee_gateway::auth::hash_key(key),
-                tenant: tenant.into(),
-                scopes: vec!["recommendation:read".into(), "recommendation:write".into()],
-            });
-        }
-        gs
     }
 }
 
@@ -267,7 +236,8 @@ async fn two_replicas_on_one_database_share_feedback_erasure_and_tenants() {
     }
 
     // Through a gateway in front of both: tenant b's user of the same id is another user.
-    let gs = db.gateway(replicas.iter().map(|r| r.grpc_addr));
+    let addrs: Vec<_> = replicas.iter().map(|r| r.grpc_addr).collect();
+    let gs = tenant_gateway_settings(&addrs, &db.token_file, &[(A_KEY, "a"), (B_KEY, "b")]);
     let gw = start_gateway(gs).await;
     let mut via = RecommenderClient::new(gw.channel().await);
     for _ in 0..4 {
@@ -445,7 +415,11 @@ async fn database_stopped_under_load_gives_clear_statuses_then_recovers_without_
     settings.recommendation.postgres.timeout_ms = 1_000;
     let rec = start_recommendation(settings).await;
     let mut direct = rec.client().await;
-    let gs = db.gateway([rec.grpc_addr].into_iter());
+    let gs = tenant_gateway_settings(
+        &[rec.grpc_addr],
+        &db.token_file,
+        &[(A_KEY, "a"), (B_KEY, "b")],
+    );
     let gw = start_gateway(gs).await;
     let mut via = RecommenderClient::new(gw.channel().await);
     let key = A_KEY;

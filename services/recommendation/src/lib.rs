@@ -531,39 +531,23 @@ mod tests {
         std::fs::write(&url, "host=127.0.0.1 port=5432 user=marquee").unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, [1u8; 32]).unwrap();
-        let ok: Settings = marquee_core::config::load_from(
-            None,
-            env(&[
-                ("MARQUEE__RECOMMENDATION__STORE", "postgres"),
-                (
-                    "MARQUEE__RECOMMENDATION__POSTGRES__URL_FILE",
-                    url.to_str().unwrap(),
-                ),
-                (
-                    "MARQUEE__RECOMMENDATION__USER_ID_KEY_FILE",
-                    key.to_str().unwrap(),
-                ),
-            ]),
-        )
-        .unwrap();
+        let postgres = [
+            ("MARQUEE__RECOMMENDATION__STORE", "postgres"),
+            (
+                "MARQUEE__RECOMMENDATION__POSTGRES__URL_FILE",
+                url.to_str().unwrap(),
+            ),
+            (
+                "MARQUEE__RECOMMENDATION__USER_ID_KEY_FILE",
+                key.to_str().unwrap(),
+            ),
+        ];
+        let ok: Settings = marquee_core::config::load_from(None, env(&postgres)).unwrap();
         assert_eq!(ok.recommendation.store, StoreKind::Postgres);
         std::fs::write(&url, "not a connection string ===").unwrap();
-        let err = marquee_core::config::load_from::<Settings, _>(
-            None,
-            env(&[
-                ("MARQUEE__RECOMMENDATION__STORE", "postgres"),
-                (
-                    "MARQUEE__RECOMMENDATION__POSTGRES__URL_FILE",
-                    url.to_str().unwrap(),
-                ),
-                (
-                    "MARQUEE__RECOMMENDATION__USER_ID_KEY_FILE",
-                    key.to_str().unwrap(),
-                ),
-            ]),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = marquee_core::config::load_from::<Settings, _>(None, env(&postgres))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not a connection string"), "{err}");
         assert!(
             !err.contains("==="),
