@@ -16,6 +16,8 @@ pub struct Postgres {
     pub port: u16,
     /// The system user the server runs as, when the tests run as root.
     run_as: Option<String>,
+    /// With TLS: the CA that signed the server's certificate (for 127.0.0.1).
+    ca_file: Option<PathBuf>,
 }
 
 /// The newest installed `/usr/lib/postgresql/<version>/bin`.
@@ -50,15 +52,33 @@ fn free_port() -> u16 {
 impl Postgres {
     /// Creates and starts a cluster; returns once it accepts connections.
     pub fn start() -> Self {
+        Self::create(false)
+    }
+
+    /// As [`Self::start`], with TLS on: a throwaway CA signs the server's certificate for
+    /// `127.0.0.1` ([`Self::ca_file`]); plain connections are still accepted (`pg_hba` allows
+    /// both), so a client is what makes TLS required.
+    pub fn start_tls() -> Self {
+        Self::create(true)
+    }
+
+    /// The CA certificate of a cluster started with [`Self::start_tls`].
+    pub fn ca_file(&self) -> &Path {
+        self.ca_file.as_deref().expect("started with start_tls")
+    }
+
+    fn create(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("marquee-pg-")
             .tempdir()
             .unwrap();
         let run_as = (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_string());
+        let ca_file = tls.then(|| make_certificates(&dir.path().join("tls")));
         if let Some(user) = &run_as {
-            // The cluster's folder must belong to the user the server runs as.
+            // The cluster's folder (and the server's key in it) must belong to the user the
+            // server runs as.
             let status = Command::new("chown")
-                .args([&format!("{user}:"), dir.path().to_str().unwrap()])
+                .args(["-R", &format!("{user}:"), dir.path().to_str().unwrap()])
                 .status()
                 .unwrap();
             assert!(status.success(), "chown of the cluster folder failed");
@@ -68,6 +88,7 @@ impl Postgres {
             port: free_port(),
             run_as,
             dir,
+            ca_file,
         };
         let data = pg.data_dir();
         pg.run(
@@ -119,11 +140,19 @@ impl Postgres {
     /// Starts the server (again, on the same port and data), waiting until it accepts
     /// connections.
     pub fn start_server(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=100",
             self.port,
             self.dir.path().display()
         );
+        if self.ca_file.is_some() {
+            let tls = self.dir.path().join("tls");
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                tls.join("server.crt").display(),
+                tls.join("server.key").display()
+            ));
+        }
         let log = self.dir.path().join("server.log");
         self.run(
             "pg_ctl",
@@ -227,6 +256,90 @@ impl Drop for Postgres {
             };
         }
     }
+}
+
+/// A CA and a server certificate for `127.0.0.1` it signed (P-256 keys, valid 2 days) in
+/// `dir`, by the `openssl` command line; returns the CA certificate's path.
+pub fn make_certificates(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=marquee test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&csr);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    // PostgreSQL refuses a key others can read.
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    dir.join("ca.crt")
 }
 
 /// `s` quoted for `sh -c`.

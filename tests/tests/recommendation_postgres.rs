@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use marquee_e2e::postgres::{Postgres, bytea};
+use marquee_e2e::postgres::{self, Postgres, bytea};
 use marquee_e2e::*;
 use marquee_proto::recommendation::recommend_request::Subject;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
@@ -606,4 +606,65 @@ async fn retention_deletes_expired_rows_at_start_and_while_serving() {
         .unwrap()
         .into_inner();
     assert_eq!(next.history_length, 3, "the two recent events and this one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_and_never_falls_back() {
+    use marquee_core::config::Validate;
+    let pg = Postgres::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("postgres.url");
+    std::fs::write(&url_file, format!("{} sslmode=require", pg.url())).unwrap();
+    let key_file = dir.path().join("user_id.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let settings = |ca_file: Option<PathBuf>| {
+        let mut s = recommendation_settings(&dir.path().join("state"));
+        let r = &mut s.recommendation;
+        r.store = marquee_recommendation::StoreKind::Postgres;
+        r.postgres.url_file = Some(url_file.clone());
+        r.postgres.ca_file = ca_file;
+        r.user_id_key_file = Some(key_file.clone());
+        s
+    };
+
+    // sslmode=require without a CA to verify the server by is refused, naming the key.
+    let mut errors = Vec::new();
+    settings(None).validate(&mut errors);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`recommendation.postgres.ca_file`")),
+        "{errors:?}"
+    );
+
+    // A CA that did not sign the server's certificate: the handshake fails verification, and
+    // the start gives up instead of connecting anyway.
+    let other_ca = postgres::make_certificates(&dir.path().join("other"));
+    let mut s = settings(Some(other_ca));
+    s.recommendation.postgres.start_timeout_ms = 1_500;
+    let refused = marquee_recommendation::start(s, tokio_util::sync::CancellationToken::new())
+        .await
+        .err()
+        .expect("an unverifiable server is refused");
+    let refused = format!("{refused:#}");
+    assert!(refused.contains("invalid peer certificate"), "{refused}");
+
+    // The server's CA: every connection the replica holds is TLS.
+    let rec = start_recommendation(settings(Some(pg.ca_file().to_path_buf()))).await;
+    let mut c = rec.client().await;
+    let item = recommend(&mut c, None, USER).await.items[0].item_id;
+    let r = c
+        .record_feedback(like(USER, item))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.history_length, 1);
+    let count = |ssl: bool| {
+        pg.count(&format!(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'marquee-recommendation' AND s.ssl = {ssl}"
+        ))
+    };
+    assert!(count(true) >= 1, "the replica's connections use TLS");
+    assert_eq!(count(false), 0, "no plain connection");
 }

@@ -18,6 +18,8 @@
 //!   the next call, so service resumes by itself.
 //! - **Migrations** run at start inside one transaction holding an advisory lock: replicas
 //!   starting together apply each migration once, in order; a later start finds them applied.
+//! - **TLS** (rustls) when `postgres.ca_file` names the CA that signs the database's
+//!   certificate: required then, verified, never fallen back from.
 //! - **One user-id key** for all replicas: the database keeps a fingerprint of the key that
 //!   first wrote to it and a replica with another key refuses to start (its pseudonyms would
 //!   split every user in two).
@@ -28,7 +30,9 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::feedback::{EventKind, Record};
 use crate::privacy::{UserHash, UserKey};
@@ -51,6 +55,11 @@ pub struct PostgresSettings {
     /// Most feedback rows of one user read per `Recommend` (the newest): a user with a
     /// million events costs one bounded query, not a million rows.
     pub max_history: usize,
+    /// PEM file of the CA certificates that may sign the database's certificate. With it the
+    /// connection is TLS (rustls), always: the server's certificate and name are verified and
+    /// a server without TLS is refused, never fallen back from. Without it the connection is
+    /// plain TCP, and a connection string asking for `sslmode=require` is refused at start.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresSettings {
@@ -61,6 +70,7 @@ impl Default for PostgresSettings {
             timeout_ms: 2_000,
             start_timeout_ms: 30_000,
             max_history: 10_000,
+            ca_file: None,
         }
     }
 }
@@ -72,11 +82,26 @@ impl PostgresSettings {
                 "`recommendation.postgres.url_file` is required with `recommendation.store = \"postgres\"`"
                     .into(),
             ),
-            Some(p) => {
-                if let Err(e) = read_url(p) {
-                    errors.push(format!("`recommendation.postgres.url_file`: {e}"));
-                }
-            }
+            Some(p) => match read_url(p) {
+                Err(e) => errors.push(format!("`recommendation.postgres.url_file`: {e}")),
+                Ok(c) => match (c.get_ssl_mode(), &self.ca_file) {
+                    (SslMode::Require, None) => errors.push(
+                        "the connection string asks for `sslmode=require`: set \
+                         `recommendation.postgres.ca_file` to the CA that signed the database's \
+                         certificate (it is verified, never trusted blindly)"
+                            .into(),
+                    ),
+                    (SslMode::Disable, Some(_)) => errors.push(
+                        "the connection string says `sslmode=disable` but \
+                         `recommendation.postgres.ca_file` is set: remove one"
+                            .into(),
+                    ),
+                    _ => {}
+                },
+            },
+        }
+        if let Some(Err(e)) = self.ca_file.as_deref().map(tls_config) {
+            errors.push(format!("`recommendation.postgres.ca_file`: {e}"));
         }
         for (name, v) in [
             ("pool_size", self.pool_size),
@@ -101,6 +126,34 @@ fn read_url(path: &Path) -> Result<tokio_postgres::Config, String> {
     }
     text.parse::<tokio_postgres::Config>()
         .map_err(|e| format!("`{}` is not a connection string: {e}", path.display()))
+}
+
+/// A rustls client that trusts exactly the CA certificates in `ca_file` (ring provider, TLS 1.2
+/// and 1.3).
+fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| format!("`{}`: {e}", ca_file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("`{}`: {e}", ca_file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("`{}`: {e}", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("`{}` holds no PEM certificate", ca_file.display()));
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
 }
 
 /// Why the store did not answer.
@@ -131,7 +184,16 @@ impl From<tokio_postgres::Error> for StoreError {
         };
         let text = match e.as_db_error() {
             Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
+            None => {
+                // The cause is behind: "error performing TLS handshake" says nothing of why.
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                text
+            }
         };
         if transient {
             Self::Unavailable(text)
@@ -242,13 +304,19 @@ impl PgStore {
             // Acknowledged means committed: whatever the server's or role's default.
             .options("-c synchronous_commit=on")
             .application_name(crate::NAME);
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &settings.ca_file {
+            Some(ca) => {
+                // TLS or nothing: `prefer` would fall back to plain TCP against a server
+                // without TLS.
+                config.ssl_mode(SslMode::Require);
+                let tls = tls_config(ca).map_err(anyhow::Error::msg)?;
+                Manager::from_config(config, MakeRustlsConnect::new(tls), recycling)
+            }
+            None => Manager::from_config(config, NoTls, recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
