@@ -257,7 +257,7 @@ RECOMMENDATION = obj(
         ),
     },
     description="`[recommendation]`; the chart sets `store` from `recommendation.store`, `state_dir` from `state`, "
-    "`postgres.url_file` from `recommendation.postgres`, `user_id_key_file` from `secrets.userIdKey` and "
+    "`postgres.url_file` and `postgres.ca_file` from `recommendation.postgres`, `user_id_key_file` from `secrets.userIdKey` and "
     "`tenant_token_file` from `secrets.tenantToken`.",
 )
 
@@ -412,7 +412,15 @@ def component(name: str) -> dict:
                 description="The file store's volume (feedback log): an existing claim, else one the chart creates.",
             )
             props["postgres"] = obj(
-                {"existingSecret": STRING, "key": {"type": "string", "minLength": 1}},
+                {
+                    "existingSecret": STRING,
+                    "key": {"type": "string", "minLength": 1},
+                    "ca": obj(
+                        {"existingSecret": STRING, "key": STRING},
+                        description="The PEM CA certificate of the database (TLS, verified): its Secret "
+                        "(default: the connection string's) and key; empty key: plain TCP.",
+                    ),
+                },
                 description="The Secret (and its key) holding the PostgreSQL connection string of the postgres store.",
             )
     o = obj(props, required=["enabled", "image", "ports", "resources", "probes"])

@@ -598,13 +598,39 @@ def test_the_postgres_store_is_stateless_and_autoscales():
     vol, mount = volume_and_mount(rec, "postgres")
     assert vol["secret"] == {"secretName": "recommendations-db-app", "items": [{"key": "uri", "path": "uri"}], "defaultMode": 0o440}
     assert mount["readOnly"]
+    # TLS: the CA certificate from its own Secret, as ca_file (the service then requires TLS).
+    ca_vol, ca_mount = volume_and_mount(rec, "postgres-ca")
+    assert ca_vol["secret"] == {"secretName": "recommendations-db-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}], "defaultMode": 0o440}
+    assert ca_mount["readOnly"] and ca_mount["mountPath"] != mount["mountPath"]
     cfg = config_of(objects, "recommendation")["recommendation"]
     assert cfg["store"] == "postgres"
-    assert cfg["postgres"] == {"url_file": f"{mount['mountPath']}/uri", "pool_size": 16, "timeout_ms": 1500}
+    assert cfg["postgres"] == {
+        "url_file": f"{mount['mountPath']}/uri",
+        "ca_file": f"{ca_mount['mountPath']}/ca.crt",
+        "pool_size": 16,
+        "timeout_ms": 1500,
+    }
     text = config_text_of(objects, "recommendation")
     assert 'store = "postgres"' in text and "[recommendation.postgres]" in text
     # Nothing of the database's Secret is written by the chart.
     assert "recommendations-db-app" not in {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+
+
+def test_the_database_ca_is_optional_and_defaults_to_the_connection_strings_secret():
+    """Without a CA key: plain TCP, no CA volume, no ca_file (the service then refuses
+    `sslmode=require` itself). A CA key without its own Secret: read from the connection
+    string's Secret."""
+    base = load_values(POSTGRES_VALUES)
+    plain = copy.deepcopy(base)
+    plain["recommendation"]["postgres"]["ca"] = {"existingSecret": "", "key": ""}
+    objects = render(plain)
+    rec = deployment_of(objects, "recommendation")
+    assert "postgres-ca" not in {v["name"] for v in rec["spec"]["template"]["spec"]["volumes"]}
+    assert "ca_file" not in config_of(objects, "recommendation")["recommendation"]["postgres"]
+    same = copy.deepcopy(base)
+    same["recommendation"]["postgres"]["ca"] = {"existingSecret": "", "key": "ca.crt"}
+    vol, _ = volume_and_mount(deployment_of(render(same), "recommendation"), "postgres-ca")
+    assert vol["secret"]["secretName"] == "recommendations-db-app"
 
 
 @pytest.mark.parametrize("values_file", [CHART_DIR / "ci" / "default-values.yaml", POSTGRES_VALUES], ids=["generated", "existing"])

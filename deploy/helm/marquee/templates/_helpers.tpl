@@ -106,6 +106,7 @@ ready pod. Arg: (list root name). */}}
 {{- define "marquee.userIdKeyDir" -}}/etc/marquee/secrets/user-id-key{{- end -}}
 {{- define "marquee.tenantTokenDir" -}}/etc/marquee/secrets/tenant-token{{- end -}}
 {{- define "marquee.postgresDir" -}}/etc/marquee/secrets/postgres{{- end -}}
+{{- define "marquee.postgresCaDir" -}}/etc/marquee/secrets/postgres-ca{{- end -}}
 
 {{/* The Secret holding the recommender's user-id hash key: the named one, else the one the
 chart generates (templates/secrets.yaml). Arg: root. */}}
@@ -192,6 +193,9 @@ chart owns. Rendered to TOML by "marquee.toml". Arg: ctx. */}}
       {{- $_ := set $rec "store" "postgres" -}}
       {{- $pg := $rec.postgres | default dict -}}
       {{- $_ := set $pg "url_file" (printf "%s/%s" (include "marquee.postgresDir" .) .c.postgres.key) -}}
+      {{- with .c.postgres.ca }}{{ if .key -}}
+      {{- $_ := set $pg "ca_file" (printf "%s/%s" (include "marquee.postgresCaDir" $) .key) -}}
+      {{- end }}{{ end -}}
       {{- $_ := set $rec "postgres" $pg -}}
     {{- end -}}
     {{- /* Always from a Secret: every replica (and every restart) must hash user ids with the
