@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::feedback::{EventKind, Record};
@@ -477,31 +478,38 @@ impl PgStore {
             .with(async |c| {
                 let st = c
                     .prepare_cached(
-                        "SELECT item_id, event, ts_ms, false FROM (
-                             SELECT seq, item_id, event, ts_ms FROM marquee_feedback
-                             WHERE user_key = $1 ORDER BY seq DESC LIMIT $2) AS newest
-                         UNION ALL
-                         SELECT 0::bigint, 0::smallint, 0::bigint, true FROM marquee_forgotten WHERE user_key = $1",
+                        "SELECT seq, item_id, event, ts_ms FROM marquee_feedback
+                         WHERE user_key = $1 ORDER BY seq DESC LIMIT $2",
                     )
                     .await?;
-                Ok(c.query(&st, &[&user.0.as_slice(), &max]).await?)
+                let forgotten = c
+                    .prepare_cached("SELECT 1 FROM marquee_forgotten WHERE user_key = $1")
+                    .await?;
+                // Both on one connection, pipelined: one round trip.
+                let key = user.0.as_slice();
+                let (newest, of_user): (&[&(dyn ToSql + Sync)], &[&(dyn ToSql + Sync)]) =
+                    (&[&key, &max], &[&key]);
+                let (rows, tomb) =
+                    futures::try_join!(c.query(&st, newest), c.query(&forgotten, of_user))?;
+                Ok((rows, !tomb.is_empty()))
             })
             .await?;
-        let mut out = UserRows::default();
+        let (rows, forgotten) = rows;
+        let mut out = UserRows {
+            events: Vec::with_capacity(rows.len()),
+            forgotten,
+        };
+        // Newest first from the query (the limit keeps the newest); oldest first for the tower.
         for r in rows.iter().rev() {
-            if col::<bool>(r, 3)? {
-                out.forgotten = true;
-                continue;
-            }
-            let event: i16 = col(r, 1)?;
+            let event: i16 = col(r, 2)?;
             let Some(event) = u8::try_from(event).ok().and_then(EventKind::from_u8) else {
                 continue;
             };
             out.events.push(Record::Feedback {
                 user,
-                item_id: col(r, 0)?,
+                item_id: col(r, 1)?,
                 event,
-                timestamp_ms: col(r, 2)?,
+                timestamp_ms: col(r, 3)?,
             });
         }
         Ok(out)
