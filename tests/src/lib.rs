@@ -572,6 +572,38 @@ impl TestRecommender {
     }
 }
 
+/// `Recommend` for `user_id`, k = 10, with explanations.
+pub fn explained(user_id: i64) -> marquee_proto::recommendation::RecommendRequest {
+    marquee_proto::recommendation::RecommendRequest {
+        subject: Some(marquee_proto::recommendation::recommend_request::Subject::UserId(user_id)),
+        k: 10,
+        explain: true,
+        ..Default::default()
+    }
+}
+
+/// Every history item any explanation names.
+pub fn history_named(r: &marquee_proto::recommendation::RecommendResponse) -> Vec<i64> {
+    r.items
+        .iter()
+        .filter_map(|i| i.explanation.as_ref())
+        .flat_map(|e| e.because_of.iter().map(|h| h.item_id))
+        .collect()
+}
+
+/// A call to a recommender directly, naming `tenant` in `x-marquee-tenant` as the gateway does,
+/// with `token` (the gateway's `x-marquee-tenant-token`) when given.
+pub fn with_tenant<T>(message: T, tenant: &str, token: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("x-marquee-tenant", tenant.parse().unwrap());
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("x-marquee-tenant-token", t.parse().unwrap());
+    }
+    r
+}
+
 /// Starts a recommender on the current runtime; returns once it is ready.
 pub async fn start_recommendation(settings: marquee_recommendation::Settings) -> TestRecommender {
     let shutdown = CancellationToken::new();

@@ -6,11 +6,8 @@
 //! id, and tenant b's `Recommend(explain)` for the same id explained its picks with a's likes.
 
 use marquee_e2e::*;
-use marquee_proto::recommendation::recommend_request::Subject;
 use marquee_proto::recommendation::recommender_client::RecommenderClient;
-use marquee_proto::recommendation::{
-    FeedbackEvent, ForgetUserRequest, RecommendRequest, RecommendResponse, RecordFeedbackRequest,
-};
+use marquee_proto::recommendation::{FeedbackEvent, ForgetUserRequest, RecordFeedbackRequest};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -19,35 +16,6 @@ const B_KEY: &str = "tenant-b-key-93e4f2";
 const TOKEN: &str = "gateway-tenant-token-1f9c2e7a";
 /// A user id neither the training data nor other tests use.
 const USER: i64 = 900_001;
-
-fn explained(user_id: i64) -> RecommendRequest {
-    RecommendRequest {
-        subject: Some(Subject::UserId(user_id)),
-        k: 10,
-        explain: true,
-        ..Default::default()
-    }
-}
-
-/// Every history item any explanation names.
-fn history_named(r: &RecommendResponse) -> Vec<i64> {
-    r.items
-        .iter()
-        .filter_map(|i| i.explanation.as_ref())
-        .flat_map(|e| e.because_of.iter().map(|h| h.item_id))
-        .collect()
-}
-
-fn with_tenant<T>(message: T, tenant: &str, token: Option<&str>) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("x-marquee-tenant", tenant.parse().unwrap());
-    if let Some(t) = token {
-        r.metadata_mut()
-            .insert("x-marquee-tenant-token", t.parse().unwrap());
-    }
-    r
-}
 
 async fn like(via: &mut RecommenderClient<Channel>, key: &str, item_id: i64) -> u32 {
     via.record_feedback(with_key(

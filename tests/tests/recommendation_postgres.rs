@@ -130,22 +130,9 @@ async fn client(addr: std::net::SocketAddr) -> RecommenderClient<Channel> {
 
 /// A direct call as `tenant` (with the gateway's token), or as the default tenant.
 fn as_tenant<T>(message: T, tenant: Option<&str>) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    if let Some(t) = tenant {
-        r.metadata_mut()
-            .insert("x-marquee-tenant", t.parse().unwrap());
-        r.metadata_mut()
-            .insert("x-marquee-tenant-token", TOKEN.parse().unwrap());
-    }
-    r
-}
-
-fn explained(user_id: i64) -> RecommendRequest {
-    RecommendRequest {
-        subject: Some(Subject::UserId(user_id)),
-        k: 10,
-        explain: true,
-        ..Default::default()
+    match tenant {
+        Some(t) => with_tenant(message, t, Some(TOKEN)),
+        None => tonic::Request::new(message),
     }
 }
 
@@ -156,15 +143,6 @@ fn like(user_id: i64, item_id: i64) -> RecordFeedbackRequest {
         event: FeedbackEvent::Like as i32,
         timestamp_ms: 0,
     }
-}
-
-/// Every history item any explanation names.
-fn history_named(r: &RecommendResponse) -> Vec<i64> {
-    r.items
-        .iter()
-        .filter_map(|i| i.explanation.as_ref())
-        .flat_map(|e| e.because_of.iter().map(|h| h.item_id))
-        .collect()
 }
 
 async fn recommend(
