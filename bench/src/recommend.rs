@@ -283,34 +283,8 @@ fn end_to_end(
         for n in 0..20 {
             client.clone().recommend(req(n)).await?;
         }
-        // Open loop: each request is due at its slot; latency counts from the slot, so a
-        // stall shows up in the percentiles instead of silently lowering the rate.
-        let total = (a.seconds * a.rate) as usize;
-        let period = Duration::from_secs_f64(1.0 / a.rate);
-        let start = tokio::time::Instant::now();
-        let mut handles = Vec::with_capacity(total);
-        for n in 0..total {
-            let due = start + period * n as u32;
-            tokio::time::sleep_until(due).await;
-            let mut c = client.clone();
-            let r = req(n + 1000);
-            handles.push(tokio::spawn(async move {
-                let ok = c.recommend(r).await.is_ok();
-                (due.elapsed().as_secs_f64() * 1e3, ok)
-            }));
-        }
-        let mut lat = Vec::with_capacity(total);
-        let mut errors = 0;
-        for h in handles {
-            let (ms, ok) = h.await?;
-            if ok {
-                lat.push(ms);
-            } else {
-                errors += 1;
-            }
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        lat.sort_by(f64::total_cmp);
+        let load = open_loop(&client, a.rate, a.seconds, |n| req(n + 1000)).await?;
+        let (lat, errors, elapsed) = (load.latencies_ms, load.errors, load.elapsed_s);
         // Saturation: 8 closed-loop callers for a few seconds.
         let sat_secs = 5.0;
         let sat_start = Instant::now();
@@ -367,6 +341,53 @@ fn end_to_end(
     rt.shutdown_timeout(Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&state);
     out
+}
+
+/// What an open-loop `Recommend` load measured.
+pub(crate) struct OpenLoop {
+    /// Latencies of the calls that succeeded, from each call's slot, sorted.
+    pub(crate) latencies_ms: Vec<f64>,
+    pub(crate) errors: usize,
+    pub(crate) elapsed_s: f64,
+}
+
+/// `rate` × `seconds` `Recommend` calls, call n due at its slot n / rate whatever the earlier
+/// ones do; latency counts from the slot, so a stall shows up in the percentiles instead of
+/// silently lowering the rate.
+pub(crate) async fn open_loop(
+    client: &pb::recommender_client::RecommenderClient<tonic::transport::Channel>,
+    rate: f64,
+    seconds: f64,
+    request: impl Fn(usize) -> pb::RecommendRequest,
+) -> anyhow::Result<OpenLoop> {
+    let total = (seconds * rate) as usize;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut handles = Vec::with_capacity(total);
+    for n in 0..total {
+        let due = start + period * n as u32;
+        tokio::time::sleep_until(due).await;
+        let (mut c, r) = (client.clone(), request(n));
+        handles.push(tokio::spawn(async move {
+            let ok = c.recommend(r).await.is_ok();
+            (due.elapsed().as_secs_f64() * 1e3, ok)
+        }));
+    }
+    let (mut latencies_ms, mut errors) = (Vec::with_capacity(total), 0);
+    for h in handles {
+        let (ms, ok) = h.await?;
+        if ok {
+            latencies_ms.push(ms);
+        } else {
+            errors += 1;
+        }
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+    Ok(OpenLoop {
+        latencies_ms,
+        errors,
+        elapsed_s: start.elapsed().as_secs_f64(),
+    })
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {

@@ -285,38 +285,16 @@ fn one(
         let fb_elapsed = start.elapsed().as_secs_f64();
         fb_lat.sort_by(f64::total_cmp);
 
-        // Recommend: open loop at the fixed rate for those users; latency from each slot.
-        let total = (a.seconds * a.rate) as usize;
-        let period = Duration::from_secs_f64(1.0 / a.rate);
-        let start = tokio::time::Instant::now();
-        let mut handles = Vec::with_capacity(total);
-        for n in 0..total {
-            let due = start + period * n as u32;
-            tokio::time::sleep_until(due).await;
-            let mut c = client.clone();
-            let r = pb::RecommendRequest {
+        // Recommend: open loop at the fixed rate for those users.
+        let load =
+            crate::recommend::open_loop(&client, a.rate, a.seconds, |n| pb::RecommendRequest {
                 subject: Some(pb::recommend_request::Subject::UserId(
                     first_user + (n as i64 * 31 % users),
                 )),
                 k: 20,
                 ..Default::default()
-            };
-            handles.push(tokio::spawn(async move {
-                let ok = c.recommend(r).await.is_ok();
-                (due.elapsed().as_secs_f64() * 1e3, ok)
-            }));
-        }
-        let (mut rec_lat, mut rec_errors) = (Vec::new(), 0);
-        for h in handles {
-            let (ms, ok) = h.await?;
-            if ok {
-                rec_lat.push(ms);
-            } else {
-                rec_errors += 1;
-            }
-        }
-        let rec_elapsed = start.elapsed().as_secs_f64();
-        rec_lat.sort_by(f64::total_cmp);
+            })
+            .await?;
         shutdown.cancel();
         let _ = running.task.await;
         Ok::<_, anyhow::Error>(StoreRun {
@@ -324,10 +302,10 @@ fn one(
             feedback_p50_ms: percentile(&fb_lat, 0.5),
             feedback_p99_ms: percentile(&fb_lat, 0.99),
             feedback_errors: fb_errors,
-            recommend_p50_ms: percentile(&rec_lat, 0.5),
-            recommend_p99_ms: percentile(&rec_lat, 0.99),
-            recommend_rps: rec_lat.len() as f64 / rec_elapsed,
-            recommend_errors: rec_errors,
+            recommend_p50_ms: percentile(&load.latencies_ms, 0.5),
+            recommend_p99_ms: percentile(&load.latencies_ms, 0.99),
+            recommend_rps: load.latencies_ms.len() as f64 / load.elapsed_s,
+            recommend_errors: load.errors,
         })
     });
     rt.shutdown_timeout(Duration::from_secs(5));
