@@ -373,20 +373,7 @@ async fn start_with(
         let key = match rec.store {
             StoreKind::File => UserKey::load_or_create(&rec.key_path()),
             // Shared by every replica: read, never created (validated at start).
-            StoreKind::Postgres => std::fs::read(rec.key_path()).and_then(|k| {
-                if k.len() < privacy::MIN_KEY_BYTES {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "{} bytes, at least {} are required",
-                            k.len(),
-                            privacy::MIN_KEY_BYTES
-                        ),
-                    ))
-                } else {
-                    Ok(UserKey::from_bytes(k))
-                }
-            }),
+            StoreKind::Postgres => UserKey::load(&rec.key_path()),
         }
         .map_err(|e| anyhow::anyhow!("`{}`: {e}", rec.key_path().display()))?;
         let tenant_token = rec

@@ -557,20 +557,4 @@ impl PgStore {
         })
         .await
     }
-
-    /// How many feedback rows and tombstones the database holds for `user` (tests and tools:
-    /// erasure is checked in the database itself, not only through the API).
-    pub async fn rows_of(&self, user: UserHash) -> Result<(u64, u64), StoreError> {
-        self.with(async |c| {
-            let r = c
-                .query_one(
-                    "SELECT (SELECT count(*) FROM marquee_feedback WHERE user_key = $1),
-                            (SELECT count(*) FROM marquee_forgotten WHERE user_key = $1)",
-                    &[&user.0.as_slice()],
-                )
-                .await?;
-            Ok((col::<i64>(&r, 0)? as u64, col::<i64>(&r, 1)? as u64))
-        })
-        .await
-    }
 }

@@ -46,6 +46,23 @@ impl UserKey {
         Self(key)
     }
 
+    /// Reads the key file (every byte is the key, at least [`MIN_KEY_BYTES`]); never creates it.
+    /// A store shared by replicas reads the one key they all mount.
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let key = std::fs::read(path)?;
+        if key.len() < MIN_KEY_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "user id key `{}` has {} bytes, at least {MIN_KEY_BYTES} are required",
+                    path.display(),
+                    key.len()
+                ),
+            ));
+        }
+        Ok(Self(key))
+    }
+
     /// Reads the key file, or creates it (32 random bytes, mode 0600) when missing: the key
     /// must survive restarts because the feedback log stores hashes.
     ///
@@ -54,18 +71,7 @@ impl UserKey {
     /// short one that would refuse every later start or, worse, hash with a different key.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
         if path.exists() {
-            let key = std::fs::read(path)?;
-            if key.len() < MIN_KEY_BYTES {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "user id key `{}` has {} bytes, at least {MIN_KEY_BYTES} are required",
-                        path.display(),
-                        key.len()
-                    ),
-                ));
-            }
-            return Ok(Self(key));
+            return Self::load(path);
         }
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use marquee_core::ServeError;
 use marquee_proto::common::ItemError;
@@ -17,7 +17,7 @@ use marquee_core::repository::{Repository, Served};
 
 use crate::RecommendationSettings;
 use crate::engine::{EngineError, OutItem, RecOutput, RecQuery, SimilarQuery, ValidFilter};
-use crate::family::{RecFamily, RecModel, Store, UserState};
+use crate::family::{RecFamily, RecModel, Store, UserState, now_ms};
 use crate::feedback::{EventKind, LogError, Record};
 use crate::model::Catalog;
 use crate::pgstore::StoreError;
@@ -144,13 +144,6 @@ pub struct Recommender {
 
 /// A served version of the recommender.
 type Model = Served<RecModel>;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 fn unit_interval(field: &str, v: Option<f32>, default: f32) -> Result<f32, RecError> {
     match v {
