@@ -387,10 +387,21 @@ pub(crate) fn stores_section(f: &StoresFigures) -> String {
     })
 }
 
+/// A verdict on a target set on the 1M-item catalogue.
+fn scale_verdict(ok: bool, items: usize) -> String {
+    match (ok, items >= 1_000_000) {
+        (false, _) => "**missed**".into(),
+        (true, true) => "met".into(),
+        (true, false) => format!("met at {items} items (the target is at 1,000,000)"),
+    }
+}
+
+/// The issue's baseline: one engine thread with the HNSW index saturated at 113 req/s.
+const SATURATED_BASELINE_RPS: f64 = 113.0;
+
 /// The recommender: the figures table, the targets and the exposure-fairness table.
 pub(crate) fn recommendation_section(f: &RecommendFigures) -> String {
     render(|md| {
-        let fairness = &f.fairness;
         writeln!(md, "{HEADING} (`marquee-bench recommend`)\n")?;
         writeln!(
             md,
@@ -398,70 +409,185 @@ pub(crate) fn recommendation_section(f: &RecommendFigures) -> String {
              taking a real item's metadata and ranking features and an item-tower embedding \
              (D = 64) blended from that item and a random other one (weight 0.5-1) plus Gaussian \
              noise (σ = {} per dimension), renormalised. Queries are the real users' tower \
-             embeddings. HNSW M = {}, ef_construction = {}. Median of {} runs, {} cores, shared \
-             with other work.\n",
-            f.items, f.noise, f.hnsw_m, f.ef_construction, f.runs, f.cores
+             embeddings. Index: {} partitions (k-means), int8 codes, the best {} by int8 score \
+             re-scored in f32; the service scans a share {} of the catalogue per query. Median \
+             of {} runs, {} cores, shared with other work; latencies are single-query, one \
+             thread.\n",
+            f.items, f.noise, f.lists, f.rescore, f.probe, f.runs, f.cores
         )?;
         writeln!(md, "| figure | value |\n| --- | --- |")?;
-        writeln!(md, "| index build time | {:.1} s |", f.build_s)?;
-        let mib = f.index_mib;
         writeln!(
             md,
-            "| index memory (RSS growth during the first build: graph + vector copies) | {mib:.0} MiB |"
+            "| index build at start (k-means + assignment + int8 codes; nothing persisted) | {:.2} s |",
+            f.build_s
         )?;
-        for r in &f.retrieval {
-            let ef = r.ef;
+        writeln!(
+            md,
+            "| index memory beyond the f32 vectors (codes, ids, centroids) | {:.1} MiB |",
+            f.index_mib
+        )?;
+        writeln!(
+            md,
+            "| RSS growth during the first build (with temporaries) | {:.0} MiB |",
+            f.rss_mib
+        )?;
+        writeln!(
+            md,
+            "| exact f32 search top-100: p50 / p99 | {:.3} ms / {:.3} ms |",
+            f.exact.p50_ms, f.exact.p99_ms
+        )?;
+        for r in &f.sweep {
             writeln!(
                 md,
-                "| retrieval top-100, ef = {ef}: p50 / p99 / recall@100 | {:.3} ms / {:.3} ms / {:.4} |",
-                r.p50_ms, r.p99_ms, r.recall
+                "| retrieval top-100, scan share {}: p50 / p99 / recall@100 (user queries; item queries) | {:.3} ms / {:.3} ms / {:.4}; {:.4} |",
+                r.probe, r.p50_ms, r.p99_ms, r.recall, r.recall_items
+            )?;
+        }
+        let c = &f.candidate_set;
+        writeln!(
+            md,
+            "| retrieval of the candidate set (top-{}), scan share {}: p50 / p99 / recall@{} (user queries; item queries) | {:.3} ms / {:.3} ms / {:.4}; {:.4} |",
+            f.candidates, c.probe, f.candidates, c.p50_ms, c.p99_ms, c.recall, c.recall_items
+        )?;
+        for (share, r) in &f.filtered {
+            writeln!(
+                md,
+                "| retrieval top-100 with a filter keeping {:.0}% of items: p50 / p99 / recall@100 (user queries; item queries) | {:.3} ms / {:.3} ms / {:.4}; {:.4} |",
+                share * 100.0,
+                r.p50_ms,
+                r.p99_ms,
+                r.recall,
+                r.recall_items
+            )?;
+        }
+        if let Some(s) = &f.served {
+            writeln!(
+                md,
+                "| end-to-end `Recommend` (k = 20 of {} candidates, ranked, MMR λ = {}, long-tail floor {}; {} engine threads, batches of up to {}) at {} req/s open loop: p50 / p99 | {:.2} ms / {:.2} ms |",
+                f.candidates,
+                f.diversity,
+                f.long_tail_floor,
+                f.workers,
+                f.batch,
+                f.rate,
+                s.p50_ms,
+                s.p99_ms
+            )?;
+            writeln!(
+                md,
+                "| achieved rate at {} req/s offered (errors) | {:.1} req/s ({}) |",
+                f.rate, s.rps, s.errors
+            )?;
+            writeln!(
+                md,
+                "| saturated throughput ({} closed-loop callers) | {:.0} req/s |",
+                f.callers, s.saturated_rps
+            )?;
+            writeln!(
+                md,
+                "| the same, one engine thread without batching (same run) | {:.0} req/s ({:.2}×) |",
+                s.serial_rps,
+                s.saturated_rps / s.serial_rps
+            )?;
+            writeln!(
+                md,
+                "| a second catalogue going live under load: publish → served / calls (failed) | {:.1} s / {} ({}) |",
+                s.reload_s, s.reload_calls, s.reload_failed
+            )?;
+        }
+        writeln!(md)?;
+
+        writeln!(md, "| target | measured | verdict |\n| --- | --- | --- |")?;
+        let items = f.items;
+        // Both query kinds count: `Recommend` asks with users, `SimilarItems` with items.
+        let worst = |r: &crate::recommend::Retrieval| r.recall.min(r.recall_items);
+        let fastest = f
+            .sweep
+            .iter()
+            .filter(|r| worst(r) >= 0.95)
+            .min_by(|x, y| x.p99_ms.total_cmp(&y.p99_ms));
+        match fastest {
+            Some(r) => writeln!(
+                md,
+                "| retrieval recall@100 ≥ 0.95 at p99 ≤ 5 ms | recall {:.4} (the lower of user and item queries) at p99 {:.3} ms (scan share {}) | {} |",
+                worst(r),
+                r.p99_ms,
+                r.probe,
+                scale_verdict(r.p99_ms <= 5.0, items)
+            )?,
+            None => writeln!(
+                md,
+                "| retrieval recall@100 ≥ 0.95 at p99 ≤ 5 ms | no measured scan share reached recall 0.95 | **missed** |"
+            )?,
+        }
+        let under_2 = f
+            .sweep
+            .iter()
+            .filter(|r| r.p99_ms <= 2.0)
+            .max_by(|x, y| worst(x).total_cmp(&worst(y)));
+        match under_2 {
+            Some(r) => writeln!(
+                md,
+                "| (report) the p99 ≤ 2 ms configuration's recall | recall@100 {:.4} at p99 {:.3} ms (scan share {}) | reported |",
+                worst(r),
+                r.p99_ms,
+                r.probe
+            )?,
+            None => writeln!(
+                md,
+                "| (report) the p99 ≤ 2 ms configuration's recall | no measured scan share had p99 ≤ 2 ms | reported |"
+            )?,
+        }
+        for (share, r) in &f.filtered {
+            writeln!(
+                md,
+                "| filtered ({:.0}% kept) recall@100 ≥ 0.95 at p99 ≤ 5 ms | recall {:.4} at p99 {:.3} ms | {} |",
+                share * 100.0,
+                worst(r),
+                r.p99_ms,
+                scale_verdict(worst(r) >= 0.95 && r.p99_ms <= 5.0, items)
             )?;
         }
         writeln!(
             md,
-            "| end-to-end `Recommend` (k = 20 of {} candidates, ranked, MMR λ = {}, long-tail floor {}) at {} req/s open loop: p50 / p99 | {:.2} ms / {:.2} ms |",
-            f.candidates, f.diversity, f.long_tail_floor, f.rate, f.e2e_p50_ms, f.e2e_p99_ms
+            "| index build or load ≤ 60 s at start, restart without a rebuild of state | {:.2} s, derived from the model files (deterministic) | {} |",
+            f.build_s,
+            scale_verdict(f.build_s <= 60.0, items)
         )?;
         writeln!(
             md,
-            "| achieved rate at {} req/s offered (errors) | {:.1} req/s ({}) |",
-            f.rate, f.e2e_rps, f.e2e_errors
+            "| index memory ≤ 256 MiB beyond the f32 vectors | {:.1} MiB | {} |",
+            f.index_mib,
+            scale_verdict(f.index_mib <= 256.0, items)
         )?;
-        writeln!(
-            md,
-            "| saturated throughput (8 closed-loop callers, {} engine worker(s)) | {:.0} req/s |\n",
-            f.workers, f.saturated_rps
-        )?;
-        // Targets: the best ef that reaches the recall target decides the retrieval verdict.
-        let best = f
-            .retrieval
-            .iter()
-            .filter(|r| r.recall >= 0.95)
-            .map(|r| (r.ef, r.p99_ms))
-            .min_by(|x, y| x.1.total_cmp(&y.1));
-        writeln!(md, "| target | measured | verdict |\n| --- | --- | --- |")?;
-        match best {
-            Some((ef, p99)) => writeln!(
+        if let Some(s) = &f.served {
+            writeln!(
                 md,
-                "| retrieval p99 ≤ 10 ms at recall@100 ≥ 0.95 | {p99:.3} ms at ef = {ef} | {} |",
-                verdict(p99 <= 10.0)
-            )?,
-            None => writeln!(
+                "| end-to-end p99 ≤ 20 ms at 100 req/s | {:.2} ms at {:.1} req/s | {} |",
+                s.p99_ms,
+                s.rps,
+                scale_verdict(s.p99_ms <= 20.0 && s.rps >= 0.98 * f.rate, items)
+            )?;
+            let need = 3.0 * SATURATED_BASELINE_RPS;
+            writeln!(
                 md,
-                "| retrieval p99 ≤ 10 ms at recall@100 ≥ 0.95 | no measured ef reached recall 0.95 | **missed** |"
-            )?,
+                "| saturated ≥ 3 × {SATURATED_BASELINE_RPS:.0} = {need:.0} req/s | {:.0} req/s ({:.2}× the one-thread unbatched engine, same run) | {} |",
+                s.saturated_rps,
+                s.saturated_rps / s.serial_rps,
+                scale_verdict(s.saturated_rps >= need, items)
+            )?;
+            writeln!(
+                md,
+                "| a new catalogue goes live by hot reload with 0 failed calls | {} failed of {} | {} |",
+                s.reload_failed,
+                s.reload_calls,
+                scale_verdict(s.reload_failed == 0 && s.reload_calls > 0, items)
+            )?;
         }
-        let (p99, rps) = (f.e2e_p99_ms, f.e2e_rps);
-        writeln!(
-            md,
-            "| end-to-end p99 ≤ 30 ms at 100 req/s | {p99:.2} ms at {rps:.1} req/s | {} |",
-            verdict(p99 <= 30.0 && rps >= 0.98 * f.rate)
-        )?;
-        writeln!(
-            md,
-            "| memory ≤ 2 GiB for the 1M-item index | {mib:.0} MiB | {} |\n",
-            verdict(mib <= 2048.0 && f.items >= 1_000_000)
-        )?;
+        writeln!(md)?;
+        let Some(fairness) = &f.fairness else {
+            return Ok(());
+        };
         writeln!(
             md,
             "### Exposure fairness (real catalogue, all {} users, k = 10)\n",
@@ -496,7 +622,7 @@ mod tests {
     use crate::language::{DecodeStep, StreamFigures};
     use crate::load::LoadResult;
     use crate::raw::RawResult;
-    use crate::recommend::{ExposureRow, Fairness, Retrieval};
+    use crate::recommend::{ExposureRow, Fairness, Retrieval, Served};
     use crate::report::Load;
 
     fn raw(items_per_s: f64) -> RawResult {
@@ -722,40 +848,57 @@ mod tests {
         assert_eq!(rows, ["1", "8", "16", "32"], "{md}");
     }
 
-    /// ef 512 is the fastest ef that reaches recall 0.95 (ef 256 is faster but misses it);
-    /// the end-to-end p99 misses its 30 ms target.
+    /// Scan share 0.02 is the fastest that reaches recall 0.95 (0.01 is faster but misses
+    /// it); the end-to-end p99 misses its 20 ms target.
     fn recommendation() -> RecommendFigures {
-        let retrieval = |ef, p99_ms, recall| Retrieval {
-            ef,
+        let retrieval = |probe, p99_ms, recall| Retrieval {
+            probe,
             p50_ms: 0.8,
             p99_ms,
             recall,
+            recall_items: recall + 0.001,
         };
         RecommendFigures {
             items: 1_000_000,
             noise: 0.02,
-            hnsw_m: 16,
-            ef_construction: 100,
+            lists: 1000,
+            probe: 0.02,
+            rescore: 2000,
             runs: 3,
             cores: 2,
             candidates: 500,
             diversity: 0.3,
             long_tail_floor: 0.2,
             rate: 100.0,
-            workers: 1,
-            build_s: 61.23,
-            index_mib: 1500.2,
-            retrieval: vec![
-                retrieval(256, 2.5, 0.93),
-                retrieval(512, 3.5, 0.96),
-                retrieval(768, 4.1, 0.98),
+            workers: 2,
+            batch: 16,
+            callers: 16,
+            build_s: 12.345,
+            index_mib: 65.44,
+            rss_mib: 300.2,
+            exact: retrieval(1.0, 14.0, 1.0),
+            sweep: vec![
+                retrieval(0.01, 1.5, 0.93),
+                retrieval(0.02, 2.5, 0.96),
+                retrieval(0.05, 4.1, 0.99),
             ],
-            e2e_p50_ms: 4.567,
-            e2e_p99_ms: 35.0,
-            e2e_rps: 99.54,
-            e2e_errors: 2,
-            saturated_rps: 812.3,
-            fairness: Fairness {
+            candidate_set: retrieval(0.02, 2.9, 0.97),
+            filtered: vec![
+                (0.1, retrieval(0.02, 3.0, 0.97)),
+                (0.01, retrieval(0.02, 6.0, 1.0)),
+            ],
+            served: Some(Served {
+                p50_ms: 4.567,
+                p99_ms: 35.0,
+                rps: 99.54,
+                errors: 2,
+                saturated_rps: 412.3,
+                serial_rps: 137.4,
+                reload_s: 14.2,
+                reload_calls: 120,
+                reload_failed: 0,
+            }),
+            fairness: Some(Fairness {
                 users: 610,
                 rows: vec![ExposureRow {
                     lists: "relevance only (λ = 0, no floor)".into(),
@@ -764,7 +907,7 @@ mod tests {
                     long_tail_share: 0.789,
                     recall_at_10: 0.0123,
                 }],
-            },
+            }),
         }
     }
 
@@ -813,18 +956,27 @@ mod tests {
         for line in [
             "## Recommendation (`marquee-bench recommend`)",
             "| figure | value |",
-            "| index build time | 61.2 s |",
-            "| index memory (RSS growth during the first build: graph + vector copies) | 1500 MiB |",
-            "| retrieval top-100, ef = 512: p50 / p99 / recall@100 | 0.800 ms / 3.500 ms / 0.9600 |",
-            "| end-to-end `Recommend` (k = 20 of 500 candidates, ranked, MMR λ = 0.3, long-tail floor 0.2) at 100 req/s open loop: p50 / p99 | 4.57 ms / 35.00 ms |",
+            "| index build at start (k-means + assignment + int8 codes; nothing persisted) | 12.35 s |",
+            "| index memory beyond the f32 vectors (codes, ids, centroids) | 65.4 MiB |",
+            "| exact f32 search top-100: p50 / p99 | 0.800 ms / 14.000 ms |",
+            "| retrieval top-100, scan share 0.02: p50 / p99 / recall@100 (user queries; item queries) | 0.800 ms / 2.500 ms / 0.9600; 0.9610 |",
+            "| retrieval of the candidate set (top-500), scan share 0.02: p50 / p99 / recall@500 (user queries; item queries) | 0.800 ms / 2.900 ms / 0.9700; 0.9710 |",
+            "| retrieval top-100 with a filter keeping 1% of items: p50 / p99 / recall@100 (user queries; item queries) | 0.800 ms / 6.000 ms / 1.0000; 1.0010 |",
+            "| end-to-end `Recommend` (k = 20 of 500 candidates, ranked, MMR λ = 0.3, long-tail floor 0.2; 2 engine threads, batches of up to 16) at 100 req/s open loop: p50 / p99 | 4.57 ms / 35.00 ms |",
             "| achieved rate at 100 req/s offered (errors) | 99.5 req/s (2) |",
-            "| saturated throughput (8 closed-loop callers, 1 engine worker(s)) | 812 req/s |",
+            "| saturated throughput (16 closed-loop callers) | 412 req/s |",
+            "| the same, one engine thread without batching (same run) | 137 req/s (3.00×) |",
+            "| a second catalogue going live under load: publish → served / calls (failed) | 14.2 s / 120 (0) |",
             "| target | measured | verdict |",
-            "| retrieval p99 ≤ 10 ms at recall@100 ≥ 0.95 | 3.500 ms at ef = 512 | met |",
-            "| end-to-end p99 ≤ 30 ms at 100 req/s | 35.00 ms at 99.5 req/s | **missed** |",
-            "| memory ≤ 2 GiB for the 1M-item index | 1500 MiB | met |",
+            "| retrieval recall@100 ≥ 0.95 at p99 ≤ 5 ms | recall 0.9600 (the lower of user and item queries) at p99 2.500 ms (scan share 0.02) | met |",
+            "| (report) the p99 ≤ 2 ms configuration's recall | recall@100 0.9300 at p99 1.500 ms (scan share 0.01) | reported |",
+            "| filtered (10% kept) recall@100 ≥ 0.95 at p99 ≤ 5 ms | recall 0.9700 at p99 3.000 ms | met |",
+            "| filtered (1% kept) recall@100 ≥ 0.95 at p99 ≤ 5 ms | recall 1.0000 at p99 6.000 ms | **missed** |",
+            "| index memory ≤ 256 MiB beyond the f32 vectors | 65.4 MiB | met |",
+            "| end-to-end p99 ≤ 20 ms at 100 req/s | 35.00 ms at 99.5 req/s | **missed** |",
+            "| saturated ≥ 3 × 113 = 339 req/s | 412 req/s (3.00× the one-thread unbatched engine, same run) | met |",
+            "| a new catalogue goes live by hot reload with 0 failed calls | 0 failed of 120 | met |",
             "### Exposure fairness (real catalogue, all 610 users, k = 10)",
-            "| lists | catalogue coverage | Gini of exposure | long-tail share | held-out recall@10 |",
             "| relevance only (λ = 0, no floor) | 0.123 | 0.456 | 0.789 | 0.0123 |",
         ] {
             assert!(lines.contains(&line), "no line {line:?} in:\n{md}");
@@ -833,26 +985,31 @@ mod tests {
             md.contains("noise (σ = 0.02 per dimension), renormalised."),
             "{md}"
         );
-        assert!(
-            md.contains("HNSW M = 16, ef_construction = 100. Median of 3 runs, 2 cores, shared"),
-            "{md}"
-        );
+        assert!(md.contains("Index: 1000 partitions (k-means)"), "{md}");
     }
 
     #[test]
-    fn recommendation_targets_are_missed_without_a_recall_or_a_full_catalogue() {
+    fn below_a_million_items_a_met_target_says_so_and_a_retrieval_only_run_has_no_served_rows() {
         let mut f = recommendation();
-        f.items = 500_000;
-        for r in &mut f.retrieval {
-            r.recall = 0.9;
+        f.items = 200_000;
+        f.served = None;
+        f.fairness = None;
+        for r in &mut f.sweep {
+            // Users' recall alone does not make the target: item queries miss it.
+            r.recall = 0.99;
+            r.recall_items = 0.9;
         }
         let md = recommendation_section(&f);
         let lines: Vec<&str> = md.lines().collect();
         for line in [
-            "| retrieval p99 ≤ 10 ms at recall@100 ≥ 0.95 | no measured ef reached recall 0.95 | **missed** |",
-            "| memory ≤ 2 GiB for the 1M-item index | 1500 MiB | **missed** |",
+            "| retrieval recall@100 ≥ 0.95 at p99 ≤ 5 ms | no measured scan share reached recall 0.95 | **missed** |",
+            "| index memory ≤ 256 MiB beyond the f32 vectors | 65.4 MiB | met at 200000 items (the target is at 1,000,000) |",
         ] {
             assert!(lines.contains(&line), "no line {line:?} in:\n{md}");
         }
+        assert!(
+            !md.contains("end-to-end") && !md.contains("Exposure fairness"),
+            "{md}"
+        );
     }
 }

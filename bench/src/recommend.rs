@@ -1,19 +1,23 @@
-//! `marquee-bench recommend`: the recommender on a synthetic 1,000,000-item catalogue (the
-//! real MovieLens catalogue grown with noisy copies of its item embeddings, same dimension):
-//! index build time and memory, retrieval top-100 latency and recall@100 against exact
-//! search, end-to-end `Recommend` over gRPC (k = 20 from 500 candidates, ranked and
-//! re-ranked) at a fixed 100 requests/s and at saturation; plus exposure fairness on the real
-//! catalogue for a fixed set of users with and without re-ranking. Every figure is the
-//! median of `--runs`; the targets are the issue's. Measuring returns plain figures;
-//! [`crate::markdown`] renders them.
+//! `marquee-bench recommend`: the recommender on a synthetic catalogue (the real MovieLens
+//! catalogue grown with noisy blends of its item embeddings, same dimension; 200k items by
+//! default, `--items 1000000` for the catalogue-scale figures): index build time and memory,
+//! single-query top-100 retrieval latency and recall@100 against exact f32 search over a sweep
+//! of scan shares, with filters keeping 10% and 1% of items, recall of the engine's whole
+//! candidate set; end-to-end `Recommend` over gRPC (k = 20 from 500 candidates, ranked and
+//! re-ranked) at a fixed rate and at saturation, against the one-thread unbatched engine in
+//! the same run; a new catalogue version going live under load. Every figure is the median of
+//! `--runs`. Measuring returns plain figures; [`crate::markdown`] renders them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use marquee_proto::recommendation as pb;
 use marquee_recommendation::engine::{RecQuery, ValidFilter, user_embeddings};
-use marquee_recommendation::index::{HnswParams, ItemIndex, exact_search, recall};
+use marquee_recommendation::family::Preloaded;
+use marquee_recommendation::index::{ItemIndex, exact_search, recall};
 use marquee_recommendation::model::{Matrix, ModelData, read_histories};
 use marquee_recommendation::rerank::exposure_stats;
 use marquee_recommendation::users::Subject;
@@ -24,21 +28,24 @@ use crate::percentile;
 /// The report section's heading.
 pub(crate) const HEADING: &str = "## Recommendation";
 
+/// Shares of the catalogue the two filtered retrieval figures keep.
+pub(crate) const FILTER_SHARES: [f64; 2] = [0.10, 0.01];
+
 #[derive(Args, Clone)]
 pub struct RecommendArgs {
     /// The model repository (with `recommender/`).
     #[arg(long, default_value = "model-repository")]
     pub repo: PathBuf,
     /// Synthetic catalogue size.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 200_000)]
     pub items: usize,
-    /// Repetitions (index rebuilt each time); the report shows the median.
+    /// Repetitions (catalogue and index built each time); the report shows the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Retrieval queries timed per run (real users' embeddings, cycled).
+    /// Retrieval queries timed per run and setting (real users' embeddings, cycled).
     #[arg(long, default_value_t = 2000)]
     pub queries: usize,
-    /// Queries checked against exact search per run.
+    /// Queries checked against exact search per run and setting.
     #[arg(long, default_value_t = 200)]
     pub recall_queries: usize,
     /// Seconds of open-loop load at `--rate`.
@@ -47,19 +54,30 @@ pub struct RecommendArgs {
     /// Requests per second of the fixed-rate load.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
-    /// HNSW search lists measured for retrieval (the service uses max(ef, n)).
-    #[arg(long, value_delimiter = ',', default_value = "256,512,768")]
-    pub ef: Vec<usize>,
+    /// Scan shares (`ivf_probe_share`) measured for retrieval; the service's default is
+    /// always measured too.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.005,0.01,0.02,0.03,0.05"
+    )]
+    pub probe: Vec<f64>,
     /// Per-dimension Gaussian noise of synthetic item embeddings.
     #[arg(long, default_value_t = 0.02)]
     pub noise: f32,
-    /// HNSW build candidate list; 100 rather than the service's 200 keeps a 1M build within
-    /// minutes on 2 cores (the served catalogue is small; its build is instant either way).
-    #[arg(long, default_value = "100")]
-    pub ef_construction: Option<usize>,
     /// Engine worker threads for the end-to-end load.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Closed-loop callers of the saturation load.
+    #[arg(long, default_value_t = 16)]
+    pub callers: usize,
+    /// `ivf_min_scan` for this run (the service's default otherwise): 0 lets small scan
+    /// shares show what they cost and find.
+    #[arg(long)]
+    pub min_scan: Option<usize>,
+    /// Retrieval only: no served load, no reload, no fairness (the large scale points).
+    #[arg(long)]
+    pub retrieval_only: bool,
     /// Report to update: its `## Recommendation` section is replaced (or appended); otherwise
     /// the section is printed.
     #[arg(long)]
@@ -71,19 +89,32 @@ impl RecommendArgs {
     pub fn with_defaults(repo: PathBuf, runs: usize) -> Self {
         Self {
             repo,
-            items: 1_000_000,
+            items: 200_000,
             runs,
             queries: 2000,
             recall_queries: 200,
             seconds: 20.0,
             rate: 100.0,
-            ef: vec![256, 512, 768],
+            probe: vec![0.005, 0.01, 0.02, 0.03, 0.05],
             noise: 0.02,
-            ef_construction: Some(100),
-            workers: 1,
+            workers: 2,
+            callers: 16,
+            min_scan: None,
+            retrieval_only: false,
             out: None,
         }
     }
+}
+
+/// Latency percentiles and recall of one retrieval setting in one run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Point {
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Users' embeddings as queries (`Recommend`).
+    recall: f64,
+    /// Items' embeddings as queries, the item itself left out (`SimilarItems`).
+    recall_items: f64,
 }
 
 /// Figures of one run.
@@ -91,13 +122,32 @@ impl RecommendArgs {
 struct Run {
     build_s: f64,
     index_mib: f64,
-    /// Per ef: (p50 ms, p99 ms, recall@100).
-    retrieval: Vec<(usize, f64, f64, f64)>,
-    e2e_p50_ms: f64,
-    e2e_p99_ms: f64,
-    e2e_rps: f64,
-    e2e_errors: usize,
+    rss_mib: f64,
+    exact: Point,
+    /// Per probe share (sorted, deduplicated).
+    sweep: Vec<Point>,
+    /// At the service's probe share: recall@500 (the engine's candidate count).
+    candidates: Point,
+    /// At the service's probe share, per [`FILTER_SHARES`].
+    filtered: Vec<Point>,
+    e2e: Option<E2e>,
+}
+
+/// The served figures of one run.
+#[derive(Debug, Clone, Copy, Default)]
+struct E2e {
+    p50_ms: f64,
+    p99_ms: f64,
+    rps: f64,
+    errors: usize,
     saturated_rps: f64,
+    /// One engine thread, no batching, same index and catalogue.
+    serial_rps: f64,
+    /// A second catalogue going live under load: seconds from publishing to serving it,
+    /// calls made meanwhile and how many failed.
+    reload_s: f64,
+    reload_calls: usize,
+    reload_failed: usize,
 }
 
 fn rss_mib() -> f64 {
@@ -127,6 +177,21 @@ pub fn section(a: &RecommendArgs) -> anyhow::Result<String> {
     Ok(crate::markdown::recommendation_section(&measure(a)?))
 }
 
+/// Keeps about `share` of the items, independently of their embeddings (a hash of the index).
+fn keep_share(share: f64) -> impl Fn(u32) -> bool {
+    let cut = (share * 1_000_000.0) as u64;
+    move |i: u32| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 1_000_000 < cut
+}
+
+/// The probe shares measured: the requested ones and the service's, sorted.
+fn probes(a: &RecommendArgs, default: f64) -> Vec<f64> {
+    let mut p = a.probe.clone();
+    p.push(default);
+    p.sort_by(f64::total_cmp);
+    p.dedup();
+    p
+}
+
 /// Runs the benchmark into plain figures.
 pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
     let settings = {
@@ -136,6 +201,9 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
         s.server.grpc_addr = "127.0.0.1:0".parse()?;
         s.server.admin_addr = "127.0.0.1:0".parse()?;
         s.repository.lanes = Some(a.workers);
+        if let Some(m) = a.min_scan {
+            s.recommendation.ivf_min_scan = m;
+        }
         s
     };
     eprintln!("== recommender: loading the model");
@@ -148,14 +216,15 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
         .collect();
     let queries = user_embeddings(&data, &subjects)?;
 
-    let fairness = fairness(&settings, &data, &emb)?;
-
-    let rec = &settings.recommendation;
-    let params = HnswParams {
-        m: rec.hnsw_m,
-        ef_construction: a.ef_construction.unwrap_or(rec.hnsw_ef_construction),
-        ef_search: rec.hnsw_ef_search,
+    let fairness = if a.retrieval_only {
+        None
+    } else {
+        Some(fairness(&settings, &data, &emb)?)
     };
+    let rec = &settings.recommendation;
+    let params = rec.index_params();
+    let default_probe = rec.ivf_probe_share;
+    let probes = probes(a, default_probe);
     let mut runs = Vec::new();
     for run in 0..a.runs {
         eprintln!(
@@ -173,147 +242,304 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
         );
         let before = rss_mib();
         let t = Instant::now();
-        let index = ItemIndex::build(&big_emb, Some(params));
+        let index = ItemIndex::build(&big_emb, params)?;
         let build_s = t.elapsed().as_secs_f64();
-        let index_mib = rss_mib() - before;
-        eprintln!("   index built in {build_s:.1} s, +{index_mib:.0} MiB");
-        let mut retrieval = Vec::new();
-        for &ef in &a.ef {
-            retrieval.push(retrieval_run(a, &index, &big_emb, &queries, ef));
-            let r = retrieval.last().expect("pushed");
-            eprintln!(
-                "   ef={ef}: p50 {:.3} ms p99 {:.3} ms recall@100 {:.4}",
-                r.1, r.2, r.3
-            );
-        }
-        let e2e = end_to_end(a, &settings, big, big_emb, index, &users)?;
+        let rss = rss_mib() - before;
+        let index_mib = index.heap_bytes() as f64 / (1 << 20) as f64;
         eprintln!(
-            "   e2e at {} req/s: p50 {:.2} ms p99 {:.2} ms, {:.1} req/s, {} errors; saturated {:.0} req/s",
-            a.rate, e2e.0, e2e.1, e2e.2, e2e.3, e2e.4
+            "   index built in {build_s:.2} s: {} lists, {index_mib:.1} MiB (RSS +{rss:.0} MiB)",
+            index.lists()
         );
+        let exact = exact_point(a, &big_emb, &queries);
+        eprintln!(
+            "   exact f32: p50 {:.3} ms p99 {:.3} ms",
+            exact.p50_ms, exact.p99_ms
+        );
+        let rescore = rec.ivf_rescore;
+        let mut sweep = Vec::new();
+        for &p in &probes {
+            let pt = point(a, &index, p, rescore, &big_emb, &queries, 100, None);
+            eprintln!(
+                "   probe {p}: p50 {:.3} ms p99 {:.3} ms recall@100 {:.4} (items as queries {:.4})",
+                pt.p50_ms, pt.p99_ms, pt.recall, pt.recall_items
+            );
+            sweep.push(pt);
+        }
+        let candidates = point(
+            a,
+            &index,
+            default_probe,
+            rescore,
+            &big_emb,
+            &queries,
+            rec.candidates,
+            None,
+        );
+        eprintln!(
+            "   top-{} at the default: p50 {:.3} ms p99 {:.3} ms recall {:.4}",
+            rec.candidates, candidates.p50_ms, candidates.p99_ms, candidates.recall
+        );
+        let mut filtered = Vec::new();
+        for share in FILTER_SHARES {
+            let keep = keep_share(share);
+            let pt = point(
+                a,
+                &index,
+                default_probe,
+                rescore,
+                &big_emb,
+                &queries,
+                100,
+                Some(&keep),
+            );
+            eprintln!(
+                "   filter keeping {share}: p50 {:.3} ms p99 {:.3} ms recall@100 {:.4} (items {:.4})",
+                pt.p50_ms, pt.p99_ms, pt.recall, pt.recall_items
+            );
+            filtered.push(pt);
+        }
+        let e2e = if a.retrieval_only {
+            None
+        } else {
+            Some(end_to_end(
+                a,
+                &settings,
+                (&data, &emb),
+                big,
+                big_emb,
+                index,
+                &users,
+            )?)
+        };
         runs.push(Run {
             build_s,
             index_mib,
-            retrieval,
-            e2e_p50_ms: e2e.0,
-            e2e_p99_ms: e2e.1,
-            e2e_rps: e2e.2,
-            e2e_errors: e2e.3,
-            saturated_rps: e2e.4,
+            rss_mib: rss,
+            exact,
+            sweep,
+            candidates,
+            filtered,
+            e2e,
         });
     }
-    Ok(figures(a, &settings, &runs, fairness))
+    Ok(figures(a, &settings, &probes, &runs, fairness))
 }
 
-/// One ef: single-thread top-100 latency percentiles and mean recall@100 vs exact search.
-fn retrieval_run(
+/// Latency of exact f32 search (top-100) over the recall queries.
+fn exact_point(a: &RecommendArgs, emb: &Matrix, queries: &Matrix) -> Point {
+    let n = a.recall_queries.clamp(1, queries.rows);
+    let mut lat = Vec::with_capacity(n);
+    for q in 0..n {
+        let t = Instant::now();
+        std::hint::black_box(exact_search(emb, queries.row(q), 100, |_| true));
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    Point {
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        recall: 1.0,
+        recall_items: 1.0,
+    }
+}
+
+/// One retrieval setting: single-thread top-`k` latency percentiles over `--queries`, and mean
+/// recall@k against exact f32 search (with the same filter) over `--recall-queries`.
+#[allow(clippy::too_many_arguments)]
+fn point(
     a: &RecommendArgs,
     index: &ItemIndex,
+    probe: f64,
+    rescore: usize,
     emb: &Matrix,
     queries: &Matrix,
-    ef: usize,
-) -> (usize, f64, f64, f64) {
-    let index = index.with_ef_search(ef);
+    k: usize,
+    keep: Option<&dyn Fn(u32) -> bool>,
+) -> Point {
+    let view = index.with_scan(probe, rescore);
     let mut lat = Vec::with_capacity(a.queries);
     for q in 0..a.queries {
         let query = queries.row(q % queries.rows);
         let t = Instant::now();
-        let out = index.search(emb, query, 100);
+        let out = view.search_stats(emb, query, k, keep);
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         std::hint::black_box(out);
     }
     lat.sort_by(f64::total_cmp);
-    let n = a.recall_queries.min(queries.rows);
+    let n = a.recall_queries.clamp(1, queries.rows);
     let mut total = 0.0;
     for q in 0..n {
         let query = queries.row(q);
-        total += recall(
-            &index.search(emb, query, 100),
-            &exact_search(emb, query, 100, |_| true),
-        );
+        let exact = exact_search(emb, query, k, |i| keep.is_none_or(|f| f(i)));
+        total += recall(&view.search_stats(emb, query, k, keep).0, &exact);
     }
-    (
-        ef,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        total / n as f64,
-    )
+    // Items as queries, spread over real and synthetic items, each left out of its own list.
+    let items = emb.rows - 1;
+    let mut total_items = 0.0;
+    for q in 0..n {
+        let item = 1 + (q * 4_999) % items;
+        let query = emb.row(item);
+        let pass = |i: u32| i as usize != item && keep.is_none_or(|f| f(i));
+        let exact = exact_search(emb, query, k, pass);
+        total_items += recall(&view.search_stats(emb, query, k, Some(&pass)).0, &exact);
+    }
+    Point {
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        recall: total / n as f64,
+        recall_items: total_items / n as f64,
+    }
 }
 
-/// Serves the big catalogue over gRPC and loads it: (p50 ms, p99 ms, achieved req/s, errors)
-/// at the fixed rate, then the saturated closed-loop throughput.
+/// A `Recommend` for the n-th user (cycled).
+fn request(users: &[i64], n: usize) -> pb::RecommendRequest {
+    pb::RecommendRequest {
+        subject: Some(pb::recommend_request::Subject::UserId(
+            users[n % users.len()],
+        )),
+        k: 20,
+        ..Default::default()
+    }
+}
+
+/// `callers` closed-loop callers for `secs`: completed calls per second.
+async fn saturate(
+    client: &pb::recommender_client::RecommenderClient<tonic::transport::Channel>,
+    users: &[i64],
+    callers: usize,
+    secs: f64,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..callers {
+        let mut c = client.clone();
+        let users = users.to_vec();
+        workers.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while start.elapsed().as_secs_f64() < secs {
+                if c.recommend(request(&users, w * 131 + n)).await.is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut done = 0;
+    for w in workers {
+        done += w.await?;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A temporary model repository holding the served model's newest version as version 1
+/// (linked, not copied), so the bench can publish a version 2 into it.
+fn reload_repo(
+    settings: &marquee_recommendation::Settings,
+    data: &ModelData,
+) -> anyhow::Result<PathBuf> {
+    let repo = tempfile_dir("repo")?;
+    let model = repo.join("recommender");
+    std::fs::create_dir_all(&model)?;
+    let src = marquee_recommendation::model_dir(settings);
+    std::fs::copy(src.join("model.toml"), model.join("model.toml"))?;
+    std::os::unix::fs::symlink(
+        std::fs::canonicalize(src.join(&data.version))?,
+        model.join("1"),
+    )?;
+    Ok(repo)
+}
+
+/// Serves the big catalogue over gRPC and loads it: the fixed-rate load, the saturated
+/// throughput (then the same with one unbatched engine thread), and a second catalogue of the
+/// same size going live under load.
 fn end_to_end(
     a: &RecommendArgs,
     settings: &marquee_recommendation::Settings,
+    real: (&ModelData, &Matrix),
     data: ModelData,
     emb: Matrix,
     index: ItemIndex,
     users: &[(i64, u32)],
-) -> anyhow::Result<(f64, f64, f64, usize, f64)> {
+) -> anyhow::Result<E2e> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let state = tempfile_dir()?;
-    let mut settings = settings.clone();
-    settings.recommendation.state_dir = state.clone();
     let users: Vec<i64> = users.iter().map(|u| u.0).collect();
+    let serial_index = index.clone();
+    // Version 2: another synthetic catalogue of the same size, built while version 1 serves
+    // (its index is built by the service at load, as a real new version's is).
+    let (v2, v2_emb) =
+        marquee_recommendation::synthetic::expand(real.0, real.1, a.items, a.noise, 0xbeef);
     let out = rt.block_on(async {
+        let serial = {
+            let mut s = settings.clone();
+            s.repository.lanes = Some(1);
+            s.recommendation.engine_batch = 1;
+            let state = tempfile_dir("serial")?;
+            s.recommendation.state_dir = state.clone();
+            let shutdown = CancellationToken::new();
+            let running = marquee_recommendation::start_with_parts(
+                s,
+                vec![Preloaded {
+                    data: data.clone(),
+                    item_emb: emb.clone(),
+                    index: Some(serial_index),
+                }],
+                shutdown.clone(),
+            )
+            .await?;
+            let client = connect(running.grpc_addr).await?;
+            for n in 0..20 {
+                client.clone().recommend(request(&users, n)).await?;
+            }
+            let rps = saturate(&client, &users, a.callers, 5.0).await?;
+            shutdown.cancel();
+            let _ = running.task.await;
+            let _ = std::fs::remove_dir_all(&state);
+            rps
+        };
+        eprintln!("   one engine thread, unbatched: saturated {serial:.0} req/s");
+
+        let repo = reload_repo(settings, &data)?;
+        let state = tempfile_dir("state")?;
+        let mut s = settings.clone();
+        s.repository.path = repo.clone();
+        s.recommendation.state_dir = state.clone();
+        let mut v2 = v2;
+        v2.version = "2".into();
         let shutdown = CancellationToken::new();
         let running = marquee_recommendation::start_with_parts(
-            settings,
-            data,
-            emb,
-            Some(index),
+            s,
+            vec![
+                Preloaded {
+                    data,
+                    item_emb: emb,
+                    index: Some(index),
+                },
+                Preloaded {
+                    data: v2,
+                    item_emb: v2_emb,
+                    index: None,
+                },
+            ],
             shutdown.clone(),
         )
         .await?;
-        let ch = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc_addr))?
-            .connect()
-            .await?;
-        let client = pb::recommender_client::RecommenderClient::new(ch);
-        let req = |n: usize| pb::RecommendRequest {
-            subject: Some(pb::recommend_request::Subject::UserId(
-                users[n % users.len()],
-            )),
-            k: 20,
-            ..Default::default()
-        };
-        // Warm the connection and the engine.
+        let client = connect(running.grpc_addr).await?;
         for n in 0..20 {
-            client.clone().recommend(req(n)).await?;
+            client.clone().recommend(request(&users, n)).await?;
         }
-        let load = open_loop(&client, a.rate, a.seconds, |n| req(n + 1000)).await?;
-        let (lat, errors, elapsed) = (load.latencies_ms, load.errors, load.elapsed_s);
-        // Saturation: 8 closed-loop callers for a few seconds.
-        let sat_secs = 5.0;
-        let sat_start = Instant::now();
-        let mut workers = Vec::new();
-        for w in 0..8usize {
-            let mut c = client.clone();
-            let users = users.clone();
-            workers.push(tokio::spawn(async move {
-                let mut n = 0usize;
-                while sat_start.elapsed().as_secs_f64() < sat_secs {
-                    let r = pb::RecommendRequest {
-                        subject: Some(pb::recommend_request::Subject::UserId(
-                            users[(w * 131 + n) % users.len()],
-                        )),
-                        k: 20,
-                        ..Default::default()
-                    };
-                    if c.recommend(r).await.is_ok() {
-                        n += 1;
-                    }
-                }
-                n
-            }));
-        }
-        let mut done = 0;
-        for w in workers {
-            done += w.await?;
-        }
-        let sat = done as f64 / sat_start.elapsed().as_secs_f64();
+        let load = open_loop(&client, a.rate, a.seconds, |n| request(&users, n + 1000)).await?;
+        let sat = saturate(&client, &users, a.callers, 5.0).await?;
+        eprintln!(
+            "   at {} req/s: p50 {:.2} ms p99 {:.2} ms, {:.1} req/s, {} errors; saturated {sat:.0} req/s",
+            a.rate,
+            percentile(&load.latencies_ms, 0.5),
+            percentile(&load.latencies_ms, 0.99),
+            load.latencies_ms.len() as f64 / load.elapsed_s,
+            load.errors
+        );
         // Where the engine's time goes (mean per request over the whole load).
         for f in running.metrics.registry.gather() {
             if f.name() == "marquee_recommendation_stage_seconds" {
@@ -328,19 +554,99 @@ fn end_to_end(
                 }
             }
         }
+
+        // Reload under load: callers at the fixed rate's pace until version 2 answers.
+        let (calls, failed, on_v2) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut callers = Vec::new();
+        for w in 0..4usize {
+            let (mut c, users) = (client.clone(), users.clone());
+            let (calls, failed, on_v2) = (calls.clone(), failed.clone(), on_v2.clone());
+            callers.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !on_v2.load(Ordering::Relaxed) {
+                    n += 1;
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    match c.recommend(request(&users, w * 977 + n)).await {
+                        Ok(r) if r.get_ref().model_version == "2" => {
+                            on_v2.store(true, Ordering::Relaxed)
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("   call failed during the reload: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let published = Instant::now();
+        publish_version_2(&repo)?;
+        let repo_handle = running.repo.clone();
+        let refused = async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some(r) = repo_handle.refused().into_iter().next() {
+                    return r;
+                }
+            }
+        };
+        let reload = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(600), futures::future::join_all(callers)) => {
+                r.map_err(|_| anyhow::anyhow!("version 2 did not go live within 10 minutes"))?
+            }
+            r = refused => anyhow::bail!("version 2 was refused: {r:?}"),
+        };
+        for r in reload {
+            r?;
+        }
+        let reload_s = published.elapsed().as_secs_f64();
+        eprintln!(
+            "   version 2 live {reload_s:.1} s after publishing: {} calls, {} failed",
+            calls.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
+        );
         shutdown.cancel();
         let _ = running.task.await;
-        Ok::<_, anyhow::Error>((
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            lat.len() as f64 / elapsed,
-            errors,
-            sat,
-        ))
+        let _ = std::fs::remove_dir_all(&state);
+        let _ = std::fs::remove_dir_all(&repo);
+        Ok::<_, anyhow::Error>(E2e {
+            p50_ms: percentile(&load.latencies_ms, 0.5),
+            p99_ms: percentile(&load.latencies_ms, 0.99),
+            rps: load.latencies_ms.len() as f64 / load.elapsed_s,
+            errors: load.errors,
+            saturated_rps: sat,
+            serial_rps: serial,
+            reload_s,
+            reload_calls: calls.load(Ordering::Relaxed),
+            reload_failed: failed.load(Ordering::Relaxed),
+        })
     });
     rt.shutdown_timeout(Duration::from_secs(5));
-    let _ = std::fs::remove_dir_all(&state);
     out
+}
+
+/// Version 2 of the temporary repository: the same model files (the catalogue it serves is
+/// the preloaded synthetic one), published as the repository watcher expects.
+fn publish_version_2(repo: &Path) -> anyhow::Result<()> {
+    let model = repo.join("recommender");
+    let target = std::fs::read_link(model.join("1"))?;
+    std::os::unix::fs::symlink(target, model.join("2"))?;
+    Ok(())
+}
+
+async fn connect(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<pb::recommender_client::RecommenderClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(pb::recommender_client::RecommenderClient::new(ch))
 }
 
 /// What an open-loop `Recommend` load measured.
@@ -390,8 +696,9 @@ pub(crate) async fn open_loop(
     })
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("marquee-bench-rec-{}", std::process::id()));
+fn tempfile_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("marquee-bench-rec-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -489,14 +796,35 @@ fn fairness(
     })
 }
 
-/// Retrieval top-100 at one ef, each figure the median over the runs.
-#[derive(Clone, Copy, Debug)]
+/// One retrieval setting's figures, each the median over the runs.
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Retrieval {
-    pub(crate) ef: usize,
+    /// Share of the catalogue scanned (before a filter's correction).
+    pub(crate) probe: f64,
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
-    /// Mean recall@100 against exact search.
+    /// Mean recall against exact f32 search, users' embeddings as queries.
     pub(crate) recall: f64,
+    /// The same with items' embeddings as queries (`SimilarItems`).
+    pub(crate) recall_items: f64,
+}
+
+/// The served figures, each the median over the runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Served {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// Achieved requests per second at the offered rate.
+    pub(crate) rps: f64,
+    /// Failed calls, summed over the runs.
+    pub(crate) errors: usize,
+    pub(crate) saturated_rps: f64,
+    /// One engine thread, unbatched, same run.
+    pub(crate) serial_rps: f64,
+    pub(crate) reload_s: f64,
+    /// Calls during the reloads and failed ones, summed over the runs.
+    pub(crate) reload_calls: usize,
+    pub(crate) reload_failed: usize,
 }
 
 /// The recommender's figures (each the median over the runs unless said otherwise) and the
@@ -507,9 +835,12 @@ pub(crate) struct RecommendFigures {
     pub(crate) items: usize,
     /// Per-dimension Gaussian noise of synthetic item embeddings.
     pub(crate) noise: f32,
-    pub(crate) hnsw_m: usize,
-    pub(crate) ef_construction: usize,
-    /// Runs measured (index rebuilt each time).
+    /// Partitions of the built index.
+    pub(crate) lists: usize,
+    /// The service's scan share and re-scored candidates.
+    pub(crate) probe: f64,
+    pub(crate) rescore: usize,
+    /// Runs measured (catalogue and index built each time).
     pub(crate) runs: usize,
     pub(crate) cores: usize,
     /// The service's candidate count, default MMR λ and long-tail floor.
@@ -518,30 +849,33 @@ pub(crate) struct RecommendFigures {
     pub(crate) long_tail_floor: f32,
     /// Offered requests per second of the open-loop load.
     pub(crate) rate: f64,
-    /// Engine worker threads for the end-to-end load.
+    /// Engine worker threads, requests per engine batch and saturation callers.
     pub(crate) workers: usize,
+    pub(crate) batch: usize,
+    pub(crate) callers: usize,
     pub(crate) build_s: f64,
-    /// RSS growth during the first build only: later runs reuse pages the previous index freed,
-    /// so their growth understates.
+    /// What the index holds beyond the f32 vectors (codes, ids, centroids).
     pub(crate) index_mib: f64,
-    /// One per measured ef, in the order given.
-    pub(crate) retrieval: Vec<Retrieval>,
-    pub(crate) e2e_p50_ms: f64,
-    pub(crate) e2e_p99_ms: f64,
-    /// Achieved requests per second at `rate` offered.
-    pub(crate) e2e_rps: f64,
-    /// Failed calls, summed over the runs.
-    pub(crate) e2e_errors: usize,
-    pub(crate) saturated_rps: f64,
-    pub(crate) fairness: Fairness,
+    /// RSS growth during the first build (temporaries included).
+    pub(crate) rss_mib: f64,
+    pub(crate) exact: Retrieval,
+    /// Top-100, one per measured scan share, ascending.
+    pub(crate) sweep: Vec<Retrieval>,
+    /// Top-`candidates` at the service's scan share.
+    pub(crate) candidate_set: Retrieval,
+    /// Top-100 at the service's scan share with filters keeping [`FILTER_SHARES`].
+    pub(crate) filtered: Vec<(f64, Retrieval)>,
+    pub(crate) served: Option<Served>,
+    pub(crate) fairness: Option<Fairness>,
 }
 
 /// The runs' medians and the settings they ran with.
 fn figures(
     a: &RecommendArgs,
     settings: &marquee_recommendation::Settings,
+    probes: &[f64],
     runs: &[Run],
-    fairness: Fairness,
+    fairness: Option<Fairness>,
 ) -> RecommendFigures {
     let rec = &settings.recommendation;
     // The middle value, or the mean of the two middle values for an even count.
@@ -554,11 +888,40 @@ fn figures(
             n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
         }
     };
+    let retrieval = |probe: f64, f: &dyn Fn(&Run) -> Point| Retrieval {
+        probe,
+        p50_ms: med(&|r| f(r).p50_ms),
+        p99_ms: med(&|r| f(r).p99_ms),
+        recall: med(&|r| f(r).recall),
+        recall_items: med(&|r| f(r).recall_items),
+    };
+    let served = runs.iter().all(|r| r.e2e.is_some()).then(|| {
+        let e = |f: &dyn Fn(&E2e) -> f64| med(&|r| r.e2e.map_or(f64::NAN, |e| f(&e)));
+        let sum =
+            |f: &dyn Fn(&E2e) -> usize| runs.iter().filter_map(|r| r.e2e).map(|e| f(&e)).sum();
+        Served {
+            p50_ms: e(&|e| e.p50_ms),
+            p99_ms: e(&|e| e.p99_ms),
+            rps: e(&|e| e.rps),
+            errors: sum(&|e| e.errors),
+            saturated_rps: e(&|e| e.saturated_rps),
+            serial_rps: e(&|e| e.serial_rps),
+            reload_s: e(&|e| e.reload_s),
+            reload_calls: sum(&|e| e.reload_calls),
+            reload_failed: sum(&|e| e.reload_failed),
+        }
+    });
+    let lists = if rec.ivf_lists == 0 {
+        ((a.items as f64).sqrt().round() as usize).max(1)
+    } else {
+        rec.ivf_lists
+    };
     RecommendFigures {
         items: a.items,
         noise: a.noise,
-        hnsw_m: rec.hnsw_m,
-        ef_construction: a.ef_construction.unwrap_or(rec.hnsw_ef_construction),
+        lists,
+        probe: rec.ivf_probe_share,
+        rescore: rec.ivf_rescore,
         runs: runs.len(),
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
@@ -568,24 +931,24 @@ fn figures(
         long_tail_floor: rec.long_tail_floor,
         rate: a.rate,
         workers: a.workers,
+        batch: rec.engine_batch,
+        callers: a.callers,
         build_s: med(&|r| r.build_s),
-        index_mib: runs.first().map_or(f64::NAN, |r| r.index_mib),
-        retrieval: a
-            .ef
+        index_mib: med(&|r| r.index_mib),
+        rss_mib: runs.first().map_or(f64::NAN, |r| r.rss_mib),
+        exact: retrieval(1.0, &|r| r.exact),
+        sweep: probes
             .iter()
             .enumerate()
-            .map(|(i, &ef)| Retrieval {
-                ef,
-                p50_ms: med(&|r| r.retrieval[i].1),
-                p99_ms: med(&|r| r.retrieval[i].2),
-                recall: med(&|r| r.retrieval[i].3),
-            })
+            .map(|(i, &p)| retrieval(p, &|r| r.sweep[i]))
             .collect(),
-        e2e_p50_ms: med(&|r| r.e2e_p50_ms),
-        e2e_p99_ms: med(&|r| r.e2e_p99_ms),
-        e2e_rps: med(&|r| r.e2e_rps),
-        e2e_errors: runs.iter().map(|r| r.e2e_errors).sum::<usize>(),
-        saturated_rps: med(&|r| r.saturated_rps),
+        candidate_set: retrieval(rec.ivf_probe_share, &|r| r.candidates),
+        filtered: FILTER_SHARES
+            .iter()
+            .enumerate()
+            .map(|(i, &share)| (share, retrieval(rec.ivf_probe_share, &|r| r.filtered[i])))
+            .collect(),
+        served,
         fairness,
     }
 }

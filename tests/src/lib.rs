@@ -606,8 +606,17 @@ pub fn with_tenant<T>(message: T, tenant: &str, token: Option<&str>) -> tonic::R
 
 /// Starts a recommender on the current runtime; returns once it is ready.
 pub async fn start_recommendation(settings: marquee_recommendation::Settings) -> TestRecommender {
+    start_recommendation_with_parts(settings, Vec::new()).await
+}
+
+/// As [`start_recommendation`], serving models given in memory (a synthetic catalogue) in
+/// the order they load; none: the repository's.
+pub async fn start_recommendation_with_parts(
+    settings: marquee_recommendation::Settings,
+    parts: Vec<marquee_recommendation::family::Preloaded>,
+) -> TestRecommender {
     let shutdown = CancellationToken::new();
-    let running = marquee_recommendation::start(settings, shutdown.clone())
+    let running = marquee_recommendation::start_with_parts(settings, parts, shutdown.clone())
         .await
         .expect("recommender starts");
     TestRecommender {

@@ -273,7 +273,7 @@ torch.jit.script(Faulty(torch.jit.load(sys.argv[1]))).save(sys.argv[1])
     let mut s = recommendation_settings(state.path());
     s.repository.path = repo.path().to_path_buf();
     s.repository.lanes = Some(1);
-    // No HNSW build: exact search starts faster and retrieval is not what this test is about.
+    // Exact search: retrieval is not what this test is about.
     s.recommendation.index = "exact".into();
     let server = start_recommendation(s).await;
     let ch = channel(server.grpc_addr).await;

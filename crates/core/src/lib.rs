@@ -26,6 +26,7 @@ pub mod repository;
 #[cfg(feature = "torch")]
 pub mod runner;
 pub mod serve;
+pub mod simd;
 pub mod telemetry;
 pub mod tenant;
 #[cfg(feature = "torch")]

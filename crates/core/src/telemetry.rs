@@ -95,6 +95,17 @@ pub fn init(settings: &TelemetrySettings, service: &'static str) -> anyhow::Resu
     Ok(TelemetryGuard { provider })
 }
 
+/// Links `span` to `to` (an OpenTelemetry span link): a batch span serving requests of many
+/// traces points at each request span instead of being the child of one of them.
+pub fn link(span: &tracing::Span, to: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = to.context().span().span_context().clone();
+    if cx.is_valid() {
+        span.add_link(cx);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,18 @@
 //! The recommendation pipeline on dedicated OS threads (never the async runtime): user tower →
-//! ANN retrieval → filters → ranker in batches → MMR diversity → long-tail floor → top-k,
-//! with explanations by embedding neighbours and gradient × input through tch autograd.
+//! retrieval with the filters applied inside the scan → ranker → MMR diversity → long-tail
+//! floor → top-k, with explanations by embedding neighbours and gradient × input through tch
+//! autograd.
 //!
 //! A cloneable [`Engine`] handle sends jobs over a bounded queue to worker threads; each worker
-//! owns its own TorchScript modules. The shared, read-only part ([`Shared`]) holds the
-//! catalogue, features, item embeddings and the index.
+//! owns its own TorchScript modules. A worker takes what is queued (up to `batch` requests,
+//! its share when other workers are idle) and serves it together: one user-tower forward and
+//! one ranker forward (in `rank_batch`-row chunks) for all of them, so a forward's fixed cost
+//! is paid once per batch rather than per call. Retrieval, re-ranking and explanations stay
+//! per request. The shared, read-only part ([`Shared`]) holds the catalogue, features, item
+//! embeddings and the index.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,7 +21,7 @@ use marquee_core::liveness::Liveness;
 use tch::{CModule, Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
-use crate::index::{HnswParams, ItemIndex, Scored, dot, exact_search};
+use crate::index::{IndexParams, ItemIndex, Scored, dot};
 use crate::metrics::RecMetrics;
 use crate::model::{Matrix, ModelData};
 use crate::rerank::{Candidate, genre_jaccard, long_tail_floor, mmr};
@@ -51,8 +57,10 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Jobs waiting beyond the running ones before new requests are refused.
     pub queue_capacity: usize,
-    /// `None`: exact search only.
-    pub hnsw: Option<HnswParams>,
+    /// How the item index is built and searched.
+    pub index: IndexParams,
+    /// Most `Recommend` jobs one worker serves together.
+    pub batch: usize,
     /// History items named per explanation.
     pub explain_history: usize,
     /// Ranking features named per explanation.
@@ -74,6 +82,15 @@ pub struct ValidFilter {
 }
 
 impl ValidFilter {
+    /// Whether this filter keeps every item.
+    pub fn is_empty(&self) -> bool {
+        self.exclude_items.is_empty()
+            && self.exclude_genres == 0
+            && self.require_genres == 0
+            && self.min_year.is_none()
+            && self.max_year.is_none()
+    }
+
     fn pass(&self, data: &ModelData, idx: u32) -> bool {
         let item = &data.catalog.items[idx as usize];
         if self.exclude_items.contains(&idx) || item.genres & self.exclude_genres != 0 {
@@ -150,6 +167,8 @@ pub struct Shared {
     pub metrics: RecMetrics,
     /// Ranking feature names in input column order (explanations).
     feature_names: Vec<String>,
+    /// Jobs in the queue, not yet taken by a worker (how a worker sizes its share).
+    queued: AtomicUsize,
 }
 
 enum Job {
@@ -196,17 +215,17 @@ pub fn item_embeddings(data: &ModelData) -> Result<Matrix, EngineError> {
 /// User embeddings for `subjects` with a freshly loaded user tower (tests and the bench use
 /// them as retrieval queries; the service computes them on its workers).
 pub fn user_embeddings(data: &ModelData, subjects: &[Subject]) -> Result<Matrix, EngineError> {
-    let models = Models {
-        user_tower: load(&data.file("user_tower.pt"))?,
-        ranker: load(&data.file("ranker.pt"))?,
-    };
+    let tower = load(&data.file("user_tower.pt"))?;
     let mut out = Matrix {
         rows: subjects.len(),
         cols: data.spec.embedding_dim,
         data: Vec::with_capacity(subjects.len() * data.spec.embedding_dim),
     };
-    for s in subjects {
-        out.data.extend(user_embedding_with(&models, data, s)?);
+    for chunk in subjects.chunks(256) {
+        let refs: Vec<&Subject> = chunk.iter().collect();
+        for row in user_tower_forward(&tower, data, &refs)? {
+            out.data.extend(row);
+        }
     }
     Ok(out)
 }
@@ -256,10 +275,12 @@ impl Engine {
         metrics: RecMetrics,
     ) -> Result<Self, EngineError> {
         let t0 = Instant::now();
-        let index = ItemIndex::build(&item_emb, config.hnsw);
+        let index = ItemIndex::build(&item_emb, config.index)?;
         tracing::info!(
             items = item_emb.rows.saturating_sub(1),
             approximate = index.is_approximate(),
+            lists = index.lists(),
+            index_mib = index.heap_bytes() as f64 / (1 << 20) as f64,
             seconds = t0.elapsed().as_secs_f64(),
             "item index built"
         );
@@ -287,6 +308,7 @@ impl Engine {
             feature_names,
             metrics,
             config: config.clone(),
+            queued: AtomicUsize::new(0),
         });
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(config.queue_capacity);
         let rx = Arc::new(Mutex::new(rx));
@@ -319,9 +341,13 @@ impl Engine {
         if !self.shared.config.liveness.is_alive() {
             return Err(EngineError::Stopped);
         }
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
-            TrySendError::Disconnected(_) => EngineError::Stopped,
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.try_send(job).map_err(|e| {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
+                TrySendError::Disconnected(_) => EngineError::Stopped,
+            }
         })
     }
 
@@ -409,36 +435,60 @@ fn worker(
     liveness.supervise(&model, || serve_jobs(&models, &shared, &rx));
 }
 
-/// A worker's loop: one job at a time until every [`Engine`] handle is gone.
+/// A worker's loop until every [`Engine`] handle is gone: take what is queued (its share),
+/// serve it together.
 fn serve_jobs(models: &Models, shared: &Shared, rx: &Mutex<Receiver<Job>>) {
+    let workers = shared.config.workers.max(1);
+    let most = shared.config.batch.max(1);
+    let mut jobs = Vec::with_capacity(most);
     loop {
-        // The lock is held only while waiting for the next job, never while computing.
-        let job = match rx.lock() {
-            Ok(guard) => guard.recv(),
-            Err(_) => return,
-        };
-        let Ok(job) = job else { return };
-        match job {
-            Job::Recommend { query, span, reply } => {
-                if reply.is_closed() {
-                    continue; // The caller left: do not compute for nobody.
+        {
+            // The lock is held only while taking jobs, never while computing.
+            let Ok(guard) = rx.lock() else { return };
+            let Ok(first) = guard.recv() else { return };
+            jobs.push(first);
+            // This worker's share of what waits: the other workers take the rest, so a burst
+            // is spread over every core instead of queueing behind one batch.
+            let waiting = shared.queued.load(Ordering::Relaxed).saturating_sub(1);
+            let take = most.min(1 + waiting / workers);
+            while jobs.len() < take {
+                match guard.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
                 }
-                let _enter = span.enter();
-                let result = run_recommend(models, shared, &query);
-                if let Ok(out) = &result {
-                    shared
-                        .metrics
-                        .record_served(&shared.data, &out.items, out.cold_start);
-                }
-                let _ = reply.send(result);
             }
-            Job::Similar { query, span, reply } => {
-                if reply.is_closed() {
-                    continue;
+        }
+        shared.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
+        let mut batch = Vec::with_capacity(jobs.len());
+        for job in jobs.drain(..) {
+            match job {
+                Job::Recommend { query, span, reply } => {
+                    if !reply.is_closed() {
+                        batch.push((query, span, reply));
+                    } // Else the caller left: do not compute for nobody.
                 }
-                let _enter = span.enter();
-                let _ = reply.send(Ok(run_similar(shared, &query)));
+                Job::Similar { query, span, reply } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let _enter = span.enter();
+                    let _ = reply.send(Ok(run_similar(shared, &query)));
+                }
             }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let queries: Vec<&RecQuery> = batch.iter().map(|b| b.0.as_ref()).collect();
+        let spans: Vec<&tracing::Span> = batch.iter().map(|b| &b.1).collect();
+        let results = run_recommend_batch(models, shared, &queries, &spans);
+        for ((_, _, reply), result) in batch.into_iter().zip(results) {
+            if let Ok(out) = &result {
+                shared
+                    .metrics
+                    .record_served(&shared.data, &out.items, out.cold_start);
+            }
+            let _ = reply.send(result);
         }
     }
 }
@@ -462,70 +512,173 @@ pub fn genre_profile(data: &ModelData, history: &[u32]) -> Vec<f32> {
     p
 }
 
-/// The user embedding for a subject.
-fn user_embedding(models: &Models, shared: &Shared, s: &Subject) -> Result<Vec<f32>, EngineError> {
-    user_embedding_with(models, &shared.data, s)
-}
-
-fn user_embedding_with(
-    models: &Models,
+/// One user-tower forward for `subjects`: one embedding per subject, in order.
+fn user_tower_forward(
+    tower: &CModule,
     data: &ModelData,
-    s: &Subject,
-) -> Result<Vec<f32>, EngineError> {
+    subjects: &[&Subject],
+) -> Result<Vec<Vec<f32>>, EngineError> {
     let h = data.spec.history_length;
-    let mut window = vec![0i64; h];
-    let recent = &s.history[s.history.len().saturating_sub(h)..];
-    for (slot, &item) in window[h - recent.len()..].iter_mut().zip(recent) {
-        *slot = item as i64;
+    let b = subjects.len();
+    let mut window = vec![0i64; b * h];
+    let mut users = Vec::with_capacity(b);
+    for (row, s) in window.chunks_exact_mut(h).zip(subjects) {
+        let recent = &s.history[s.history.len().saturating_sub(h)..];
+        for (slot, &item) in row[h - recent.len()..].iter_mut().zip(recent) {
+            *slot = item as i64;
+        }
+        users.push(s.user_index);
     }
-    let user = Tensor::from_slice(&[s.user_index as i64]);
-    let hist = Tensor::from_slice(&window).view([1, h as i64]);
-    let uf = gather(&data.user_features, &[s.user_index]);
-    let out = tch::no_grad(|| models.user_tower.forward_ts(&[user, hist, uf]))?;
-    Ok(Vec::<f32>::try_from(&out.flatten(0, -1))?)
+    let user = Tensor::from_slice(&users.iter().map(|&u| u as i64).collect::<Vec<_>>());
+    let hist = Tensor::from_slice(&window).view([b as i64, h as i64]);
+    let uf = gather(&data.user_features, &users);
+    let out = tch::no_grad(|| tower.forward_ts(&[user, hist, uf]))?;
+    let out = tensor_matrix(&out)?;
+    if out.rows != b || out.cols != data.spec.embedding_dim {
+        return Err(EngineError::Model(format!(
+            "user tower returned [{}, {}] for {b} users of {} dimensions",
+            out.rows, out.cols, data.spec.embedding_dim
+        )));
+    }
+    Ok((0..b).map(|r| out.row(r).to_vec()).collect())
 }
 
+/// One request between the batched stages.
+struct Pending<'a> {
+    q: &'a RecQuery,
+    span: &'a tracing::Span,
+    user: Vec<f32>,
+    profile: Vec<f32>,
+    cands: Vec<Scored>,
+}
+
+/// One request alone (the warm-up).
 fn run_recommend(models: &Models, shared: &Shared, q: &RecQuery) -> Result<RecOutput, EngineError> {
-    let data = &shared.data;
-    let cfg = &shared.config;
+    let span = tracing::Span::current();
+    run_recommend_batch(models, shared, &[q], &[&span])
+        .pop()
+        .unwrap_or(Err(EngineError::Stopped))
+}
+
+/// The pipeline for several requests: user tower and ranker batched, the rest per request
+/// under its own span. One result per query, in order.
+fn run_recommend_batch(
+    models: &Models,
+    shared: &Shared,
+    queries: &[&RecQuery],
+    spans: &[&tracing::Span],
+) -> Vec<Result<RecOutput, EngineError>> {
     let m = &shared.metrics;
-    let n_items = data.catalog.len();
-
-    let t = Instant::now();
-    let user = user_embedding(models, shared, &q.subject)?;
-    // Retrieve N plus the items the filters will surely drop, so N survive when possible.
-    let exclude: HashSet<u32> = q.subject.exclude.iter().copied().collect();
-    let fetch = (cfg.candidates + exclude.len() + q.filter.exclude_items.len()).min(n_items);
-    let retrieved = shared.index.search(&shared.item_emb, &user, fetch);
-    m.stage("retrieve", t);
-
-    let t = Instant::now();
-    let keep = |i: u32| !exclude.contains(&i) && q.filter.pass(data, i);
-    let mut cands: Vec<Scored> = retrieved.iter().copied().filter(|s| keep(s.0)).collect();
-    if cands.len() < q.k && fetch < n_items {
-        // Restrictive filters: the neighbourhood holds too few matches, so scan everything.
-        cands = exact_search(&shared.item_emb, &user, cfg.candidates, keep);
-        m.exact_fallbacks.inc();
+    // One batch serves requests of many traces: a root span linked to each of them (as the
+    // vision batcher's), not the child of any one.
+    let batch_span = tracing::info_span!("recommend_batch", requests = queries.len());
+    for s in spans {
+        marquee_core::telemetry::link(&batch_span, s);
     }
-    cands.truncate(cfg.candidates);
-    m.stage("filter", t);
+    let failed = |e: &EngineError| -> Vec<Result<RecOutput, EngineError>> {
+        queries
+            .iter()
+            .map(|_| Err(EngineError::Model(e.to_string())))
+            .collect()
+    };
 
     let t = Instant::now();
-    let profile = genre_profile(data, &q.subject.history);
-    let scores = rank(
-        models,
-        shared,
-        &user,
-        q.subject.user_index,
-        &profile,
-        &cands,
-    )?;
-    m.stage("rank", t);
+    let subjects: Vec<&Subject> = queries.iter().map(|q| &q.subject).collect();
+    let users = match batch_span
+        .in_scope(|| user_tower_forward(&models.user_tower, &shared.data, &subjects))
+    {
+        Ok(u) => u,
+        Err(e) => return failed(&e),
+    };
+    let tower = t.elapsed();
 
+    let mut pending: Vec<Pending<'_>> = Vec::with_capacity(queries.len());
+    for ((q, span), user) in queries.iter().zip(spans).zip(users) {
+        let _enter = span.enter();
+        let t = Instant::now();
+        let cands = retrieve(shared, q, &user);
+        m.stage_took("retrieve", tower + t.elapsed());
+        pending.push(Pending {
+            q,
+            span,
+            profile: genre_profile(&shared.data, &q.subject.history),
+            user,
+            cands,
+        });
+    }
+
+    let t = Instant::now();
+    let rows: Vec<(RankUser<'_>, u32)> = pending
+        .iter()
+        .flat_map(|p| {
+            let who = RankUser {
+                user: &p.user,
+                user_index: p.q.subject.user_index,
+                profile: &p.profile,
+            };
+            p.cands.iter().map(move |c| (who, c.0))
+        })
+        .collect();
+    let scores = match batch_span.in_scope(|| rank(models, shared, &rows)) {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    let ranked_in = t.elapsed();
+
+    let mut at = 0;
+    pending
+        .into_iter()
+        .map(|p| {
+            let _enter = p.span.enter();
+            m.stage_took("rank", ranked_in);
+            let scores = &scores[at..at + p.cands.len()];
+            at += p.cands.len();
+            finish(models, shared, &p, scores)
+        })
+        .collect()
+}
+
+/// The candidates of one request: its N nearest items that pass its filters and exclusions.
+/// The filter runs inside the scan, so a restrictive one still yields N when N exist.
+fn retrieve(shared: &Shared, q: &RecQuery, user: &[f32]) -> Vec<Scored> {
+    let data = &shared.data;
+    let exclude: HashSet<u32> = q.subject.exclude.iter().copied().collect();
+    let open = q.filter.is_empty();
+    let keep = |i: u32| !exclude.contains(&i) && (open || q.filter.pass(data, i));
+    let keep: Option<&dyn Fn(u32) -> bool> = if open && exclude.is_empty() {
+        None
+    } else {
+        Some(&keep)
+    };
+    // A history excluded drops a few items of many: only a real filter is sampled for its
+    // share (which widens the scan).
+    let (cands, stats) = shared.index.search_with(
+        &shared.item_emb,
+        user,
+        shared.config.candidates,
+        keep,
+        !open,
+    );
+    if stats.full_scan && keep.is_some() && shared.index.is_approximate() {
+        shared.metrics.exact_fallbacks.inc();
+    }
+    cands
+}
+
+/// Re-ranking and explanations of one ranked request.
+fn finish(
+    models: &Models,
+    shared: &Shared,
+    p: &Pending<'_>,
+    scores: &[f32],
+) -> Result<RecOutput, EngineError> {
+    let data = &shared.data;
+    let m = &shared.metrics;
+    let (q, cands) = (p.q, &p.cands);
     let t = Instant::now();
     let ranked: Vec<Candidate> = cands
         .iter()
-        .zip(&scores)
+        .zip(scores)
         .map(|(c, &s)| Candidate {
             index: c.0,
             score: s,
@@ -552,63 +705,75 @@ fn run_recommend(models: &Models, shared: &Shared, q: &RecQuery) -> Result<RecOu
         .collect();
     if q.explain && !items.is_empty() {
         let t = Instant::now();
-        explain(models, shared, &user, &q.subject, &profile, &mut items)?;
+        let who = RankUser {
+            user: &p.user,
+            user_index: q.subject.user_index,
+            profile: &p.profile,
+        };
+        explain(models, shared, who, &q.subject, &mut items)?;
         m.stage("explain", t);
     }
     Ok(RecOutput {
         items,
         cold_start: q.subject.is_cold(),
-        retrieved: retrieved.len(),
+        retrieved: cands.len(),
         ranked: cands.len(),
     })
 }
 
-/// Ranker inputs for `items` (same user on every row).
-fn ranker_inputs(
-    shared: &Shared,
-    user: &[f32],
+/// The user side of a ranker row.
+#[derive(Clone, Copy)]
+struct RankUser<'a> {
+    user: &'a [f32],
     user_index: u32,
-    profile: &[f32],
-    items: &[u32],
-) -> [Tensor; 5] {
-    let b = items.len() as i64;
-    let d = user.len() as i64;
-    let ue = Tensor::from_slice(user)
-        .view([1, d])
-        .expand([b, d], true)
-        .contiguous();
-    let ie = gather(&shared.item_emb, items);
-    let uf = gather(&shared.data.user_features, &[user_index])
-        .expand([b, shared.data.user_features.cols as i64], true)
-        .contiguous();
-    let itf = gather(&shared.data.item_features, items);
-    let gp = Tensor::from_slice(profile)
-        .view([1, profile.len() as i64])
-        .expand([b, profile.len() as i64], true)
-        .contiguous();
-    [ue, ie, uf, itf, gp]
+    profile: &'a [f32],
 }
 
+/// Ranker inputs for `rows` (each row: whose, which item).
+fn ranker_inputs(shared: &Shared, rows: &[(RankUser<'_>, u32)]) -> [Tensor; 5] {
+    let data = &shared.data;
+    let b = rows.len();
+    let (d, fu, fi) = (
+        shared.item_emb.cols,
+        data.user_features.cols,
+        data.item_features.cols,
+    );
+    let g = rows.first().map_or(0, |r| r.0.profile.len());
+    let (mut ue, mut ie, mut uf, mut itf, mut gp) = (
+        Vec::with_capacity(b * d),
+        Vec::with_capacity(b * d),
+        Vec::with_capacity(b * fu),
+        Vec::with_capacity(b * fi),
+        Vec::with_capacity(b * g),
+    );
+    for (who, item) in rows {
+        ue.extend_from_slice(who.user);
+        ie.extend_from_slice(shared.item_emb.row(*item as usize));
+        uf.extend_from_slice(data.user_features.row(who.user_index as usize));
+        itf.extend_from_slice(data.item_features.row(*item as usize));
+        gp.extend_from_slice(who.profile);
+    }
+    let t = |v: &[f32], cols: usize| Tensor::from_slice(v).view([b as i64, cols as i64]);
+    [t(&ue, d), t(&ie, d), t(&uf, fu), t(&itf, fi), t(&gp, g)]
+}
+
+/// Ranker scores for `rows`, in forwards of at most `rank_batch` rows.
 fn rank(
     models: &Models,
     shared: &Shared,
-    user: &[f32],
-    user_index: u32,
-    profile: &[f32],
-    cands: &[Scored],
+    rows: &[(RankUser<'_>, u32)],
 ) -> Result<Vec<f32>, EngineError> {
-    let mut scores = Vec::with_capacity(cands.len());
-    let idx: Vec<u32> = cands.iter().map(|c| c.0).collect();
-    for chunk in idx.chunks(shared.config.rank_batch.max(1)) {
-        let inputs = ranker_inputs(shared, user, user_index, profile, chunk);
+    let mut scores = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(shared.config.rank_batch.max(1)) {
+        let inputs = ranker_inputs(shared, chunk);
         let out = tch::no_grad(|| models.ranker.forward_ts(&inputs))?;
         scores.extend(Vec::<f32>::try_from(&out.flatten(0, -1))?);
     }
-    if scores.len() != cands.len() {
+    if scores.len() != rows.len() {
         return Err(EngineError::Model(format!(
             "ranker returned {} scores for {} candidates",
             scores.len(),
-            cands.len()
+            rows.len()
         )));
     }
     Ok(scores)
@@ -619,14 +784,14 @@ fn rank(
 fn explain(
     models: &Models,
     shared: &Shared,
-    user: &[f32],
+    who: RankUser<'_>,
     subject: &Subject,
-    profile: &[f32],
     items: &mut [OutItem],
 ) -> Result<(), EngineError> {
     let cfg = &shared.config;
-    let idx: Vec<u32> = items.iter().map(|i| i.index).collect();
-    let inputs = ranker_inputs(shared, user, subject.user_index, profile, &idx);
+    let rows: Vec<(RankUser<'_>, u32)> = items.iter().map(|i| (who, i.index)).collect();
+    let inputs = ranker_inputs(shared, &rows);
+    let n = rows.len();
     let inputs: Vec<Tensor> = inputs.iter().map(|t| t.set_requires_grad(true)).collect();
     let out = models.ranker.forward_ts(&inputs)?;
     let grads = Tensor::f_run_backward(&[out.sum(Kind::Float)], &inputs, false, false)?;
@@ -636,7 +801,7 @@ fn explain(
         let gx = (x.detach() * g).to_kind(Kind::Float);
         columns.push(Vec::<f32>::try_from(&gx.flatten(0, -1))?);
     }
-    let width = |k: usize| columns[k].len() / idx.len().max(1);
+    let width = |k: usize| columns[k].len() / n.max(1);
     let mut history: Vec<u32> = subject.history.clone();
     history.sort_unstable();
     history.dedup();
@@ -676,18 +841,9 @@ fn run_similar(shared: &Shared, q: &SimilarQuery) -> Vec<OutItem> {
     let data = &shared.data;
     let query = shared.item_emb.row(q.item as usize).to_vec();
     let keep = |i: u32| i != q.item && q.filter.pass(data, i);
-    let fetch = (q.k + 1 + q.filter.exclude_items.len()).min(data.catalog.len());
-    let mut found: Vec<Scored> = shared
+    shared
         .index
-        .search(&shared.item_emb, &query, fetch)
-        .into_iter()
-        .filter(|s| keep(s.0))
-        .collect();
-    if found.len() < q.k && fetch < data.catalog.len() {
-        found = exact_search(&shared.item_emb, &query, q.k, keep);
-    }
-    found.truncate(q.k);
-    found
+        .search(&shared.item_emb, &query, q.k, Some(&keep))
         .into_iter()
         .map(|(i, s)| OutItem {
             index: i,

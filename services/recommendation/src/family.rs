@@ -28,9 +28,10 @@ use crate::pgstore::PgStore;
 use crate::privacy::UserKey;
 use crate::users::Users;
 
-/// Engine workers when neither `model.toml` nor the service says: on 2 cores one worker
-/// leaves the other core to the runtime and the feedback log.
-pub const DEFAULT_LANES: usize = 1;
+/// Engine workers when neither `model.toml` nor the service says: one per core of the 2-core
+/// target. With requests batched the runtime's share (decode, encode) is small beside the
+/// engine's; one worker left a core idle at saturation (bench/RESULTS.md, "Recommendation").
+pub const DEFAULT_LANES: usize = 2;
 
 /// Where feedback and erasures are kept (`recommendation.store`).
 pub enum Store {
@@ -56,7 +57,7 @@ pub struct UserState {
 }
 
 /// A model given in memory instead of read from its version directory (the bench serves a
-/// synthetic catalogue this way); taken by the first load.
+/// synthetic catalogue this way); each load takes the next one, as the version it loads.
 pub struct Preloaded {
     pub data: ModelData,
     pub item_emb: Matrix,
@@ -67,7 +68,7 @@ pub struct RecFamily {
     settings: RecommendationSettings,
     metrics: RecMetrics,
     state: Arc<UserState>,
-    preloaded: Mutex<Option<Preloaded>>,
+    preloaded: Mutex<std::collections::VecDeque<Preloaded>>,
 }
 
 impl RecFamily {
@@ -75,13 +76,13 @@ impl RecFamily {
         settings: RecommendationSettings,
         metrics: RecMetrics,
         state: Arc<UserState>,
-        preloaded: Option<Preloaded>,
+        preloaded: Vec<Preloaded>,
     ) -> Self {
         Self {
             settings,
             metrics,
             state,
-            preloaded: Mutex::new(preloaded),
+            preloaded: Mutex::new(preloaded.into()),
         }
     }
 
@@ -127,9 +128,14 @@ impl ModelFamily for RecFamily {
             .preloaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
+            .pop_front();
         let (data, item_emb, index) = match preloaded {
-            Some(p) => (p.data, p.item_emb, p.index),
+            Some(mut p) => {
+                // The models (TorchScript files) are read from the version being loaded.
+                p.data.dir = at.dir.to_path_buf();
+                p.data.version = at.version.to_string();
+                (p.data, p.item_emb, p.index)
+            }
             None => {
                 let data = ModelData::load_version(at.dir, &at.version.to_string())
                     .map_err(|e| e.to_string())?;

@@ -1,4 +1,4 @@
-//! The recommendation service: two-tower retrieval over an HNSW index, filters, a learned
+//! The recommendation service: two-tower retrieval over a partitioned int8 index, filters, a learned
 //! ranker, MMR diversity and a long-tail exposure floor, explanations, a durable feedback log
 //! for real-time personalisation, and user erasure, over `marquee.recommendation.v1`.
 #![forbid(unsafe_code)]
@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::EngineConfig;
 use crate::family::{Preloaded, RecFamily, Store, UserState};
 use crate::feedback::FeedbackLog;
-use crate::index::HnswParams;
+use crate::index::{IndexParams, IvfParams};
 use crate::metrics::RecMetrics;
 use crate::model::{Matrix, ModelData};
 use crate::privacy::UserKey;
@@ -103,14 +103,21 @@ pub struct RecommendationSettings {
     pub default_diversity: f32,
     /// Long-tail share of the k slots when a request sets none.
     pub long_tail_floor: f32,
-    /// `hnsw` (approximate, fast) or `exact` (brute force: the reference).
+    /// `ivf` (partitioned int8 scan, f32 re-scoring: fast at catalogue scale) or `exact`
+    /// (brute-force f32: the reference).
     pub index: String,
-    /// HNSW neighbours per node (M).
-    pub hnsw_m: usize,
-    /// HNSW build candidate list (graph quality).
-    pub hnsw_ef_construction: usize,
-    /// HNSW search candidate list floor; a search for n items uses at least n.
-    pub hnsw_ef_search: usize,
+    /// IVF partitions; 0 picks √items.
+    pub ivf_lists: usize,
+    /// Share of the catalogue a query reads, nearest partitions first (divided by a filter's
+    /// selectivity, so filtered queries see as many matching items).
+    pub ivf_probe_share: f64,
+    /// A query reads at least this many items (catalogues this small are scanned whole).
+    pub ivf_min_scan: usize,
+    /// Candidates kept by int8 score and re-scored in f32 (at least 4 × those asked for).
+    pub ivf_rescore: usize,
+    /// Most queued `Recommend` calls one engine thread serves together (one user-tower and
+    /// one ranker forward for all of them).
+    pub engine_batch: usize,
     /// Candidates per ranker forward.
     pub rank_batch: usize,
     /// Requests waiting for an engine thread before new ones get RESOURCE_EXHAUSTED.
@@ -156,11 +163,16 @@ impl Default for RecommendationSettings {
             default_diversity: 0.3,
             // One slot in five for the long tail unless a request says otherwise.
             long_tail_floor: 0.2,
-            index: "hnsw".into(),
-            hnsw_m: 16,
-            hnsw_ef_construction: 200,
-            hnsw_ef_search: 128,
-            rank_batch: 512,
+            index: "ivf".into(),
+            // Measured at 1M items (bench/RESULTS.md, "Recommendation"): recall@100 and
+            // p99 of these defaults.
+            ivf_lists: 0,
+            ivf_probe_share: IvfParams::default().probe_share,
+            ivf_min_scan: IvfParams::default().min_scan,
+            ivf_rescore: IvfParams::default().rescore,
+            engine_batch: 16,
+            // Rows per ranker forward: a batch of 16 requests × 500 candidates in two.
+            rank_batch: 4096,
             queue_capacity: 256,
             max_clock_skew_ms: 300_000,
             retention_days: 0,
@@ -194,8 +206,8 @@ impl Validate for Settings {
         at_least_1("max_batch_requests", r.max_batch_requests);
         at_least_1("rank_batch", r.rank_batch);
         at_least_1("queue_capacity", r.queue_capacity);
-        at_least_1("hnsw_ef_search", r.hnsw_ef_search);
-        at_least_1("hnsw_ef_construction", r.hnsw_ef_construction);
+        at_least_1("ivf_rescore", r.ivf_rescore);
+        at_least_1("engine_batch", r.engine_batch);
         if r.retention_purge_interval_ms == 0 {
             errors.push(
                 "`recommendation.retention_purge_interval_ms` must be at least 1, got 0".into(),
@@ -208,10 +220,24 @@ impl Validate for Settings {
                 r.retention_days
             ));
         }
-        if !(2..=256).contains(&r.hnsw_m) {
+        if !(r.ivf_probe_share > 0.0 && r.ivf_probe_share <= 1.0) {
             errors.push(format!(
-                "`recommendation.hnsw_m` must be in 2..=256, got {}",
-                r.hnsw_m
+                "`recommendation.ivf_probe_share` must be in (0, 1], got {}",
+                r.ivf_probe_share
+            ));
+        }
+        // Bounds on what the build allocates from configuration (k-means samples 64 points
+        // per list; a list per item or more is no index).
+        if r.ivf_lists > 65_536 {
+            errors.push(format!(
+                "`recommendation.ivf_lists` must be at most 65536 (0 = √items), got {}",
+                r.ivf_lists
+            ));
+        }
+        if r.ivf_rescore > 100_000 || r.engine_batch > 256 {
+            errors.push(format!(
+                "`recommendation.ivf_rescore` must be at most 100000 and `engine_batch` at most 256, got {} and {}",
+                r.ivf_rescore, r.engine_batch
             ));
         }
         if r.max_k > r.candidates {
@@ -263,9 +289,9 @@ impl Validate for Settings {
                 Some(_) => {}
             }
         }
-        if !matches!(r.index.as_str(), "hnsw" | "exact") {
+        if !matches!(r.index.as_str(), "ivf" | "exact") {
             errors.push(format!(
-                "`recommendation.index` must be `hnsw` or `exact`, got `{}`",
+                "`recommendation.index` must be `ivf` or `exact`, got `{}`",
                 r.index
             ));
         }
@@ -275,6 +301,19 @@ impl Validate for Settings {
 impl RecommendationSettings {
     /// The engine's configuration: `workers` engine threads (the model's lanes) of `threads`
     /// intra-op threads each, reporting to `liveness`.
+    /// The index the settings describe.
+    pub fn index_params(&self) -> IndexParams {
+        if self.index == "exact" {
+            return IndexParams::Exact;
+        }
+        IndexParams::Ivf(IvfParams {
+            lists: self.ivf_lists,
+            probe_share: self.ivf_probe_share,
+            min_scan: self.ivf_min_scan,
+            rescore: self.ivf_rescore,
+        })
+    }
+
     pub fn engine_config(
         &self,
         threads: usize,
@@ -287,11 +326,8 @@ impl RecommendationSettings {
             workers: workers.max(1),
             threads: threads.max(1),
             queue_capacity: self.queue_capacity,
-            hnsw: (self.index == "hnsw").then_some(HnswParams {
-                m: self.hnsw_m,
-                ef_construction: self.hnsw_ef_construction,
-                ef_search: self.hnsw_ef_search,
-            }),
+            index: self.index_params(),
+            batch: self.engine_batch,
             explain_history: self.explain_history,
             explain_features: self.explain_features,
             liveness,
@@ -340,30 +376,24 @@ pub async fn start(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running<RecFamily>> {
-    start_with(settings, None, shutdown).await
+    start_with(settings, Vec::new(), shutdown).await
 }
 
-/// As [`start`], with the model data, item embeddings and optionally the index already built
-/// (the bench serves a synthetic catalogue this way; an index must have been built with the
-/// same `recommendation.index` choice). The repository still names the model and its version.
+/// As [`start`], with the models given in memory: the model data, item embeddings and
+/// optionally the index already built (the bench serves synthetic catalogues this way; an
+/// index must have been built with the settings' `index` choice). The first load takes the
+/// first part, a hot reload the next; the repository still names the model and its versions.
 pub async fn start_with_parts(
     settings: Settings,
-    data: ModelData,
-    item_emb: Matrix,
-    index: Option<index::ItemIndex>,
+    parts: Vec<Preloaded>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running<RecFamily>> {
-    let preloaded = Preloaded {
-        data,
-        item_emb,
-        index,
-    };
-    start_with(settings, Some(preloaded), shutdown).await
+    start_with(settings, parts, shutdown).await
 }
 
 async fn start_with(
     settings: Settings,
-    preloaded: Option<Preloaded>,
+    preloaded: Vec<Preloaded>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running<RecFamily>> {
     let rec = settings.recommendation.clone();

@@ -136,7 +136,7 @@ impl RecMetrics {
             stages,
             exact_fallbacks: counter(
                 "marquee_recommendation_exact_fallback_total",
-                "Retrievals that fell back to exact search because filters left too few candidates.",
+                "Filtered retrievals that read the whole catalogue (a filter keeping few items: exact by construction).",
             )?,
             cold_starts: counter(
                 "marquee_recommendation_cold_start_total",
@@ -182,9 +182,15 @@ impl RecMetrics {
 
     /// Observes the time since `start` for `stage`.
     pub fn stage(&self, stage: &str, start: Instant) {
+        self.stage_took(stage, start.elapsed());
+    }
+
+    /// Records a stage's duration measured elsewhere (a batched stage: what each of its
+    /// requests waited).
+    pub fn stage_took(&self, stage: &str, took: std::time::Duration) {
         self.stages
             .with_label_values(&[stage])
-            .observe(start.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
     }
 
     /// Counts one served list.
