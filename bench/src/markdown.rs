@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::language::{
     CONCURRENCY as LANGUAGE_CONCURRENCY, LanguageFigures, MODEL, NEW_TOKENS, SECTION,
 };
-use crate::recommend::{HEADING, RecommendFigures};
+use crate::recommend::RecommendFigures;
 use crate::report::{BATCHES, CONCURRENCY, GatewayFigures, LANE_CONFIGS, RunInfo, VisionFigures};
 use crate::stores::StoresFigures;
 
@@ -402,7 +402,11 @@ const SATURATED_BASELINE_RPS: f64 = 113.0;
 /// The recommender: the figures table, the targets and the exposure-fairness table.
 pub(crate) fn recommendation_section(f: &RecommendFigures) -> String {
     render(|md| {
-        writeln!(md, "{HEADING} (`marquee-bench recommend`)\n")?;
+        writeln!(
+            md,
+            "{} (`marquee-bench recommend`)\n",
+            crate::recommend::heading(f.items)
+        )?;
         writeln!(
             md,
             "Synthetic catalogue of {} items: the real MovieLens items plus synthetic ones, each \
@@ -430,6 +434,11 @@ pub(crate) fn recommendation_section(f: &RecommendFigures) -> String {
             md,
             "| RSS growth during the first build (with temporaries) | {:.0} MiB |",
             f.rss_mib
+        )?;
+        writeln!(
+            md,
+            "| process RSS with the catalogue, its vectors and the index loaded | {:.0} MiB |",
+            f.process_mib
         )?;
         writeln!(
             md,
@@ -876,6 +885,7 @@ mod tests {
             build_s: 12.345,
             index_mib: 65.44,
             rss_mib: 300.2,
+            process_mib: 1234.4,
             exact: retrieval(1.0, 14.0, 1.0),
             sweep: vec![
                 retrieval(0.01, 1.5, 0.93),
@@ -954,10 +964,11 @@ mod tests {
         let md = recommendation_section(&recommendation());
         let lines: Vec<&str> = md.lines().collect();
         for line in [
-            "## Recommendation (`marquee-bench recommend`)",
+            "## Recommendation, 1000000 items (`marquee-bench recommend`)",
             "| figure | value |",
             "| index build at start (k-means + assignment + int8 codes; nothing persisted) | 12.35 s |",
             "| index memory beyond the f32 vectors (codes, ids, centroids) | 65.4 MiB |",
+            "| process RSS with the catalogue, its vectors and the index loaded | 1234 MiB |",
             "| exact f32 search top-100: p50 / p99 | 0.800 ms / 14.000 ms |",
             "| retrieval top-100, scan share 0.02: p50 / p99 / recall@100 (user queries; item queries) | 0.800 ms / 2.500 ms / 0.9600; 0.9610 |",
             "| retrieval of the candidate set (top-500), scan share 0.02: p50 / p99 / recall@500 (user queries; item queries) | 0.800 ms / 2.900 ms / 0.9700; 0.9710 |",

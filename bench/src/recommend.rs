@@ -17,7 +17,7 @@ use clap::Args;
 use marquee_proto::recommendation as pb;
 use marquee_recommendation::engine::{RecQuery, ValidFilter, user_embeddings};
 use marquee_recommendation::family::Preloaded;
-use marquee_recommendation::index::{ItemIndex, exact_search, recall};
+use marquee_recommendation::index::{ItemIndex, Scored, exact_search, recall};
 use marquee_recommendation::model::{Matrix, ModelData, read_histories};
 use marquee_recommendation::rerank::exposure_stats;
 use marquee_recommendation::users::Subject;
@@ -25,8 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::percentile;
 
-/// The report section's heading.
-pub(crate) const HEADING: &str = "## Recommendation";
+/// The start of every recommendation section's heading; the catalogue size follows, so the
+/// 200k section of `make bench` and a hand-run 1M section live side by side in one report.
+pub(crate) const HEADING: &str = "## Recommendation, ";
+
+/// The heading of the section for a catalogue of `items`.
+pub(crate) fn heading(items: usize) -> String {
+    format!("{HEADING}{items} items")
+}
 
 /// Shares of the catalogue the two filtered retrieval figures keep.
 pub(crate) const FILTER_SHARES: [f64; 2] = [0.10, 0.01];
@@ -123,6 +129,8 @@ struct Run {
     build_s: f64,
     index_mib: f64,
     rss_mib: f64,
+    /// The whole process with the catalogue, its vectors and the index in memory.
+    process_mib: f64,
     exact: Point,
     /// Per probe share (sorted, deduplicated).
     sweep: Vec<Point>,
@@ -169,7 +177,7 @@ fn training_subject(data: &ModelData, user_index: u32) -> Subject {
 }
 
 pub fn run(a: RecommendArgs) -> anyhow::Result<()> {
-    crate::language::write_section(a.out.as_deref(), HEADING, &section(&a)?)
+    crate::language::write_section(a.out.as_deref(), &heading(a.items), &section(&a)?)
 }
 
 /// Runs the benchmark and returns the Markdown section ([`crate::markdown`]).
@@ -246,11 +254,18 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
         let build_s = t.elapsed().as_secs_f64();
         let rss = rss_mib() - before;
         let index_mib = index.heap_bytes() as f64 / (1 << 20) as f64;
+        let process_mib = rss_mib();
         eprintln!(
-            "   index built in {build_s:.2} s: {} lists, {index_mib:.1} MiB (RSS +{rss:.0} MiB)",
+            "   index built in {build_s:.2} s: {} lists, {index_mib:.1} MiB (RSS +{rss:.0} MiB, process {process_mib:.0} MiB)",
             index.lists()
         );
-        let exact = exact_point(a, &big_emb, &queries);
+        let top100 = reference(a, &big_emb, &queries, 100, None);
+        let exact = Point {
+            p50_ms: percentile(&top100.lat_ms, 0.5),
+            p99_ms: percentile(&top100.lat_ms, 0.99),
+            recall: 1.0,
+            recall_items: 1.0,
+        };
         eprintln!(
             "   exact f32: p50 {:.3} ms p99 {:.3} ms",
             exact.p50_ms, exact.p99_ms
@@ -258,7 +273,7 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
         let rescore = rec.ivf_rescore;
         let mut sweep = Vec::new();
         for &p in &probes {
-            let pt = point(a, &index, p, rescore, &big_emb, &queries, 100, None);
+            let pt = point(a, &index, p, rescore, &big_emb, &queries, &top100, None);
             eprintln!(
                 "   probe {p}: p50 {:.3} ms p99 {:.3} ms recall@100 {:.4} (items as queries {:.4})",
                 pt.p50_ms, pt.p99_ms, pt.recall, pt.recall_items
@@ -272,7 +287,7 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
             rescore,
             &big_emb,
             &queries,
-            rec.candidates,
+            &reference(a, &big_emb, &queries, rec.candidates, None),
             None,
         );
         eprintln!(
@@ -289,7 +304,7 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
                 rescore,
                 &big_emb,
                 &queries,
-                100,
+                &reference(a, &big_emb, &queries, 100, Some(&keep)),
                 Some(&keep),
             );
             eprintln!(
@@ -315,6 +330,7 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
             build_s,
             index_mib,
             rss_mib: rss,
+            process_mib,
             exact,
             sweep,
             candidates,
@@ -325,26 +341,54 @@ pub(crate) fn measure(a: &RecommendArgs) -> anyhow::Result<RecommendFigures> {
     Ok(figures(a, &settings, &probes, &runs, fairness))
 }
 
-/// Latency of exact f32 search (top-100) over the recall queries.
-fn exact_point(a: &RecommendArgs, emb: &Matrix, queries: &Matrix) -> Point {
+/// Exact f32 answers the recall of every setting is measured against, computed once per
+/// `k` and filter (at 5M items one exact search takes ~150 ms).
+struct Reference {
+    k: usize,
+    /// Per recall query: users' embeddings, then items' (the item itself left out).
+    users: Vec<Vec<Scored>>,
+    items: Vec<(usize, Vec<Scored>)>,
+    /// Exact search latencies of the user queries, sorted.
+    lat_ms: Vec<f64>,
+}
+
+fn reference(
+    a: &RecommendArgs,
+    emb: &Matrix,
+    queries: &Matrix,
+    k: usize,
+    keep: Option<&dyn Fn(u32) -> bool>,
+) -> Reference {
     let n = a.recall_queries.clamp(1, queries.rows);
-    let mut lat = Vec::with_capacity(n);
-    for q in 0..n {
-        let t = Instant::now();
-        std::hint::black_box(exact_search(emb, queries.row(q), 100, |_| true));
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    lat.sort_by(f64::total_cmp);
-    Point {
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-        recall: 1.0,
-        recall_items: 1.0,
+    let mut lat_ms = Vec::with_capacity(n);
+    let users = (0..n)
+        .map(|q| {
+            let t = Instant::now();
+            let out = exact_search(emb, queries.row(q), k, |i| keep.is_none_or(|f| f(i)));
+            lat_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            out
+        })
+        .collect();
+    lat_ms.sort_by(f64::total_cmp);
+    // Items as queries, spread over real and synthetic items.
+    let items = emb.rows - 1;
+    let items = (0..n)
+        .map(|q| {
+            let item = 1 + (q * 4_999) % items;
+            let pass = |i: u32| i as usize != item && keep.is_none_or(|f| f(i));
+            (item, exact_search(emb, emb.row(item), k, pass))
+        })
+        .collect();
+    Reference {
+        k,
+        users,
+        items,
+        lat_ms,
     }
 }
 
-/// One retrieval setting: single-thread top-`k` latency percentiles over `--queries`, and mean
-/// recall@k against exact f32 search (with the same filter) over `--recall-queries`.
+/// One retrieval setting: single-thread top-k latency percentiles over `--queries`, and mean
+/// recall@k against the exact answers (with the same filter).
 #[allow(clippy::too_many_arguments)]
 fn point(
     a: &RecommendArgs,
@@ -353,9 +397,10 @@ fn point(
     rescore: usize,
     emb: &Matrix,
     queries: &Matrix,
-    k: usize,
+    reference: &Reference,
     keep: Option<&dyn Fn(u32) -> bool>,
 ) -> Point {
+    let k = reference.k;
     let view = index.with_scan(probe, rescore);
     let mut lat = Vec::with_capacity(a.queries);
     for q in 0..a.queries {
@@ -366,28 +411,23 @@ fn point(
         std::hint::black_box(out);
     }
     lat.sort_by(f64::total_cmp);
-    let n = a.recall_queries.clamp(1, queries.rows);
     let mut total = 0.0;
-    for q in 0..n {
-        let query = queries.row(q);
-        let exact = exact_search(emb, query, k, |i| keep.is_none_or(|f| f(i)));
-        total += recall(&view.search_stats(emb, query, k, keep).0, &exact);
+    for (q, exact) in reference.users.iter().enumerate() {
+        total += recall(&view.search_stats(emb, queries.row(q), k, keep).0, exact);
     }
-    // Items as queries, spread over real and synthetic items, each left out of its own list.
-    let items = emb.rows - 1;
     let mut total_items = 0.0;
-    for q in 0..n {
-        let item = 1 + (q * 4_999) % items;
-        let query = emb.row(item);
-        let pass = |i: u32| i as usize != item && keep.is_none_or(|f| f(i));
-        let exact = exact_search(emb, query, k, pass);
-        total_items += recall(&view.search_stats(emb, query, k, Some(&pass)).0, &exact);
+    for (item, exact) in &reference.items {
+        let pass = |i: u32| i as usize != *item && keep.is_none_or(|f| f(i));
+        total_items += recall(
+            &view.search_stats(emb, emb.row(*item), k, Some(&pass)).0,
+            exact,
+        );
     }
     Point {
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
-        recall: total / n as f64,
-        recall_items: total_items / n as f64,
+        recall: total / reference.users.len() as f64,
+        recall_items: total_items / reference.items.len() as f64,
     }
 }
 
@@ -858,6 +898,9 @@ pub(crate) struct RecommendFigures {
     pub(crate) index_mib: f64,
     /// RSS growth during the first build (temporaries included).
     pub(crate) rss_mib: f64,
+    /// Process RSS with the catalogue, vectors and index in memory (and the bench's own
+    /// copy of the real model and its query embeddings).
+    pub(crate) process_mib: f64,
     pub(crate) exact: Retrieval,
     /// Top-100, one per measured scan share, ascending.
     pub(crate) sweep: Vec<Retrieval>,
@@ -936,6 +979,7 @@ fn figures(
         build_s: med(&|r| r.build_s),
         index_mib: med(&|r| r.index_mib),
         rss_mib: runs.first().map_or(f64::NAN, |r| r.rss_mib),
+        process_mib: med(&|r| r.process_mib),
         exact: retrieval(1.0, &|r| r.exact),
         sweep: probes
             .iter()

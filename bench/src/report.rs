@@ -328,6 +328,16 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     md.push_str(&language);
     md.push_str(&recommendation);
     md.push_str(&stores);
+    // Recommendation sections of other catalogue sizes (run by hand, e.g. `--items 1000000`)
+    // stay: `make bench` measures the 200k default only.
+    let old = std::fs::read_to_string(&a.out).unwrap_or_default();
+    let ours = crate::recommend::heading(rec.items);
+    for section in old.split("\n## ").skip(1) {
+        let section = format!("## {}", section.trim_end());
+        if section.starts_with(crate::recommend::HEADING) && !section.starts_with(&ours) {
+            md.push_str(&format!("\n{section}\n"));
+        }
+    }
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     print!("{md}");

@@ -1143,3 +1143,97 @@ fn sigkill_during_feedback_loses_no_acknowledged_event() {
         assert_eq!(dropped, 13.0, "the torn record was detected and counted");
     });
 }
+
+/// An engine thread serves what is queued together: one user-tower forward and one ranker
+/// forward for every request in the batch, the rows of all of them side by side. Every caller
+/// must still get exactly its own list: 32 users (explanations on some, a genre filter on
+/// others) called at once against one engine thread, three times over, each answer equal to
+/// the one the same request gets alone; and batches of several requests did happen.
+#[tokio::test]
+async fn batched_requests_each_get_exactly_their_own_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = recommendation_settings(dir.path());
+    settings.repository.lanes = Some(1);
+    let server = start_recommendation(settings).await;
+    let client = server.client().await;
+    let requests: Vec<pb::RecommendRequest> = some_users(32)
+        .into_iter()
+        .enumerate()
+        .map(|(n, user)| pb::RecommendRequest {
+            explain: n % 2 == 0,
+            filter: (n % 3 == 0).then(|| pb::Filter {
+                exclude_genres: vec!["Drama".into()],
+                ..Default::default()
+            }),
+            ..for_user(user, 10)
+        })
+        .collect();
+    let answer = |r: pb::RecommendResponse| {
+        r.items
+            .iter()
+            .map(|i| {
+                let because: Vec<i64> = i
+                    .explanation
+                    .as_ref()
+                    .map(|e| e.because_of.iter().map(|b| b.item_id).collect())
+                    .unwrap_or_default();
+                (i.item_id, because)
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut alone = Vec::new();
+    for r in &requests {
+        alone.push(answer(
+            client
+                .clone()
+                .recommend(r.clone())
+                .await
+                .unwrap()
+                .into_inner(),
+        ));
+    }
+    let batches_before = batch_histogram(&server);
+    for round in 0..3 {
+        let together = futures::future::join_all(
+            requests
+                .iter()
+                .map(|r| async { client.clone().recommend(r.clone()).await }),
+        )
+        .await;
+        for (n, (got, want)) in together.into_iter().zip(&alone).enumerate() {
+            assert_eq!(
+                &answer(got.unwrap().into_inner()),
+                want,
+                "round {round}: request {n} got another list than it gets alone"
+            );
+        }
+    }
+    let (count, sum) = batch_histogram(&server);
+    let (count, sum) = (count - batches_before.0, sum - batches_before.1);
+    assert_eq!(
+        sum as usize,
+        3 * requests.len(),
+        "every request was in one batch"
+    );
+    assert!(
+        (count as f64) < sum,
+        "96 concurrent requests went through {count} batches: none held more than one"
+    );
+    server.shutdown.cancel();
+}
+
+/// (batches, requests) of the engine-batch histogram so far.
+fn batch_histogram(server: &TestRecommender) -> (u64, f64) {
+    server
+        .metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "marquee_recommendation_engine_batch_requests")
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| {
+            let h = m.get_histogram();
+            (h.get_sample_count(), h.get_sample_sum())
+        })
+        .fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+}

@@ -192,23 +192,46 @@ pub struct Engine {
     capacity: usize,
 }
 
-/// Computes every item's embedding with the item tower (one forward, no gradients).
+/// Items per item-tower forward at start: the activations of a whole large catalogue in one
+/// forward would be gigabytes; chunks bound them whatever the catalogue's size.
+const ITEM_TOWER_CHUNK: usize = 65_536;
+
+/// Computes every item's embedding with the item tower (forwards of at most
+/// [`ITEM_TOWER_CHUNK`] items, no gradients).
 pub fn item_embeddings(data: &ModelData) -> Result<Matrix, EngineError> {
     let module = load(&data.file("item_tower.pt"))?;
     let n = data.catalog.items.len();
-    let idx = Tensor::from_slice(&(0..n as i64).collect::<Vec<_>>());
-    let f = matrix_tensor(&data.item_features);
-    let t = matrix_tensor(&data.title_embeddings);
-    let out = tch::no_grad(|| module.forward_ts(&[idx, f, t]))?;
-    let mut emb = tensor_matrix(&out)?;
-    if emb.cols != data.spec.embedding_dim {
-        return Err(EngineError::Model(format!(
-            "item tower returned {} dimensions, model.toml says {}",
-            emb.cols, data.spec.embedding_dim
-        )));
+    let d = data.spec.embedding_dim;
+    let mut emb = Matrix {
+        rows: n,
+        cols: d,
+        data: Vec::with_capacity(n * d),
+    };
+    let rows = |m: &Matrix, from: usize, len: usize| {
+        Tensor::from_slice(&m.data[from * m.cols..(from + len) * m.cols])
+            .view([len as i64, m.cols as i64])
+    };
+    let mut from = 0;
+    while from < n {
+        let len = ITEM_TOWER_CHUNK.min(n - from);
+        let idx = Tensor::from_slice(&(from as i64..(from + len) as i64).collect::<Vec<_>>());
+        let inputs = [
+            idx,
+            rows(&data.item_features, from, len),
+            rows(&data.title_embeddings, from, len),
+        ];
+        let out = tensor_matrix(&tch::no_grad(|| module.forward_ts(&inputs))?)?;
+        if out.cols != d || out.rows != len {
+            return Err(EngineError::Model(format!(
+                "item tower returned [{}, {}] for {len} items, model.toml says {d} dimensions",
+                out.rows, out.cols
+            )));
+        }
+        emb.data.extend(out.data);
+        from += len;
     }
     // Row 0 is padding: it must never score.
-    emb.data[..emb.cols].fill(0.0);
+    emb.data[..d].fill(0.0);
     Ok(emb)
 }
 
@@ -235,10 +258,6 @@ fn load(path: &std::path::Path) -> Result<CModule, EngineError> {
         .map_err(|e| EngineError::Model(format!("`{}`: {e}", path.display())))?;
     m.set_eval();
     Ok(m)
-}
-
-fn matrix_tensor(m: &Matrix) -> Tensor {
-    Tensor::from_slice(&m.data).view([m.rows as i64, m.cols as i64])
 }
 
 fn tensor_matrix(t: &Tensor) -> Result<Matrix, EngineError> {
@@ -569,6 +588,7 @@ fn run_recommend_batch(
     spans: &[&tracing::Span],
 ) -> Vec<Result<RecOutput, EngineError>> {
     let m = &shared.metrics;
+    m.batch_requests.observe(queries.len() as f64);
     // One batch serves requests of many traces: a root span linked to each of them (as the
     // vision batcher's), not the child of any one.
     let batch_span = tracing::info_span!("recommend_batch", requests = queries.len());

@@ -137,9 +137,12 @@ impl ModelFamily for RecFamily {
                 (p.data, p.item_emb, p.index)
             }
             None => {
-                let data = ModelData::load_version(at.dir, &at.version.to_string())
+                let mut data = ModelData::load_version(at.dir, &at.version.to_string())
                     .map_err(|e| e.to_string())?;
                 let emb = item_embeddings(&data).map_err(|e| e.to_string())?;
+                // Only the item tower reads the title embeddings (384 floats an item: six
+                // times the item embedding); not kept past it.
+                data.title_embeddings = Matrix::default();
                 (data, emb, None)
             }
         };

@@ -27,6 +27,8 @@ struct Exposure {
 #[derive(Clone)]
 pub struct RecMetrics {
     stages: HistogramVec,
+    /// Requests one engine thread served together (one user-tower and ranker forward).
+    pub batch_requests: prometheus::Histogram,
     pub exact_fallbacks: IntCounter,
     pub cold_starts: IntCounter,
     pub served_items: IntCounter,
@@ -81,10 +83,18 @@ impl RecMetrics {
         let counter = |name: &str, help: &str| r.counter(name, help);
         let stages = r.histogram_vec(
             "marquee_recommendation_stage_seconds",
-            "Time of one pipeline stage (retrieve, filter, rank, rerank, explain).",
+            "Time of one pipeline stage (retrieve: user tower and the filtered scan; rank, rerank, explain).",
             &["stage"],
             buckets::STAGE,
         )?;
+        let batch_requests = r
+            .histogram_vec(
+                "marquee_recommendation_engine_batch_requests",
+                "Requests one engine thread served together (one user-tower and one ranker forward).",
+                &[],
+                buckets::BATCH,
+            )?
+            .with_label_values(&[] as &[&str]);
         let feedback = r.counter_vec(
             "marquee_recommendation_feedback_events_total",
             "Feedback events recorded durably, by event type.",
@@ -134,6 +144,7 @@ impl RecMetrics {
         }))?;
         Ok(Self {
             stages,
+            batch_requests,
             exact_fallbacks: counter(
                 "marquee_recommendation_exact_fallback_total",
                 "Filtered retrievals that read the whole catalogue (a filter keeping few items: exact by construction).",
