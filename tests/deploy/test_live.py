@@ -430,8 +430,11 @@ def test_language_and_recommendation_series_carry_the_labels_the_queries_use(exe
     assert 'marquee_language_time_to_first_token_seconds_bucket{model="gpt_reviews",le="1"}' in lang
     # The language service exports the batcher series with its model label (queue alerts).
     assert 'marquee_batcher_queue_depth{model="gpt_reviews"}' in lang
-    for stage in ("retrieve", "filter", "rank", "rerank", "explain"):
+    # Filters run inside the retrieval scan: no separate `filter` stage.
+    for stage in ("retrieve", "rank", "rerank", "explain"):
         assert sample(rec, "marquee_recommendation_stage_seconds_count", stage=stage) >= 1, stage
+    assert sample(rec, "marquee_recommendation_stage_seconds_count", stage="filter") == 0
+    assert sample(rec, "marquee_recommendation_engine_batch_requests_count") >= 1
     assert sample(rec, "marquee_recommendation_feedback_events_total", event="like") == 1
     assert sample(rec, "marquee_recommendation_feedback_events_total", event="click") == 1
     assert sample(rec, "marquee_recommendation_cold_start_total") >= 1
