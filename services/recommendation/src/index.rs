@@ -231,15 +231,25 @@ impl ItemIndex {
         keep: Option<&dyn Fn(u32) -> bool>,
         selective: bool,
     ) -> (Vec<Scored>, SearchStats) {
+        self.search_scanning(emb, query, k, keep, selective, None)
+    }
+
+    /// The one dispatch: exact search, or the partitioned scan with the built parameters or
+    /// `scan` = (probe share, rescore) in their place.
+    fn search_scanning(
+        &self,
+        emb: &Matrix,
+        query: &[f32],
+        k: usize,
+        keep: Option<&dyn Fn(u32) -> bool>,
+        selective: bool,
+        scan: Option<(f64, usize)>,
+    ) -> (Vec<Scored>, SearchStats) {
         match self.params {
-            IndexParams::Ivf(p) if self.is_approximate() => self.ivf_search(
-                emb,
-                query,
-                k,
-                keep,
-                selective,
-                (p.probe_share, p.rescore, p.min_scan),
-            ),
+            IndexParams::Ivf(p) if self.is_approximate() => {
+                let (share, rescore) = scan.unwrap_or((p.probe_share, p.rescore));
+                self.ivf_search(emb, query, k, keep, selective, (share, rescore, p.min_scan))
+            }
             _ => (
                 exact_search(emb, query, k, |i| keep.is_none_or(|f| f(i))),
                 SearchStats {
@@ -350,17 +360,8 @@ impl IndexView<'_> {
         k: usize,
         keep: Option<&dyn Fn(u32) -> bool>,
     ) -> (Vec<Scored>, SearchStats) {
-        match self.index.params {
-            IndexParams::Ivf(p) if self.index.is_approximate() => self.index.ivf_search(
-                emb,
-                query,
-                k,
-                keep,
-                true,
-                (self.probe_share, self.rescore, p.min_scan),
-            ),
-            _ => self.index.search_stats(emb, query, k, keep),
-        }
+        let scan = Some((self.probe_share, self.rescore));
+        self.index.search_scanning(emb, query, k, keep, true, scan)
     }
 }
 
