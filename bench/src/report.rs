@@ -328,20 +328,27 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     md.push_str(&language);
     md.push_str(&recommendation);
     md.push_str(&stores);
-    // Recommendation sections of other catalogue sizes (run by hand, e.g. `--items 1000000`)
-    // stay: `make bench` measures the 200k default only.
     let old = std::fs::read_to_string(&a.out).unwrap_or_default();
-    let ours = crate::recommend::heading(rec.items);
-    for section in old.split("\n## ").skip(1) {
-        let section = format!("## {}", section.trim_end());
-        if section.starts_with(crate::recommend::HEADING) && !section.starts_with(&ours) {
-            md.push_str(&format!("\n{section}\n"));
-        }
-    }
+    md.push_str(&other_recommendation_sections(&old, rec.items));
     std::fs::write(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     print!("{md}");
     Ok(())
+}
+
+/// The recommendation sections of `report` for other catalogue sizes than `items` (run by
+/// hand, e.g. `--items 1000000`): `make bench` measures the 200k default only, and must not
+/// drop them.
+fn other_recommendation_sections(report: &str, items: usize) -> String {
+    let ours = crate::recommend::heading(items);
+    let mut out = String::new();
+    for section in report.split("\n## ").skip(1) {
+        let section = format!("## {}", section.trim_end());
+        if section.starts_with(crate::recommend::HEADING) && !section.starts_with(&ours) {
+            out.push_str(&format!("\n{section}\n"));
+        }
+    }
+    out
 }
 
 fn run_info(a: &AllArgs) -> RunInfo {
@@ -544,4 +551,23 @@ fn auth_cost() -> anyhow::Result<(f64, f64)> {
     let mut jwt_headers = http::HeaderMap::new();
     jwt_headers.insert("authorization", format!("Bearer {token}").parse()?);
     Ok((time(key_headers), time(jwt_headers)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::other_recommendation_sections;
+
+    #[test]
+    fn make_bench_keeps_recommendation_sections_of_other_sizes_and_nothing_else() {
+        let report = "# Results\n\n## fashion_cnn\n\nv\n\n\
+            ## Recommendation, 200000 items (`marquee-bench recommend`)\n\nold 200k\n\n\
+            ## Recommendation, 1000000 items (`marquee-bench recommend`)\n\nthe 1M run\n\n\
+            ## Feedback stores\n\nf\n";
+        let kept = other_recommendation_sections(report, 200_000);
+        assert_eq!(
+            kept,
+            "\n## Recommendation, 1000000 items (`marquee-bench recommend`)\n\nthe 1M run\n"
+        );
+        assert_eq!(other_recommendation_sections("# Results\n", 200_000), "");
+    }
 }
