@@ -860,10 +860,13 @@ fn explain(
 fn run_similar(shared: &Shared, q: &SimilarQuery) -> Vec<OutItem> {
     let data = &shared.data;
     let query = shared.item_emb.row(q.item as usize).to_vec();
-    let keep = |i: u32| i != q.item && q.filter.pass(data, i);
+    let open = q.filter.is_empty();
+    let keep = |i: u32| i != q.item && (open || q.filter.pass(data, i));
+    // Leaving out the query item alone is no filter to sample (as a history in `retrieve`).
     shared
         .index
-        .search(&shared.item_emb, &query, q.k, Some(&keep))
+        .search_with(&shared.item_emb, &query, q.k, Some(&keep), !open)
+        .0
         .into_iter()
         .map(|(i, s)| OutItem {
             index: i,

@@ -187,7 +187,7 @@ impl ItemIndex {
             + self.sample.len() * 4
     }
 
-    /// A copy of this index that searches with other scan parameters (the bench sweeps
+    /// A view of this index that searches with other scan parameters (the bench sweeps
     /// them); the partitions are not rebuilt.
     pub fn with_scan(&self, probe_share: f64, rescore: usize) -> IndexView<'_> {
         IndexView {
@@ -206,21 +206,10 @@ impl ItemIndex {
         k: usize,
         keep: Option<&dyn Fn(u32) -> bool>,
     ) -> Vec<Scored> {
-        self.search_stats(emb, query, k, keep).0
+        self.search_with(emb, query, k, keep, true).0
     }
 
-    /// As [`ItemIndex::search`], with what the search did.
-    pub fn search_stats(
-        &self,
-        emb: &Matrix,
-        query: &[f32],
-        k: usize,
-        keep: Option<&dyn Fn(u32) -> bool>,
-    ) -> (Vec<Scored>, SearchStats) {
-        self.search_with(emb, query, k, keep, true)
-    }
-
-    /// As [`ItemIndex::search_stats`]; `selective: false` says `keep` drops only a few items
+    /// As [`ItemIndex::search`], with what the search did; `selective: false` says `keep` drops only a few items
     /// (a history excluded), so its share is not sampled (4096 calls saved) and the scan is
     /// not widened. Either way the scan goes on until `rescore` matches are held.
     pub fn search_with(
@@ -352,7 +341,7 @@ pub struct IndexView<'a> {
 }
 
 impl IndexView<'_> {
-    /// As [`ItemIndex::search_stats`].
+    /// As [`ItemIndex::search_with`], `keep` sampled for its share.
     pub fn search_stats(
         &self,
         emb: &Matrix,
@@ -659,8 +648,8 @@ mod tests {
             let got = index.search(&m, &query, 100, Some(&keep10));
             assert!(got.iter().all(|s| keep10(s.0)), "the filter holds");
             ten += recall(&got, &exact_search(&m, &query, 100, keep10));
-            let (got, stats) = index.search_stats(&m, &query, 100, Some(&keep1));
-            let plain = index.search_stats(&m, &query, 100, None).1;
+            let (got, stats) = index.search_with(&m, &query, 100, Some(&keep1), true);
+            let plain = index.search_with(&m, &query, 100, None, true).1;
             assert!(
                 stats.scanned > 5 * plain.scanned || stats.full_scan,
                 "a 1% filter reads √100 = 10 times as many codes: {stats:?} vs {plain:?}"
@@ -677,7 +666,7 @@ mod tests {
         let m = unit_rows(1_000, 16, 5);
         let index = ItemIndex::build(&m, ivf(0, 32_768)).unwrap();
         let query = m.row(17).to_vec();
-        let (got, stats) = index.search_stats(&m, &query, 50, None);
+        let (got, stats) = index.search_with(&m, &query, 50, None, true);
         assert!(stats.full_scan);
         assert_eq!(recall(&got, &exact_search(&m, &query, 50, |_| true)), 1.0);
         assert_eq!(got[0].0, 17);

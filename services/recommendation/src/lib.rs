@@ -234,10 +234,16 @@ impl Validate for Settings {
                 r.ivf_lists
             ));
         }
-        if r.ivf_rescore > 100_000 || r.engine_batch > 256 {
+        if r.ivf_rescore > 100_000 {
             errors.push(format!(
-                "`recommendation.ivf_rescore` must be at most 100000 and `engine_batch` at most 256, got {} and {}",
-                r.ivf_rescore, r.engine_batch
+                "`recommendation.ivf_rescore` must be at most 100000, got {}",
+                r.ivf_rescore
+            ));
+        }
+        if r.engine_batch > 256 {
+            errors.push(format!(
+                "`recommendation.engine_batch` must be at most 256, got {}",
+                r.engine_batch
             ));
         }
         if r.max_k > r.candidates {
@@ -528,6 +534,27 @@ mod tests {
         assert!(text.contains("`recommendation.default_diversity` must be in [0, 1], got 1.5"));
         assert!(text.contains("got `faiss`"));
         assert!(text.contains("`recommendation.max_k` (1000)"));
+        // The index and batch sizes that the build and the engine allocate from are bounded.
+        let err = marquee_core::config::load_from::<Settings, _>(
+            None,
+            env(&[
+                ("MARQUEE__RECOMMENDATION__IVF_LISTS", "1000000"),
+                ("MARQUEE__RECOMMENDATION__IVF_PROBE_SHARE", "0"),
+                ("MARQUEE__RECOMMENDATION__IVF_RESCORE", "100000000"),
+                ("MARQUEE__RECOMMENDATION__ENGINE_BATCH", "100000"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 4, "{text}");
+        for what in [
+            "`recommendation.ivf_lists` must be at most 65536",
+            "`recommendation.ivf_probe_share` must be in (0, 1], got 0",
+            "`recommendation.ivf_rescore` must be at most 100000, got 100000000",
+            "`recommendation.engine_batch` must be at most 256, got 100000",
+        ] {
+            assert!(text.contains(what), "{what} not in {text}");
+        }
         // The database store needs its connection string and a shared key, both as files.
         let err = marquee_core::config::load_from::<Settings, _>(
             None,
