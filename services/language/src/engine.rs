@@ -17,10 +17,17 @@
 //! the burst is done. An OIP request whose caller left or whose deadline passed is dropped
 //! before compute; the OIP queue has its own bound (`oip_queue_capacity`).
 //!
-//! The KV cache is two preallocated buffers `[layers, max_batch, heads, context, head_dim]`.
-//! Running sequences occupy slots `0..n` contiguously (a leaving sequence's slot is refilled
-//! by copying the last one into it), so a decode step passes `narrow` views of the buffers and
-//! the module writes the new keys and values in place: no per-step copy or allocation.
+//! The cache ([`crate::cache`]) is preallocated for every slot: keys and values for a
+//! transformer, a fixed-size state for a recurrent model. Running sequences occupy slots `0..n`
+//! contiguously (a leaving sequence's slot is refilled by copying the last one into it), so a
+//! decode step passes `narrow` views of the buffers and the module writes in place: no per-step
+//! copy or allocation. A request for several sequences (`num_return_sequences`) is prefilled
+//! once and its prompt's cache copied into its other slots.
+//!
+//! Which requests are admitted, which OIP requests run and how slots move are decided by the
+//! pure policy in [`crate::scheduler`]; this module applies it to the model. Each prefill and
+//! decode step is a span (`lm_prefill`, `lm_decode`) linked to the spans of the requests it
+//! serves, as the vision batcher's batches are.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,9 +38,12 @@ use marquee_core::liveness::Liveness;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::cache::Shape;
+use crate::cache::{Cache, Prefilled};
 use crate::metrics::LanguageMetrics;
-use crate::model::{ModelFiles, Vocab};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::model::{Detokenizer, ModelFiles, Vocab};
+use crate::sampling::{Rng, Sampler, SamplingParams};
+use crate::scheduler::{self, Admission, Candidate, ForwardBudget, Verdict};
 use crate::text::{Delta, TextStream};
 
 /// What the engine runs with: the service's scheduler settings (validated by
@@ -49,23 +59,45 @@ pub struct EngineConfig {
 
 /// One generation request, validated and tokenized.
 pub struct Job {
-    /// Prompt token ids, BOS first.
+    /// Prompt token ids (BOS first when the model prepends one).
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Independent sequences sampled from the prompt (`num_return_sequences`), >= 1.
+    pub sequences: usize,
     /// Sized to hold every event of the request, so the engine never blocks on a slow reader.
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
     pub deadline: Instant,
+    /// The request's span: the engine's step spans link to it.
+    pub span: tracing::Span,
 }
 
 impl Job {
-    /// Capacity the job's event channel needs: one message per token at most, plus the end.
-    pub fn channel_capacity(params: &SamplingParams) -> usize {
-        params.max_new_tokens + 2
+    /// Capacity the job's event channel needs: one message per token at most, plus the end, for
+    /// every sequence.
+    pub fn channel_capacity(params: &SamplingParams, sequences: usize) -> usize {
+        sequences * (params.max_new_tokens + 2)
     }
 
-    fn budget(&self) -> usize {
-        self.prompt.len() + self.params.max_new_tokens
+    fn candidate(&self, now: Instant) -> Candidate {
+        Candidate {
+            sequences: self.sequences,
+            prompt_tokens: self.prompt.len(),
+            max_new_tokens: self.params.max_new_tokens,
+            gone: self.events.is_closed(),
+            expired: now >= self.deadline,
+        }
+    }
+}
+
+/// The seed of sequence `index` of a request: the request's own for the first, so one sequence
+/// is exactly a request without `num_return_sequences`; a fixed derivation for the others, so
+/// each reports a seed that reproduces it alone.
+pub fn sequence_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        seed
+    } else {
+        Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
     }
 }
 
@@ -89,6 +121,8 @@ impl Finish {
 
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Which of the request's sequences ended.
+    pub index: usize,
     pub finish: Finish,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
@@ -99,11 +133,13 @@ pub struct Summary {
     pub mean_inter_token: Duration,
 }
 
-/// What the engine tells a request, in order: any number of `Tokens`, then exactly one
-/// `Finished` or `Failed`.
+/// What the engine tells a request, in order per sequence: any number of `Tokens`, then one
+/// `Finished`; or a `Failed`, which ends the whole request.
 #[derive(Debug)]
 pub enum Event {
     Tokens {
+        /// The sequence (`0..num_return_sequences`).
+        index: usize,
         text: String,
         ids: Vec<u32>,
         logprobs: Vec<f32>,
@@ -153,17 +189,6 @@ struct Shared {
     wake: Condvar,
 }
 
-/// The fixed shape of the model, from `model.toml`.
-#[derive(Debug, Clone, Copy)]
-pub struct Shape {
-    pub layers: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub context: usize,
-    pub vocab: usize,
-    pub eos: u32,
-}
-
 /// Handle to the engine thread. Dropping the last handle lets the thread finish what runs and
 /// exit.
 pub struct Engine {
@@ -192,9 +217,11 @@ impl Engine {
     ) -> anyhow::Result<Self> {
         let spec = &files.manifest.language;
         let shape = Shape {
+            architecture: spec.architecture,
             layers: spec.num_layers,
             heads: spec.num_heads,
             head_dim: spec.head_dim,
+            state_size: spec.state_size,
             context: spec.context_length,
             vocab: spec.vocab_size,
             eos: spec.eos_token_id,
@@ -284,8 +311,16 @@ impl Engine {
         self.shared.queue.lock().map(|q| !q.closed).unwrap_or(false)
     }
 
-    /// Queues a generation; refused at once when the queue is full.
+    /// The admission limits of the scheduler settings.
+    fn limits(&self) -> scheduler::Limits {
+        limits(&self.cfg.scheduler)
+    }
+
+    /// Queues a generation; refused at once when the queue is full, or when it could never be
+    /// admitted even into an empty batch.
     pub fn submit(&self, job: Job) -> Result<(), ServeError> {
+        scheduler::could_ever_fit(self.limits(), &job.candidate(Instant::now()))
+            .map_err(|e| ServeError::invalid("parameters.num_return_sequences", e))?;
         self.push(Work::Generate(job))
     }
 
@@ -379,8 +414,15 @@ impl Engine {
 
 /// A running sequence in cache slot `i` (its index in `Worker::running`).
 struct Seq {
-    job: Job,
+    /// Its index among the request's sequences.
+    index: usize,
+    prompt_tokens: usize,
+    events: mpsc::Sender<Event>,
+    arrived: Instant,
+    deadline: Instant,
+    span: tracing::Span,
     sampler: Sampler,
+    detok: Detokenizer,
     text: TextStream,
     generated: usize,
     /// Positions whose keys/values are in the cache.
@@ -403,8 +445,7 @@ struct Worker {
     vocab: Arc<Vocab>,
     shared: Arc<Shared>,
     metrics: LanguageMetrics,
-    k_cache: Tensor,
-    v_cache: Tensor,
+    cache: Cache,
     running: Vec<Seq>,
     /// Token budget held by running sequences.
     used_tokens: usize,
@@ -422,15 +463,12 @@ impl Worker {
         let mut module = CModule::load_on_device(weights, cfg.device)
             .map_err(|e| anyhow::anyhow!("cannot load `{}`: {e}", weights.display()))?;
         module.set_eval();
-        let dims = [
-            shape.layers as i64,
-            cfg.scheduler.max_batch_size as i64,
-            shape.heads as i64,
-            shape.context as i64,
-            shape.head_dim as i64,
-        ];
-        let k_cache = Tensor::zeros(dims, (Kind::Float, cfg.device));
-        let v_cache = Tensor::zeros(dims, (Kind::Float, cfg.device));
+        let cache = Cache::new(&shape, cfg.scheduler.max_batch_size, cfg.device);
+        tracing::info!(
+            cache_mib = cache.bytes() >> 20,
+            architecture = ?shape.architecture,
+            "language cache allocated"
+        );
         let mut worker = Self {
             module,
             shape,
@@ -438,8 +476,7 @@ impl Worker {
             vocab,
             shared,
             metrics,
-            k_cache,
-            v_cache,
+            cache,
             running: Vec::new(),
             used_tokens: 0,
         };
@@ -456,7 +493,10 @@ impl Worker {
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|b| (0..len - b % 2).map(|i| (i % 7 + 1) as u32).collect())
                 .collect();
-            let logits = self.prefill_into(&prompts, 0).map_err(anyhow::Error::msg)?;
+            let slots: Vec<Vec<usize>> = (0..batch).map(|b| vec![b]).collect();
+            let logits = self
+                .prefill_into(&prompts, &slots)
+                .map_err(anyhow::Error::msg)?;
             anyhow::ensure!(
                 logits.len() == batch * self.shape.vocab,
                 "prefill returned {} logits for {batch} prompts, expected {} (vocab_size {})",
@@ -515,9 +555,9 @@ impl Worker {
     }
 
     /// Takes this iteration's share of OIP work (arrival order, within
-    /// `oip_max_tokens_per_step`) and, when `admit` is set, the generation jobs that fit;
-    /// drops OIP work whose caller left or whose deadline passed wherever it waits; blocks while
-    /// there is nothing at all to do.
+    /// `oip_max_tokens_per_step`) and, when `admit` is set, the generation jobs that fit (the
+    /// policy is [`crate::scheduler`]'s); drops work whose caller left or whose deadline passed
+    /// wherever it waits; blocks while there is nothing at all to do.
     fn take_work(&mut self, admit: bool) -> (Vec<Job>, Vec<ForwardJob>, bool) {
         let Ok(mut q) = self.shared.queue.lock() else {
             return (Vec::new(), Vec::new(), true);
@@ -530,66 +570,42 @@ impl Worker {
         }
         let now = Instant::now();
         let mut forwards = Vec::new();
-        let mut forward_tokens = 0usize;
-        // Arrival order for OIP too: one that does not fit this step's budget waits for the
-        // next, and so do those behind it.
-        let mut forwards_blocked = false;
+        let mut forward_budget = ForwardBudget::new(self.cfg.scheduler.oip_max_tokens_per_step);
         let mut jobs = Vec::new();
-        let mut slots = self.cfg.scheduler.max_batch_size - self.running.len();
-        let mut tokens = self.used_tokens;
-        let mut prefill_tokens = 0usize;
+        let mut admission = Admission::new(
+            limits(&self.cfg.scheduler),
+            self.running.len(),
+            self.used_tokens,
+            admit,
+        );
         let mut kept = VecDeque::with_capacity(q.items.len());
         let mut kept_forwards = 0usize;
-        let mut blocked = !admit;
         while let Some(work) = q.items.pop_front() {
             match work {
                 Work::Forward(f) => {
                     let Some(f) = self.screen_forward(f, now) else {
                         continue;
                     };
-                    if !forwards_blocked
-                        && forward_tokens + f.tokens() <= self.cfg.scheduler.oip_max_tokens_per_step
-                    {
-                        forward_tokens += f.tokens();
+                    if forward_budget.take(f.tokens()) {
                         forwards.push(f);
                     } else {
-                        forwards_blocked = true;
                         kept_forwards += 1;
                         kept.push_back(Work::Forward(f));
                     }
                 }
-                Work::Generate(job) if blocked => kept.push_back(Work::Generate(job)),
-                Work::Generate(job) => {
-                    if job.events.is_closed() {
-                        self.metrics.rejected("cancelled");
-                        continue;
-                    }
-                    if Instant::now() >= job.deadline {
+                Work::Generate(job) => match admission.consider(&job.candidate(Instant::now())) {
+                    Verdict::Admit => jobs.push(job),
+                    Verdict::Wait => kept.push_back(Work::Generate(job)),
+                    Verdict::Cancelled => self.metrics.rejected("cancelled"),
+                    Verdict::Expired => {
                         self.metrics.rejected("deadline");
                         let _ = job
                             .events
                             .try_send(Event::Failed(ServeError::DeadlineExceeded(
                                 "the deadline passed while the request waited for a slot".into(),
                             )));
-                        continue;
                     }
-                    let fits = slots > 0
-                        && tokens + job.budget() <= self.cfg.scheduler.max_total_tokens
-                        && (jobs.is_empty()
-                            || prefill_tokens + job.prompt.len()
-                                <= self.cfg.scheduler.max_prefill_tokens);
-                    if fits {
-                        slots -= 1;
-                        tokens += job.budget();
-                        prefill_tokens += job.prompt.len();
-                        jobs.push(job);
-                    } else {
-                        // Arrival order: a request that does not fit blocks those behind it,
-                        // so a long prompt is never starved by a stream of short ones.
-                        blocked = true;
-                        kept.push_back(Work::Generate(job));
-                    }
-                }
+                },
             }
         }
         q.items = kept;
@@ -651,13 +667,12 @@ impl Worker {
         let now = Instant::now();
         for i in (0..self.running.len()).rev() {
             let seq = &self.running[i];
-            if seq.job.events.is_closed() {
+            if seq.events.is_closed() {
                 self.metrics.rejected("cancelled");
                 self.remove(i);
-            } else if now >= seq.job.deadline {
+            } else if now >= seq.deadline {
                 self.metrics.rejected("deadline");
                 let _ = seq
-                    .job
                     .events
                     .try_send(Event::Failed(ServeError::DeadlineExceeded(format!(
                         "the deadline passed after {} generated tokens",
@@ -670,16 +685,12 @@ impl Worker {
 
     /// Frees slot `i`, moving the last sequence into it so slots stay contiguous.
     fn remove(&mut self, i: usize) {
-        let last = self.running.len() - 1;
-        if i != last {
-            let len = self.running[last].cached.max(1) as i64;
-            for cache in [&self.k_cache, &self.v_cache] {
-                let src = cache.narrow(1, last as i64, 1).narrow(3, 0, len);
-                cache.narrow(1, i as i64, 1).narrow(3, 0, len).copy_(&src);
-            }
+        if let Some(last) = scheduler::vacate(i, self.running.len()) {
+            let len = self.running[last].cached.max(1);
+            self.cache.copy_slot(last, i, len);
         }
         let seq = self.running.swap_remove(i);
-        self.used_tokens -= seq.job.budget();
+        self.used_tokens -= seq.prompt_tokens + seq.sampler.params().max_new_tokens;
         self.update_gauges();
     }
 
@@ -695,13 +706,32 @@ impl Worker {
             .set(self.used_tokens as i64);
     }
 
-    /// Prefills `jobs` into the next free slots and samples each one's first token.
+    /// Prefills `jobs` (one row each) into the next free slots, copies each prompt's cache into
+    /// the slots of its other sequences, and samples each sequence's first token.
     fn admit(&mut self, jobs: Vec<Job>) {
         let now = Instant::now();
-        let first_slot = self.running.len();
+        let mut next = self.running.len();
+        let slots: Vec<Vec<usize>> = jobs
+            .iter()
+            .map(|j| {
+                let s = (next..next + j.sequences).collect();
+                next += j.sequences;
+                s
+            })
+            .collect();
         let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
+        let span = tracing::info_span!(
+            "lm_prefill",
+            requests = jobs.len(),
+            sequences = next - self.running.len(),
+            prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>(),
+        );
+        for job in &jobs {
+            marquee_core::telemetry::link(&span, &job.span);
+        }
         let started = Instant::now();
-        let result = self.prefill_into(&prompts, first_slot);
+        let result = span.in_scope(|| self.prefill_into(&prompts, &slots));
+        drop(span);
         self.metrics
             .observe_step("prefill", started.elapsed(), jobs.len());
         let logits = match result {
@@ -727,28 +757,38 @@ impl Worker {
                 .inc_by(job.prompt.len() as u64);
         }
         let vocab = self.shape.vocab;
-        for (i, job) in jobs.into_iter().enumerate() {
-            let sampler = Sampler::new(job.params.clone(), &job.prompt, vocab, self.shape.eos);
-            let text = TextStream::new(job.params.stop.clone());
-            self.used_tokens += job.budget();
-            let cached = job.prompt.len();
-            self.running.push(Seq {
-                job,
-                sampler,
-                text,
-                generated: 0,
-                cached,
-                last: 0,
-                pending_ids: Vec::new(),
-                pending_logprobs: Vec::new(),
-                admitted: now,
-                first_token: None,
-                last_token: now,
-                done: false,
-            });
-            let mut row = logits[i * vocab..(i + 1) * vocab].to_vec();
-            let slot = first_slot + i;
-            self.advance(slot, &mut row);
+        for (row, job) in jobs.into_iter().enumerate() {
+            for (index, &slot) in slots[row].iter().enumerate() {
+                let params = SamplingParams {
+                    seed: sequence_seed(job.params.seed, index),
+                    ..job.params.clone()
+                };
+                let sampler = Sampler::new(params, &job.prompt, vocab, self.shape.eos);
+                self.used_tokens += job.prompt.len() + job.params.max_new_tokens;
+                debug_assert_eq!(slot, self.running.len());
+                self.running.push(Seq {
+                    index,
+                    prompt_tokens: job.prompt.len(),
+                    events: job.events.clone(),
+                    arrived: job.arrived,
+                    deadline: job.deadline,
+                    span: job.span.clone(),
+                    sampler,
+                    detok: Detokenizer::new(&job.prompt),
+                    text: TextStream::new(job.params.stop.clone()),
+                    generated: 0,
+                    cached: job.prompt.len(),
+                    last: 0,
+                    pending_ids: Vec::new(),
+                    pending_logprobs: Vec::new(),
+                    admitted: now,
+                    first_token: None,
+                    last_token: now,
+                    done: false,
+                });
+                let mut logits_row = logits[row * vocab..(row + 1) * vocab].to_vec();
+                self.advance(slot, &mut logits_row);
+            }
         }
         self.finish_done();
         self.update_gauges();
@@ -758,8 +798,13 @@ impl Worker {
     fn step(&mut self) {
         let tokens: Vec<i64> = self.running.iter().map(|s| i64::from(s.last)).collect();
         let positions: Vec<i64> = self.running.iter().map(|s| s.cached as i64).collect();
+        let span = tracing::info_span!("lm_decode", sequences = tokens.len());
+        for seq in self.running.iter().filter(|s| s.index == 0) {
+            marquee_core::telemetry::link(&span, &seq.span);
+        }
         let started = Instant::now();
-        let result = self.decode(&tokens, &positions);
+        let result = span.in_scope(|| self.decode(&tokens, &positions));
+        drop(span);
         self.metrics
             .observe_step("decode", started.elapsed(), tokens.len());
         match result {
@@ -774,7 +819,6 @@ impl Worker {
             Err(e) => {
                 for seq in &self.running {
                     let _ = seq
-                        .job
                         .events
                         .try_send(Event::Failed(ServeError::Internal(e.clone())));
                 }
@@ -800,7 +844,7 @@ impl Worker {
                 seq.first_token = Some(now);
                 m.ttft
                     .with_label_values(&[&m.model])
-                    .observe(now.duration_since(seq.job.arrived).as_secs_f64());
+                    .observe(now.duration_since(seq.arrived).as_secs_f64());
             }
             Some(_) => m
                 .inter_token
@@ -811,16 +855,29 @@ impl Worker {
         m.generated_tokens.with_label_values(&[&m.model]).inc();
         seq.last = token;
         let (text, finish) = if token == self.shape.eos {
-            (seq.text.finish(), Some(Finish::Eos))
+            // Text the decoder still held (an incomplete character) ends the output.
+            let rest = seq.detok.finish(&self.vocab);
+            match seq.text.push(rest.as_bytes()) {
+                Delta::Stopped(s) => (s, Some(Finish::Stop)),
+                Delta::Text(mut s) => {
+                    s.push_str(&seq.text.finish());
+                    (s, Some(Finish::Eos))
+                }
+            }
         } else {
             seq.pending_ids.push(token);
             if seq.sampler.params().return_logprobs {
                 seq.pending_logprobs.push(logprob);
             }
-            match seq.text.push(self.vocab.bytes(token)) {
+            let last = seq.generated >= seq.sampler.params().max_new_tokens;
+            let mut fresh = seq.detok.push(&self.vocab, token);
+            if last {
+                fresh.push_str(&seq.detok.finish(&self.vocab));
+            }
+            match seq.text.push(fresh.as_bytes()) {
                 Delta::Stopped(s) => (s, Some(Finish::Stop)),
                 Delta::Text(mut s) => {
-                    if seq.generated >= seq.sampler.params().max_new_tokens {
+                    if last {
                         s.push_str(&seq.text.finish());
                         (s, Some(Finish::Length))
                     } else {
@@ -833,11 +890,12 @@ impl Worker {
         // empty message: the summary follows directly.
         if !text.is_empty() || (finish.is_some() && !seq.pending_ids.is_empty()) {
             let event = Event::Tokens {
+                index: seq.index,
                 text,
                 ids: std::mem::take(&mut seq.pending_ids),
                 logprobs: std::mem::take(&mut seq.pending_logprobs),
             };
-            if seq.job.events.try_send(event).is_err() {
+            if seq.events.try_send(event).is_err() {
                 // The caller is gone (the channel is sized so it is never full).
                 seq.done = true;
                 m.rejected("cancelled");
@@ -848,19 +906,20 @@ impl Worker {
             let first = seq.first_token.unwrap_or(now);
             let after_first = seq.generated.saturating_sub(1).max(1) as u32;
             let summary = Summary {
+                index: seq.index,
                 finish,
-                prompt_tokens: seq.job.prompt.len(),
+                prompt_tokens: seq.prompt_tokens,
                 generated_tokens: seq.generated,
                 seed: seq.sampler.params().seed,
-                queue: seq.admitted.duration_since(seq.job.arrived),
-                time_to_first_token: first.duration_since(seq.job.arrived),
-                total: now.duration_since(seq.job.arrived),
+                queue: seq.admitted.duration_since(seq.arrived),
+                time_to_first_token: first.duration_since(seq.arrived),
+                total: now.duration_since(seq.arrived),
                 mean_inter_token: now.duration_since(first) / after_first,
             };
             m.finished
                 .with_label_values(&[&m.model, finish.as_str()])
                 .inc();
-            let _ = seq.job.events.try_send(Event::Finished(summary));
+            let _ = seq.events.try_send(Event::Finished(summary));
             seq.done = true;
         }
     }
@@ -873,13 +932,9 @@ impl Worker {
         }
     }
 
-    /// Runs `prefill` on right-padded prompts and copies their caches into slots
-    /// `first_slot..`. Returns the logits at each prompt's last token.
-    fn prefill_into(
-        &mut self,
-        prompts: &[Vec<u32>],
-        first_slot: usize,
-    ) -> Result<Vec<f32>, String> {
+    /// Runs `prefill` on right-padded prompts and stores row `b`'s cache in every slot of
+    /// `slots[b]`. Returns the logits at each prompt's last token.
+    fn prefill_into(&mut self, prompts: &[Vec<u32>], slots: &[Vec<usize>]) -> Result<Vec<f32>, String> {
         let batch = prompts.len();
         let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = vec![0i64; batch * len];
@@ -906,30 +961,15 @@ impl Worker {
                 ],
             )
             .map_err(|e| format!("prefill failed: {e}"))?;
-        let IValue::Tuple(mut parts) = out else {
-            return Err("prefill must return (logits, keys, values)".into());
-        };
-        if parts.len() != 3 {
-            return Err(format!(
-                "prefill returned {} values, expected 3",
-                parts.len()
-            ));
-        }
-        let (IValue::Tensor(v), IValue::Tensor(k), IValue::Tensor(logits)) = (
-            parts.pop().unwrap_or(IValue::None),
-            parts.pop().unwrap_or(IValue::None),
-            parts.pop().unwrap_or(IValue::None),
-        ) else {
-            return Err("prefill must return three tensors".into());
-        };
+        let (logits, state): (Tensor, Prefilled) =
+            self.cache.parse_prefill(&self.shape, out, batch)?;
         for (b, p) in prompts.iter().enumerate() {
-            let n = p.len() as i64;
-            let slot = (first_slot + b) as i64;
-            for (cache, new) in [(&self.k_cache, &k), (&self.v_cache, &v)] {
-                cache
-                    .narrow(1, slot, 1)
-                    .narrow(3, 0, n)
-                    .copy_(&new.narrow(1, b as i64, 1).narrow(3, 0, n));
+            let Some((&first, rest)) = slots[b].split_first() else {
+                continue;
+            };
+            self.cache.store(&state, b, first, p.len());
+            for &slot in rest {
+                self.cache.copy_slot(first, slot, p.len());
             }
         }
         to_vec(&logits)
@@ -937,22 +977,17 @@ impl Worker {
 
     /// One `decode` over slots `0..tokens.len()`.
     fn decode(&mut self, tokens: &[i64], positions: &[i64]) -> Result<Vec<f32>, String> {
-        let n = tokens.len() as i64;
-        let span = positions.iter().copied().max().unwrap_or(0) + 1;
+        let n = tokens.len();
+        let span = positions.iter().copied().max().unwrap_or(0) as usize + 1;
         let device = self.cfg.device;
-        let k = self.k_cache.narrow(1, 0, n).narrow(3, 0, span);
-        let v = self.v_cache.narrow(1, 0, n).narrow(3, 0, span);
+        let mut args = vec![
+            IValue::Tensor(Tensor::from_slice(tokens).to_device(device)),
+            IValue::Tensor(Tensor::from_slice(positions).to_device(device)),
+        ];
+        args.extend(self.cache.views(n, span));
         let out = self
             .module
-            .method_is(
-                "decode",
-                &[
-                    IValue::Tensor(Tensor::from_slice(tokens).to_device(device)),
-                    IValue::Tensor(Tensor::from_slice(positions).to_device(device)),
-                    IValue::Tensor(k),
-                    IValue::Tensor(v),
-                ],
-            )
+            .method_is("decode", &args)
             .map_err(|e| format!("decode failed: {e}"))?;
         let IValue::Tensor(logits) = out else {
             return Err("decode must return a logits tensor".into());
@@ -979,6 +1014,15 @@ impl Worker {
             .forward_ts(&[input])
             .map_err(|e| ServeError::Internal(format!("forward failed: {e}")))?;
         to_vec(&out).map_err(ServeError::Internal)
+    }
+}
+
+/// The scheduler's admission limits from the settings.
+fn limits(l: &crate::LanguageSettings) -> scheduler::Limits {
+    scheduler::Limits {
+        max_batch: l.max_batch_size,
+        max_total_tokens: l.max_total_tokens,
+        max_prefill_tokens: l.max_prefill_tokens,
     }
 }
 

@@ -39,7 +39,8 @@ impl LanguageFamily {
 pub struct LanguageModel {
     pub engine: Arc<Engine>,
     pub vocab: Arc<Vocab>,
-    pub bos: u32,
+    /// The token put before every prompt, when the model has one (`prepend_bos`).
+    pub bos: Option<u32>,
     pub limits: Limits,
 }
 
@@ -84,21 +85,25 @@ impl ModelFamily for LanguageFamily {
         Ok(LanguageModel {
             engine: Arc::new(engine),
             vocab,
-            bos: spec.bos_token_id,
+            bos: spec.prepend_bos.then_some(spec.bos_token_id),
             limits: Limits {
                 context_length: spec.context_length,
                 max_new_tokens: l.max_new_tokens.min(spec.context_length - 1),
                 default_max_new_tokens: l.default_max_new_tokens,
                 max_stop_sequences: l.max_stop_sequences,
                 max_stop_bytes: l.max_stop_bytes,
+                max_return_sequences: l.max_return_sequences,
             },
         })
     }
 
     fn describe(&self, m: &LanguageModel) -> String {
         format!(
-            "context={} vocab={}",
-            m.limits.context_length, m.engine.shape.vocab
+            "context={} vocab={} architecture={:?} bos={}",
+            m.limits.context_length,
+            m.engine.shape.vocab,
+            m.engine.shape.architecture,
+            m.bos.map_or("none".into(), |b| b.to_string())
         )
     }
 }

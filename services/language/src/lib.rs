@@ -3,11 +3,13 @@
 //! logits over the Open Inference Protocol.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod engine;
 pub mod family;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
+pub mod scheduler;
 pub mod service;
 pub mod text;
 pub mod validate;
@@ -94,6 +96,12 @@ pub struct LanguageSettings {
     pub max_stop_bytes: usize,
     /// Largest prompt accepted, in bytes, checked before tokenizing.
     pub max_prompt_bytes: usize,
+    /// Most sequences one request may ask for (`num_return_sequences`); each takes a cache
+    /// slot, so at most `max_batch_size`.
+    pub max_return_sequences: usize,
+    /// The model a request with an empty `model` field gets. Empty: the repository's only
+    /// causal LM (a request without a model name is refused when there are several).
+    pub default_model: String,
 }
 
 impl Default for LanguageSettings {
@@ -112,6 +120,8 @@ impl Default for LanguageSettings {
             max_stop_sequences: 4,
             max_stop_bytes: 64,
             max_prompt_bytes: 16 << 10,
+            max_return_sequences: 8,
+            default_model: String::new(),
         }
     }
 }
@@ -140,6 +150,7 @@ impl Validate for Settings {
             ("default_max_new_tokens", l.default_max_new_tokens),
             ("max_stop_bytes", l.max_stop_bytes),
             ("max_prompt_bytes", l.max_prompt_bytes),
+            ("max_return_sequences", l.max_return_sequences),
         ] {
             if value == 0 {
                 errors.push(format!("`language.{key}` must be at least 1, got 0"));
@@ -149,6 +160,12 @@ impl Validate for Settings {
             errors.push(format!(
                 "`language.default_max_new_tokens` ({}) must be <= `language.max_new_tokens` ({})",
                 l.default_max_new_tokens, l.max_new_tokens
+            ));
+        }
+        if l.max_return_sequences > l.max_batch_size {
+            errors.push(format!(
+                "`language.max_return_sequences` ({}) must be <= `language.max_batch_size` ({}): each sequence takes a cache slot",
+                l.max_return_sequences, l.max_batch_size
             ));
         }
         if l.max_prompt_bytes > self.server.max_message_bytes {
@@ -181,7 +198,7 @@ pub async fn start(
     let api = service::TextApi::new(
         kit.repo.clone(),
         settings.server.clone(),
-        settings.language.max_prompt_bytes,
+        &settings.language,
     );
     let api =
         TextGenerationServer::new(api).max_decoding_message_size(settings.server.max_message_bytes);
@@ -198,9 +215,14 @@ mod tests {
         s.repository.path = std::env::temp_dir();
         s.language.oip_queue_capacity = 0;
         s.language.oip_max_tokens_per_step = 0;
+        s.language.max_return_sequences = 0;
         let mut errors = Vec::new();
         s.validate(&mut errors);
-        for key in ["oip_queue_capacity", "oip_max_tokens_per_step"] {
+        for key in [
+            "oip_queue_capacity",
+            "oip_max_tokens_per_step",
+            "max_return_sequences",
+        ] {
             assert!(
                 errors
                     .iter()
@@ -208,6 +230,17 @@ mod tests {
                 "{errors:?}"
             );
         }
+        let mut wide = Settings::default();
+        wide.repository.path = std::env::temp_dir();
+        wide.language.max_return_sequences = wide.language.max_batch_size + 1;
+        let mut errors = Vec::new();
+        wide.validate(&mut errors);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("`language.max_return_sequences` (33) must be <= `language.max_batch_size` (32)")),
+            "{errors:?}"
+        );
         let mut errors = Vec::new();
         let mut ok = Settings::default();
         ok.repository.path = std::env::temp_dir();

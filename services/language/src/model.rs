@@ -30,14 +30,49 @@ pub struct Manifest {
 pub struct LanguageSpec {
     /// Tokenizer file, relative to the version directory.
     pub tokenizer: String,
+    /// What the engine keeps per sequence between steps.
+    #[serde(default)]
+    pub architecture: Architecture,
     pub context_length: usize,
     pub vocab_size: usize,
     pub eos_token_id: u32,
     pub bos_token_id: u32,
+    /// Whether the service puts `bos_token_id` before every prompt. GPT-2 was trained without
+    /// one (its `generate(ids)` starts from the prompt itself); Llama-family tokenizers add one.
+    /// Absent means true: models exported before this key had BOS prepended.
+    #[serde(default = "yes")]
+    pub prepend_bos: bool,
+    /// Transformer: the KV cache's layers, heads (key/value heads under grouped-query
+    /// attention) and head size.
+    #[serde(default)]
     pub num_layers: usize,
+    #[serde(default)]
     pub num_heads: usize,
+    #[serde(default)]
     pub head_dim: usize,
+    /// Recurrent: floats of state per sequence.
+    #[serde(default)]
+    pub state_size: usize,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// The two model contracts of docs/LANGUAGE_MODEL.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// Attention with a KV cache `[layers, batch, heads, context, head_dim]`.
+    #[default]
+    Transformer,
+    /// A fixed-size state per sequence `[batch, state_size]`, no context axis (LSTM, GRU...).
+    Recurrent,
+}
+
+/// Largest per-sequence recurrent state accepted (floats): 64 MiB a slot would already be an
+/// attention cache in disguise.
+const MAX_STATE_SIZE: usize = 16 << 20;
 
 /// One version of a model on disk, not yet loaded.
 #[derive(Debug, Clone)]
@@ -74,9 +109,6 @@ impl ModelFiles {
         let spec = &manifest.language;
         if spec.context_length < 2
             || spec.vocab_size == 0
-            || spec.num_layers == 0
-            || spec.num_heads == 0
-            || spec.head_dim == 0
             || spec.eos_token_id as usize >= spec.vocab_size
             || spec.bos_token_id as usize >= spec.vocab_size
         {
@@ -84,6 +116,28 @@ impl ModelFiles {
                 "`{}`: [language] sizes must be positive and token ids below vocab_size: {spec:?}",
                 manifest_path.display()
             ));
+        }
+        let shape_error = match spec.architecture {
+            Architecture::Transformer
+                if spec.num_layers == 0 || spec.num_heads == 0 || spec.head_dim == 0 =>
+            {
+                Some("a transformer needs num_layers, num_heads and head_dim (all positive)")
+            }
+            Architecture::Transformer if spec.state_size != 0 => {
+                Some("state_size is for `architecture = \"recurrent\"` models")
+            }
+            Architecture::Recurrent if !(1..=MAX_STATE_SIZE).contains(&spec.state_size) => {
+                Some("a recurrent model needs state_size in 1..=16777216")
+            }
+            Architecture::Recurrent
+                if spec.num_layers != 0 || spec.num_heads != 0 || spec.head_dim != 0 =>
+            {
+                Some("num_layers, num_heads and head_dim describe a KV cache; a recurrent model has none")
+            }
+            _ => None,
+        };
+        if let Some(why) = shape_error {
+            return Err(format!("`{}`: [language]: {why}", manifest_path.display()));
         }
         let vdir = dir.join(version.to_string());
         Ok(Self {
@@ -95,12 +149,11 @@ impl ModelFiles {
     }
 }
 
-/// The tokenizer plus each token's exact bytes, so streaming output is assembled from bytes
-/// (exact for byte-level BPE) rather than from lossy per-token strings.
+/// The tokenizer, and the text of its special tokens. Text comes out of the tokenizer's own
+/// decoder (byte-level, SentencePiece with byte fallback, character-level alike), never from
+/// an assumption about how its pieces are spelled.
 pub struct Vocab {
     pub tokenizer: Tokenizer,
-    token_bytes: Vec<Vec<u8>>,
-    special: Vec<bool>,
     /// The text of each special token, e.g. `<|endoftext|>`.
     special_texts: Vec<String>,
 }
@@ -116,57 +169,36 @@ impl Vocab {
                 path.display()
             );
         }
-        let unicode_to_byte = byte_level_table();
-        let added = tokenizer.get_added_tokens_decoder();
-        let specials: Vec<u32> = added
-            .iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| *id)
-            .collect();
-        let special_texts: Vec<String> = added
+        // A post-processor that adds tokens (BOS, EOS, CLS) to every encoding would double the
+        // service's own BOS (`prepend_bos`), and an EOS after the prompt would end generation.
+        let with = tokenizer.encode("a", true);
+        let without = tokenizer.encode("a", false);
+        match (with, without) {
+            (Ok(a), Ok(b)) if a.get_ids() != b.get_ids() => anyhow::bail!(
+                "tokenizer `{}` has a post-processor that adds tokens; remove it and set `prepend_bos` in model.toml instead (models/export_causal_lm.py does)",
+                path.display()
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                anyhow::bail!("tokenizer `{}` cannot encode: {e}", path.display())
+            }
+            _ => {}
+        }
+        let special_texts: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
             .values()
             .filter(|t| t.special && !t.content.is_empty())
             .map(|t| t.content.clone())
             .collect();
-        let mut token_bytes = Vec::with_capacity(vocab_size);
-        let mut special = vec![false; vocab_size];
-        for id in 0..vocab_size as u32 {
-            if specials.contains(&id) {
-                special[id as usize] = true;
-                token_bytes.push(Vec::new());
-                continue;
-            }
-            let bytes = match tokenizer.id_to_token(id) {
-                Some(piece) => piece
-                    .chars()
-                    .map(|c| unicode_to_byte.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    // Not a byte-level piece: the decoder's own rendering.
-                    .unwrap_or_else(|| {
-                        tokenizer
-                            .decode(&[id], false)
-                            .unwrap_or_default()
-                            .into_bytes()
-                    }),
-                None => Vec::new(),
-            };
-            token_bytes.push(bytes);
-        }
         Ok(Self {
             tokenizer,
-            token_bytes,
-            special,
             special_texts,
         })
     }
 
-    /// The bytes token `id` stands for (empty for special tokens).
-    pub fn bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map_or(&[], Vec::as_slice)
-    }
-
-    pub fn is_special(&self, id: u32) -> bool {
-        self.special.get(id as usize).copied().unwrap_or(false)
+    /// The text of `ids` by the tokenizer's decoder, special tokens left out. An incomplete
+    /// character (a byte-level or byte-fallback piece on its own) shows as U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
     /// Token ids and byte offsets of `text`, as plain text: the literal text of a special token
@@ -224,42 +256,106 @@ impl Vocab {
     }
 }
 
-/// GPT-2's byte-level alphabet, inverted: printable stand-in character → byte.
-fn byte_level_table() -> std::collections::HashMap<char, u8> {
-    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~'))
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + extra);
-            extra += 1;
+/// Incremental detokenisation: the text a growing list of generated ids adds, as the
+/// tokenizer's decoder renders the whole, emitted only once it is final. A decoder's output for
+/// a token can depend on its neighbours (SentencePiece drops the space of a sequence's first
+/// piece; byte-level and byte-fallback pieces form one character together), so each new token
+/// is decoded with the few before it and only the difference is new text; text ending in an
+/// incomplete character (U+FFFD) waits for the next token.
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    /// Start of the ids decoded as context for the next difference.
+    prefix: usize,
+    /// Ids before this are emitted.
+    read: usize,
+}
+
+/// Prompt tokens decoded before the first generated one, so the output continues the prompt
+/// (its first word keeps its leading space under a SentencePiece decoder).
+const PROMPT_CONTEXT: usize = 4;
+/// Undecodable tokens held back at most before they are emitted as U+FFFD anyway: a model
+/// emitting invalid bytes forever must not make every step decode a growing window.
+const MAX_PENDING: usize = 8;
+
+impl Detokenizer {
+    pub fn new(prompt: &[u32]) -> Self {
+        let ids = prompt[prompt.len().saturating_sub(PROMPT_CONTEXT)..].to_vec();
+        let read = ids.len();
+        Self {
+            ids,
+            prefix: 0,
+            read,
         }
     }
-    printable
-        .into_iter()
-        .zip(chars)
-        .filter_map(|(b, c)| Some((char::from_u32(c)?, b as u8)))
-        .collect()
+
+    /// Adds a generated token; returns the text that is now final (possibly empty).
+    pub fn push(&mut self, vocab: &Vocab, id: u32) -> String {
+        self.ids.push(id);
+        let force = self.ids.len() - self.read >= MAX_PENDING;
+        self.emit(vocab, force)
+    }
+
+    /// Generation ended: whatever text is still held back.
+    pub fn finish(&mut self, vocab: &Vocab) -> String {
+        self.emit(vocab, true)
+    }
+
+    fn emit(&mut self, vocab: &Vocab, force: bool) -> String {
+        if self.read == self.ids.len() {
+            return String::new();
+        }
+        let before = vocab.decode(&self.ids[self.prefix..self.read]);
+        let now = vocab.decode(&self.ids[self.prefix..]);
+        let fresh = match now.strip_prefix(before.as_str()) {
+            Some(tail) => tail,
+            // The decoder rewrote earlier text: wait for it to settle, or emit it all when
+            // forced.
+            None if force => now.as_str(),
+            None => return String::new(),
+        };
+        if !force && (fresh.is_empty() || fresh.ends_with('\u{FFFD}')) {
+            return String::new();
+        }
+        let out = fresh.to_owned();
+        // The emitted ids become the context of the next difference; older ones are dropped.
+        self.ids.drain(..self.read);
+        self.prefix = 0;
+        self.read = self.ids.len();
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokenizers::models::wordlevel::WordLevel;
+
+    /// A character-level tokenizer with a `Fuse` decoder and byte-fallback-free pieces.
+    fn char_vocab() -> Vocab {
+        let vocab: std::collections::HashMap<String, u32> = ["<unk>", "a", "é", " ", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), i as u32))
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("<unk>".into())
+            .build()
+            .expect("word level");
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_decoder(Some(tokenizers::decoders::fuse::Fuse::new()));
+        Vocab {
+            tokenizer,
+            special_texts: Vec::new(),
+        }
+    }
 
     #[test]
-    fn byte_level_table_covers_every_byte_once() {
-        let t = byte_level_table();
-        assert_eq!(t.len(), 256);
-        let mut bytes: Vec<u8> = t.values().copied().collect();
-        bytes.sort_unstable();
-        bytes.dedup();
-        assert_eq!(bytes.len(), 256);
-        assert_eq!(t[&'Ġ'], b' ');
-        assert_eq!(t[&'Ċ'], b'\n');
-        assert_eq!(t[&'a'], b'a');
+    fn character_tokens_decode_to_their_characters_not_to_byte_level_stand_ins() {
+        let v = char_vocab();
+        let mut d = Detokenizer::new(&[1]);
+        let mut out: String = [2u32, 3, 4, 2].iter().map(|&id| d.push(&v, id)).collect();
+        out.push_str(&d.finish(&v));
+        assert_eq!(out, "é bé");
     }
 }

@@ -14,8 +14,8 @@ use marquee_core::deadline::deadline;
 use marquee_core::repository::{Repository, Served};
 use marquee_proto::language::text_generation_server::TextGeneration;
 use marquee_proto::language::{
-    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse, GenerationSummary,
-    Token, TokenizeRequest, TokenizeResponse,
+    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratedSequence,
+    GenerationSummary, Token, TokenizeRequest, TokenizeResponse,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -32,6 +32,7 @@ pub struct TextApi {
     repo: Arc<Repository<LanguageFamily>>,
     server: ServerSettings,
     max_prompt_bytes: usize,
+    default_model: String,
     seeds: AtomicU64,
 }
 
@@ -39,7 +40,7 @@ impl TextApi {
     pub fn new(
         repo: Arc<Repository<LanguageFamily>>,
         server: ServerSettings,
-        max_prompt_bytes: usize,
+        language: &crate::LanguageSettings,
     ) -> Self {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -47,8 +48,18 @@ impl TextApi {
         Self {
             repo,
             server,
-            max_prompt_bytes,
+            max_prompt_bytes: language.max_prompt_bytes,
+            default_model: language.default_model.clone(),
             seeds: AtomicU64::new(now),
+        }
+    }
+
+    /// The model a request names, or the default model for an empty name.
+    fn model(&self, name: &str) -> Result<Arc<Model>, ServeError> {
+        if name.is_empty() && !self.default_model.is_empty() {
+            self.repo.get(&self.default_model)
+        } else {
+            self.repo.get_or_only(name)
         }
     }
 
@@ -63,8 +74,8 @@ impl TextApi {
         &self,
         req: &GenerateRequest,
         deadline: Instant,
-    ) -> Result<(Arc<Model>, mpsc::Receiver<Event>), ServeError> {
-        let m = self.repo.get_or_only(&req.model)?;
+    ) -> Result<(Arc<Model>, mpsc::Receiver<Event>, usize), ServeError> {
+        let m = self.model(&req.model)?;
         if req.prompt.is_empty() {
             return Err(ServeError::invalid("prompt", "`prompt` must not be empty"));
         }
@@ -79,7 +90,8 @@ impl TextApi {
             });
         }
         let params = validate::parameters(req.parameters.as_ref(), &m.limits, self.fresh_seed())?;
-        let mut prompt = vec![m.bos];
+        let sequences = validate::sequences(req.parameters.as_ref(), &params, &m.limits)?;
+        let mut prompt: Vec<u32> = m.bos.into_iter().collect();
         prompt.extend(
             m.vocab
                 .encode(&req.prompt)
@@ -88,15 +100,17 @@ impl TextApi {
                 .map(|(id, _)| id),
         );
         validate::lengths(prompt.len(), params.max_new_tokens, &m.limits)?;
-        let (tx, rx) = mpsc::channel(Job::channel_capacity(&params));
+        let (tx, rx) = mpsc::channel(Job::channel_capacity(&params, sequences));
         m.engine.submit(Job {
             prompt,
             params,
+            sequences,
             events: tx,
             arrived: Instant::now(),
             deadline,
+            span: tracing::Span::current(),
         })?;
-        Ok((m, rx))
+        Ok((m, rx, sequences))
     }
 }
 
@@ -130,25 +144,41 @@ impl TextGeneration for TextApi {
     ) -> Result<Response<GenerateResponse>, Status> {
         let deadline = deadline(req.metadata(), &self.server);
         let req = req.into_inner();
-        let (m, mut rx) = self.submit(&req, deadline)?;
-        let mut out = GenerateResponse {
-            model: m.name.clone(),
-            ..Default::default()
-        };
+        let (m, mut rx, n) = self.submit(&req, deadline)?;
+        let mut sequences: Vec<GeneratedSequence> = (0..n as u32)
+            .map(|index| GeneratedSequence {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut finished = 0;
         while let Some(event) = rx.recv().await {
             match event {
                 Event::Tokens {
+                    index,
                     text,
                     ids,
                     logprobs,
                 } => {
-                    out.text.push_str(&text);
-                    out.token_ids.extend(ids);
-                    out.logprobs.extend(logprobs);
+                    let seq = &mut sequences[index];
+                    seq.text.push_str(&text);
+                    seq.token_ids.extend(ids);
+                    seq.logprobs.extend(logprobs);
                 }
                 Event::Finished(s) => {
-                    out.summary = Some(summary(&s, m.version));
-                    return Ok(Response::new(out));
+                    sequences[s.index].summary = Some(summary(&s, m.version));
+                    finished += 1;
+                    if finished == n {
+                        let first = sequences[0].clone();
+                        return Ok(Response::new(GenerateResponse {
+                            model: m.name.clone(),
+                            text: first.text,
+                            token_ids: first.token_ids,
+                            logprobs: first.logprobs,
+                            summary: first.summary,
+                            sequences,
+                        }));
+                    }
                 }
                 Event::Failed(e) => return Err(e.into()),
             }
@@ -164,17 +194,17 @@ impl TextGeneration for TextApi {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let deadline = deadline(req.metadata(), &self.server);
         let req = req.into_inner();
-        let (model, rx) = self.submit(&req, deadline)?;
+        let (model, rx, n) = self.submit(&req, deadline)?;
         let version = model.version;
         // Dropping this stream (client cancel) drops `rx`; the engine sees the closed channel
-        // and frees the sequence's slot at its next step.
-        // A message per token while the client keeps up; when it falls behind, the tokens that
-        // queued up meanwhile go out as one message (fewer frames, same text and ids), so a
-        // slow reader costs the server less instead of more.
+        // and frees the sequences' slots at its next step.
+        // A message per token while the client keeps up; when it falls behind, the tokens of one
+        // sequence that queued up meanwhile go out as one message (fewer frames, same text and
+        // ids), so a slow reader costs the server less instead of more.
         let stream = futures::stream::unfold(
-            (rx, None::<Event>, false),
-            move |(mut rx, held, done)| async move {
-                if done {
+            (rx, None::<Event>, 0usize),
+            move |(mut rx, held, finished)| async move {
+                if finished == n {
                     return None;
                 }
                 let first = match held {
@@ -183,6 +213,7 @@ impl TextGeneration for TextApi {
                 };
                 match first {
                     Event::Tokens {
+                        index,
                         mut text,
                         mut ids,
                         mut logprobs,
@@ -191,12 +222,13 @@ impl TextGeneration for TextApi {
                         while let Ok(e) = rx.try_recv() {
                             match e {
                                 Event::Tokens {
+                                    index: i,
                                     text: t,
-                                    ids: i,
+                                    ids: more,
                                     logprobs: l,
-                                } => {
+                                } if i == index => {
                                     text.push_str(&t);
-                                    ids.extend(i);
+                                    ids.extend(more);
                                     logprobs.extend(l);
                                 }
                                 other => {
@@ -210,17 +242,19 @@ impl TextGeneration for TextApi {
                             token_ids: ids,
                             logprobs,
                             summary: None,
+                            index: index as u32,
                         };
-                        Some((Ok(msg), (rx, next, false)))
+                        Some((Ok(msg), (rx, next, finished)))
                     }
                     Event::Finished(s) => Some((
                         Ok(GenerateStreamResponse {
                             summary: Some(summary(&s, version)),
+                            index: s.index as u32,
                             ..Default::default()
                         }),
-                        (rx, None, true),
+                        (rx, None, finished + 1),
                     )),
-                    Event::Failed(e) => Some((Err(e.into()), (rx, None, true))),
+                    Event::Failed(e) => Some((Err(e.into()), (rx, None, n))),
                 }
             },
         );
@@ -238,7 +272,7 @@ impl TextGeneration for TextApi {
         req: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
         let req = req.into_inner();
-        let m = self.repo.get_or_only(&req.model)?;
+        let m = self.model(&req.model)?;
         if req.text.len() > self.max_prompt_bytes {
             return Err(ServeError::TooLarge {
                 field: "text".into(),
@@ -257,7 +291,7 @@ impl TextGeneration for TextApi {
             .into_iter()
             .map(|(id, (start, end))| Token {
                 id,
-                text: String::from_utf8_lossy(m.vocab.bytes(id)).into_owned(),
+                text: m.vocab.decode(&[id]),
                 start: start as u32,
                 end: end as u32,
             })

@@ -14,6 +14,8 @@ pub struct Limits {
     pub default_max_new_tokens: usize,
     pub max_stop_sequences: usize,
     pub max_stop_bytes: usize,
+    /// Most sequences per request (`language.max_return_sequences`).
+    pub max_return_sequences: usize,
 }
 
 fn bad(field: &str, message: String) -> ServeError {
@@ -151,7 +153,36 @@ pub fn parameters(
     })
 }
 
-/// Checks a tokenized prompt (`tokens` includes the BOS token) against the context.
+/// `num_return_sequences`, checked against the limit and the decoding mode: several sequences
+/// of a greedy decode would be one sequence repeated (Hugging Face's `generate` refuses it too).
+pub fn sequences(
+    p: Option<&GenerationParameters>,
+    params: &SamplingParams,
+    limits: &Limits,
+) -> Result<usize, ServeError> {
+    let n = p.map_or(0, |p| p.num_return_sequences) as usize;
+    let field = "parameters.num_return_sequences";
+    if n > limits.max_return_sequences {
+        return Err(bad(
+            field,
+            format!(
+                "`{field}` must be at most {} (`language.max_return_sequences`), got {n}",
+                limits.max_return_sequences
+            ),
+        ));
+    }
+    if n > 1 && params.temperature.is_none() {
+        return Err(bad(
+            field,
+            format!(
+                "`{field}` is {n} but decoding is greedy, which would return one sequence {n} times; set `temperature`, `top_k`, `top_p` or `typical_p` to sample"
+            ),
+        ));
+    }
+    Ok(n.max(1))
+}
+
+/// Checks a tokenized prompt (`tokens` includes the BOS token, if any) against the context.
 pub fn lengths(tokens: usize, max_new_tokens: usize, limits: &Limits) -> Result<(), ServeError> {
     let ctx = limits.context_length;
     if tokens >= ctx {
@@ -184,7 +215,38 @@ mod tests {
             default_max_new_tokens: 64,
             max_stop_sequences: 4,
             max_stop_bytes: 64,
+            max_return_sequences: 4,
         }
+    }
+
+    #[test]
+    fn several_sequences_need_sampling_and_stay_within_the_limit() {
+        let greedy = parameters(None, &limits(), 1).expect("valid");
+        let ask = |n| GenerationParameters {
+            num_return_sequences: n,
+            ..Default::default()
+        };
+        assert_eq!(sequences(None, &greedy, &limits()).ok(), Some(1));
+        assert_eq!(sequences(Some(&ask(0)), &greedy, &limits()).ok(), Some(1));
+        assert_eq!(sequences(Some(&ask(1)), &greedy, &limits()).ok(), Some(1));
+        let e = sequences(Some(&ask(2)), &greedy, &limits()).expect_err("greedy");
+        assert!(e.to_string().contains("decoding is greedy"), "{e}");
+        let sampled = parameters(
+            Some(&GenerationParameters {
+                temperature: Some(0.7),
+                ..Default::default()
+            }),
+            &limits(),
+            1,
+        )
+        .expect("valid");
+        assert_eq!(sequences(Some(&ask(4)), &sampled, &limits()).ok(), Some(4));
+        let e = sequences(Some(&ask(5)), &sampled, &limits()).expect_err("over the limit");
+        assert!(
+            e.to_string()
+                .contains("at most 4 (`language.max_return_sequences`), got 5"),
+            "{e}"
+        );
     }
 
     fn err(p: GenerationParameters) -> (String, String) {
