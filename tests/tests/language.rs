@@ -884,3 +884,106 @@ async fn special_token_text_in_a_prompt_is_plain_text() {
     assert_eq!(rebuilt, text);
     assert_eq!(tokens.last().unwrap().end as usize, text.len());
 }
+
+/// `num_return_sequences`: one prefill of the prompt, copied into every sequence's slot; each
+/// sequence samples with its own seed and equals a lone request with that seed, streamed and
+/// unary. Its own server, so the prompt-token counter shows exactly one prefill.
+#[tokio::test]
+async fn several_sequences_share_one_prefill_and_each_equals_its_seed_alone() {
+    let server = start_language(language_settings()).await;
+    let mut c = client(&server).await;
+    let prompt = "This skirt is";
+    let prompt_tokens = c
+        .tokenize(TokenizeRequest {
+            model: String::new(),
+            text: prompt.into(),
+        })
+        .await
+        .expect("tokenize")
+        .into_inner()
+        .tokens
+        .len()
+        + 1; // BOS
+    let prefilled = || server.metric("marquee_language_prompt_tokens_total", &[("model", MODEL)]);
+    let mut params = sampled(77, 24);
+    params.num_return_sequences = 4;
+    let before = prefilled();
+    let unary = c
+        .generate(request(prompt, params.clone()))
+        .await
+        .expect("generate")
+        .into_inner();
+    assert_eq!(
+        prefilled() - before,
+        prompt_tokens as f64,
+        "four sequences, one prefill of the prompt"
+    );
+    assert_eq!(unary.sequences.len(), 4);
+    let seeds: HashSet<u64> = unary
+        .sequences
+        .iter()
+        .map(|s| s.summary.as_ref().expect("summary").seed)
+        .collect();
+    assert_eq!(seeds.len(), 4, "each sequence has its own seed");
+    assert_eq!(unary.sequences[0].summary.as_ref().unwrap().seed, 77);
+    assert_eq!(unary.token_ids, unary.sequences[0].token_ids);
+    assert_eq!(unary.text, unary.sequences[0].text);
+    let distinct: HashSet<&Vec<u32>> = unary.sequences.iter().map(|s| &s.token_ids).collect();
+    assert!(distinct.len() > 1, "samples differ: {:?}", unary.sequences);
+    for (i, seq) in unary.sequences.iter().enumerate() {
+        assert_eq!(seq.index as usize, i);
+        let seed = seq.summary.as_ref().unwrap().seed;
+        let alone = c
+            .generate(request(prompt, sampled(seed, 24)))
+            .await
+            .expect("generate")
+            .into_inner();
+        assert_eq!(alone.token_ids, seq.token_ids, "sequence {i} == its seed alone");
+        assert_eq!(alone.text, seq.text);
+    }
+
+    // Streamed: messages carry their sequence's index; per index the same ids and text, and one
+    // summary each.
+    let mut s = c
+        .generate_stream(request(prompt, params.clone()))
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let mut ids = vec![Vec::new(); 4];
+    let mut texts = vec![String::new(); 4];
+    let mut summaries = [0; 4];
+    while let Some(msg) = s.next().await {
+        let msg = msg.expect("stream message");
+        let i = msg.index as usize;
+        assert_eq!(summaries[i], 0, "nothing follows a sequence's summary");
+        ids[i].extend(msg.token_ids);
+        texts[i].push_str(&msg.text);
+        if msg.summary.is_some() {
+            summaries[i] += 1;
+        }
+    }
+    assert_eq!(summaries, [1; 4]);
+    for (i, seq) in unary.sequences.iter().enumerate() {
+        assert_eq!(ids[i], seq.token_ids, "streamed sequence {i}");
+        assert_eq!(texts[i], seq.text);
+    }
+
+    // Refused: several sequences of a greedy decode, and more than the limit.
+    for (n, sample, needle) in [
+        (2, false, "decoding is greedy"),
+        (9, true, "at most 8 (`language.max_return_sequences`), got 9"),
+    ] {
+        let mut p = if sample { sampled(1, 8) } else { greedy(8) };
+        p.num_return_sequences = n;
+        let e = c
+            .generate(request(prompt, p))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(needle), "{}", e.message());
+        assert_eq!(
+            e.get_details_bad_request().expect("field violation").field_violations[0].field,
+            "parameters.num_return_sequences"
+        );
+    }
+}
