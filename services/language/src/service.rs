@@ -284,14 +284,17 @@ impl TextGeneration for TextApi {
             }
             .into());
         }
-        let tokens = m
+        let encoded = m
             .vocab
             .encode(&req.text)
-            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        let ids: Vec<u32> = encoded.iter().map(|(id, _)| *id).collect();
+        let tokens = encoded
             .into_iter()
-            .map(|(id, (start, end))| Token {
+            .zip(m.vocab.token_texts(&ids))
+            .map(|((id, (start, end)), text)| Token {
                 id,
-                text: m.vocab.decode(&[id]),
+                text,
                 start: start as u32,
                 end: end as u32,
             })
