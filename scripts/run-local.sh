@@ -150,7 +150,8 @@ start_service marquee-language \
   "${own_env[@]}" \
   MARQUEE__SERVER__GRPC_ADDR="${MARQUEE_LANGUAGE_GRPC_ADDR:-127.0.0.1:8002}" \
   MARQUEE__SERVER__ADMIN_ADDR="${MARQUEE_LANGUAGE_ADMIN_ADDR:-127.0.0.1:9002}" \
-  MARQUEE__REPOSITORY__PATH="$model_repo"
+  MARQUEE__REPOSITORY__PATH="$model_repo" \
+  MARQUEE__LANGUAGE__DEFAULT_MODEL=gpt_reviews
 
 # The feedback log and the user-id hash key persist across runs here.
 # Users are kept per tenant. The gateway tells the recommender the caller's tenant with a

@@ -497,3 +497,41 @@ mod tests {
         assert_eq!(out, "# R\n## Language generation\n\nx\n");
     }
 }
+
+/// The sections of `bench/lm_vs_transformers.py`: Marquee against `transformers` on a
+/// GPT-2-small-shaped model (same weights, same run), and the `textgenrnn` character model's
+/// characters/s at 1 and 16 streams. Each is its markdown, as the script prints it.
+pub fn versus_transformers(
+    python: &Path,
+    bin_dir: &Path,
+    repo: &Path,
+    runs: usize,
+) -> anyhow::Result<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("lm_vs_transformers.py");
+    let mut md = String::new();
+    for extra in [
+        Vec::new(),
+        vec![
+            "--model-dir".to_string(),
+            repo.join("textgenrnn").display().to_string(),
+        ],
+    ] {
+        let out = Command::new(python)
+            .arg(&script)
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .args(["--runs", &runs.to_string(), "--markdown"])
+            .args(&extra)
+            .stderr(Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "lm_vs_transformers.py {extra:?} failed: {}",
+            out.status
+        );
+        md.push('\n');
+        md.push_str(String::from_utf8_lossy(&out.stdout).trim_end());
+        md.push('\n');
+    }
+    Ok(md)
+}

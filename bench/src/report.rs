@@ -313,6 +313,7 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         python: a.python.clone(),
     };
     let language = crate::language::section(&lm, &bin_dir)?;
+    let versus = crate::language::versus_transformers(&a.python, &bin_dir, &a.repo, a.runs)?;
     let rec = crate::recommend::RecommendArgs::with_defaults(a.repo.clone(), a.runs);
     let recommendation = crate::recommend::section(&rec)?;
     let stores = crate::stores::section(&crate::stores::StoresArgs::with_defaults(
@@ -326,6 +327,7 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     }
     md.push_str(&crate::markdown::gateway_section(&gateway));
     md.push_str(&language);
+    md.push_str(&versus);
     md.push_str(&recommendation);
     md.push_str(&stores);
     let old = std::fs::read_to_string(&a.out).unwrap_or_default();

@@ -334,7 +334,7 @@ def recommendation_secret_files(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ml_services():
+def ml_services(receiver):
     """marquee-language and marquee-recommendation on the chart's TOML. Only the paths differ
     outside the pod (`repository.path`, the model mount, the state volume and the two files
     the chart mounts from Secrets: the user-id key and the tenant token, written here as the
@@ -345,7 +345,7 @@ def ml_services():
     secret_files = recommendation_secret_files(root)
     with run_binary(
         "marquee-language",
-        {"MARQUEE__REPOSITORY__PATH": str(model_repo()), "MARQUEE__REPOSITORY__THREADS": "1"},
+        {"MARQUEE__REPOSITORY__PATH": str(model_repo()), "MARQUEE__REPOSITORY__THREADS": "1", **otel_env(receiver)},
         ["--config", str(files["language"])],
     ) as language:
         with run_binary(
@@ -758,3 +758,34 @@ def test_services_refuse_repository_keys_they_would_ignore(case, tmp_path):
     )
     assert r.returncode == 64, r.stdout + r.stderr
     assert message in r.stderr, r.stderr
+
+
+def test_language_steps_are_spans_linked_to_the_requests_they_serve(ml_services, marquee_pb, receiver):
+    """Each `prefill` and `decode` call of the engine is a root span (it serves many traces),
+    linked to the span of every request it computes: a trace of one generation leads to the
+    steps that made its tokens."""
+    lpb, lgrpc = marquee_pb.language_pb2, marquee_pb.language_pb2_grpc
+    trace_id = os.urandom(16).hex()
+    params = lpb.GenerationParameters(max_new_tokens=5, min_new_tokens=5, seed=3)
+    with grpc.insecure_channel(ml_services["language"].grpc_addr) as ch:
+        out = lgrpc.TextGenerationStub(ch).Generate(
+            lpb.GenerateRequest(model=LANGUAGE_MODEL, prompt="Nice fit", parameters=params),
+            metadata=(("traceparent", f"00-{trace_id}-{os.urandom(8).hex()}-01"),),
+            timeout=60,
+        )
+    assert out.summary.generated_tokens == 5
+
+    def linked(spans, name):
+        mine = {s.span_id for svc, s in spans if svc == "marquee-language" and s.trace_id.hex() == trace_id}
+        return [s for svc, s in spans if svc == "marquee-language" and s.name == name
+                and any(l.trace_id.hex() == trace_id and l.span_id in mine for l in s.links)]
+
+    # One prefill, then a decode step per token after the first (5 tokens: 4 steps).
+    ok, spans = receiver.wait_for(lambda sp: len(linked(sp, "lm_prefill")) == 1 and len(linked(sp, "lm_decode")) >= 4)
+    assert ok, f"steps: {[(svc, s.name) for svc, s in spans if svc == 'marquee-language']}"
+    for s in linked(spans, "lm_prefill") + linked(spans, "lm_decode"):
+        assert s.parent_span_id == b"", "a step serves many traces: a root span, linked, not parented"
+    (prefill,) = linked(spans, "lm_prefill")
+    attrs = {a.key: a.value for a in prefill.attributes}
+    prompt_tokens = attrs["prompt_tokens"]
+    assert (prompt_tokens.int_value if prompt_tokens.HasField("int_value") else int(prompt_tokens.string_value)) == out.summary.prompt_tokens

@@ -34,7 +34,7 @@ SERVICES_DIR = Path(__file__).resolve().parent / "services"
 API_KEY = "mq_docs-test-key-5e1d07"
 
 # Models the gateway must have routed before the examples run (from its /readyz body).
-GATEWAY_MODELS = ("efficientnet_lite0@vision", "fashion_cnn@vision", "gpt_reviews@language")
+GATEWAY_MODELS = ("efficientnet_lite0@vision", "fashion_cnn@vision", "gpt_reviews@language", "textgenrnn@language")
 READY_TIMEOUT_S = 120.0
 
 

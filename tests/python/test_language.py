@@ -24,6 +24,7 @@ def language() -> Server:
             "MARQUEE__REPOSITORY__PATH": str(model_repo()),
             "MARQUEE__REPOSITORY__THREADS": "1",
             "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
+            "MARQUEE__LANGUAGE__DEFAULT_MODEL": "gpt_reviews",
         },
     ) as srv:
         yield srv
@@ -65,7 +66,7 @@ def test_the_repository_serves_only_its_causal_lm_models(language):
     models are served (`repository.models` empty)."""
     client = triton.InferenceServerClient(language.grpc_addr)
     index = client.get_model_repository_index()
-    assert [(m.name, m.state) for m in index.models] == [("gpt_reviews", "READY")]
+    assert [(m.name, m.state) for m in index.models] == [("gpt_reviews", "READY"), ("textgenrnn", "READY")]
 
 
 def test_generate_stream_through_grpcurl(language):

@@ -505,6 +505,8 @@ pub fn language_settings() -> marquee_language::Settings {
     s.repository.path = model_repo();
     s.repository.threads = Some(1);
     s.repository.poll_interval_ms = 0;
+    // The repository also holds `textgenrnn`; requests without a model name mean this one.
+    s.language.default_model = "gpt_reviews".into();
     s
 }
 

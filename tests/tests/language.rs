@@ -938,7 +938,10 @@ async fn several_sequences_share_one_prefill_and_each_equals_its_seed_alone() {
             .await
             .expect("generate")
             .into_inner();
-        assert_eq!(alone.token_ids, seq.token_ids, "sequence {i} == its seed alone");
+        assert_eq!(
+            alone.token_ids, seq.token_ids,
+            "sequence {i} == its seed alone"
+        );
         assert_eq!(alone.text, seq.text);
     }
 
@@ -971,19 +974,58 @@ async fn several_sequences_share_one_prefill_and_each_equals_its_seed_alone() {
     // Refused: several sequences of a greedy decode, and more than the limit.
     for (n, sample, needle) in [
         (2, false, "decoding is greedy"),
-        (9, true, "at most 8 (`language.max_return_sequences`), got 9"),
+        (
+            9,
+            true,
+            "at most 8 (`language.max_return_sequences`), got 9",
+        ),
     ] {
         let mut p = if sample { sampled(1, 8) } else { greedy(8) };
         p.num_return_sequences = n;
-        let e = c
-            .generate(request(prompt, p))
-            .await
-            .expect_err("refused");
+        let e = c.generate(request(prompt, p)).await.expect_err("refused");
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains(needle), "{}", e.message());
         assert_eq!(
-            e.get_details_bad_request().expect("field violation").field_violations[0].field,
+            e.get_details_bad_request()
+                .expect("field violation")
+                .field_violations[0]
+                .field,
             "parameters.num_return_sequences"
         );
     }
+}
+
+/// With several causal LMs in the repository (`gpt_reviews` and the character RNN
+/// `textgenrnn`), a request without a model name gets `language.default_model`, or is refused
+/// naming the models when none is set; a named model is served by its own engine.
+#[tokio::test]
+async fn an_empty_model_name_gets_the_default_model_or_is_refused_among_several() {
+    let mut settings = language_settings();
+    settings.language.default_model = String::new();
+    let server = start_language(settings).await;
+    let mut c = client(&server).await;
+    let e = c
+        .generate(request("The dress", greedy(4)))
+        .await
+        .expect_err("no default among several");
+    assert_eq!(e.code(), Code::NotFound);
+    for name in ["gpt_reviews", "textgenrnn"] {
+        assert!(e.message().contains(name), "{}", e.message());
+    }
+    let mut named = request("The movie was", sampled(3, 30));
+    named.model = "textgenrnn".into();
+    let out = c.generate(named).await.expect("generate").into_inner();
+    assert_eq!(out.model, "textgenrnn");
+    // One token per character, plus its `<s>` BOS.
+    assert_eq!(out.summary.as_ref().unwrap().prompt_tokens, 14);
+    assert!(!out.text.is_empty());
+
+    let shared = shared_language();
+    let mut c = client(shared).await;
+    let out = c
+        .generate(request("The dress", greedy(4)))
+        .await
+        .expect("the default model")
+        .into_inner();
+    assert_eq!(out.model, MODEL);
 }

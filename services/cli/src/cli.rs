@@ -114,6 +114,10 @@ pub struct GenerateArgs {
     /// Seed, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Independent samples of the prompt (needs a sampling option), printed one after the
+    /// other once all are done; they share one prefill on the server.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub num_return_sequences: u32,
 }
 
 #[derive(Args)]

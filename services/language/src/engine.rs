@@ -934,7 +934,11 @@ impl Worker {
 
     /// Runs `prefill` on right-padded prompts and stores row `b`'s cache in every slot of
     /// `slots[b]`. Returns the logits at each prompt's last token.
-    fn prefill_into(&mut self, prompts: &[Vec<u32>], slots: &[Vec<usize>]) -> Result<Vec<f32>, String> {
+    fn prefill_into(
+        &mut self,
+        prompts: &[Vec<u32>],
+        slots: &[Vec<usize>],
+    ) -> Result<Vec<f32>, String> {
         let batch = prompts.len();
         let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = vec![0i64; batch * len];

@@ -236,9 +236,9 @@ mod tests {
         let mut errors = Vec::new();
         wide.validate(&mut errors);
         assert!(
-            errors
-                .iter()
-                .any(|e| e.contains("`language.max_return_sequences` (33) must be <= `language.max_batch_size` (32)")),
+            errors.iter().any(|e| e.contains(
+                "`language.max_return_sequences` (33) must be <= `language.max_batch_size` (32)"
+            )),
             "{errors:?}"
         );
         let mut errors = Vec::new();

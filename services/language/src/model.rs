@@ -132,7 +132,9 @@ impl ModelFiles {
             Architecture::Recurrent
                 if spec.num_layers != 0 || spec.num_heads != 0 || spec.head_dim != 0 =>
             {
-                Some("num_layers, num_heads and head_dim describe a KV cache; a recurrent model has none")
+                Some(
+                    "num_layers, num_heads and head_dim describe a KV cache; a recurrent model has none",
+                )
             }
             _ => None,
         };
@@ -311,7 +313,9 @@ impl Detokenizer {
             // what follows as many characters as were sent (never the sent text again).
             None if force => {
                 let sent = before.chars().count();
-                now.char_indices().nth(sent).map_or("", |(at, _)| &now[at..])
+                now.char_indices()
+                    .nth(sent)
+                    .map_or("", |(at, _)| &now[at..])
             }
             None => return String::new(),
         };

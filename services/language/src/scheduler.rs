@@ -204,15 +204,24 @@ mod tests {
     #[test]
     fn the_token_budget_counts_every_returned_sequence() {
         // 3 sequences x (10 + 20) = 90 of 100 fit alone; with 20 already used they do not.
-        assert_eq!(Admission::new(LIMITS, 0, 0, true).consider(&req(3, 10, 20)), Admit);
-        assert_eq!(Admission::new(LIMITS, 1, 20, true).consider(&req(3, 10, 20)), Wait);
+        assert_eq!(
+            Admission::new(LIMITS, 0, 0, true).consider(&req(3, 10, 20)),
+            Admit
+        );
+        assert_eq!(
+            Admission::new(LIMITS, 1, 20, true).consider(&req(3, 10, 20)),
+            Wait
+        );
     }
 
     #[test]
     fn the_prefill_cap_limits_later_prompts_never_the_first() {
         let mut adm = Admission::new(LIMITS, 0, 0, true);
         // A 40-token prompt exceeds the 30-token cap alone, but is admitted first.
-        assert_eq!(run(&mut adm, &[req(1, 40, 1), req(1, 1, 1)]), vec![Admit, Wait]);
+        assert_eq!(
+            run(&mut adm, &[req(1, 40, 1), req(1, 1, 1)]),
+            vec![Admit, Wait]
+        );
         let mut adm = Admission::new(LIMITS, 0, 0, true);
         assert_eq!(
             run(&mut adm, &[req(1, 20, 1), req(1, 10, 1), req(1, 1, 1)]),
@@ -236,7 +245,10 @@ mod tests {
             vec![Wait, Cancelled, Expired]
         );
         let mut closed = Admission::new(LIMITS, 0, 0, false);
-        assert_eq!(run(&mut closed, &[req(1, 1, 1), gone]), vec![Wait, Cancelled]);
+        assert_eq!(
+            run(&mut closed, &[req(1, 1, 1), gone]),
+            vec![Wait, Cancelled]
+        );
     }
 
     #[test]
@@ -245,7 +257,10 @@ mod tests {
         let slots = could_ever_fit(LIMITS, &req(5, 1, 1)).unwrap_err();
         assert!(slots.contains("max_batch_size"), "{slots}");
         let budget = could_ever_fit(LIMITS, &req(2, 30, 30)).unwrap_err();
-        assert!(budget.contains("120 tokens") && budget.contains("max_total_tokens"), "{budget}");
+        assert!(
+            budget.contains("120 tokens") && budget.contains("max_total_tokens"),
+            "{budget}"
+        );
     }
 
     #[test]
