@@ -1008,7 +1008,11 @@ async fn an_empty_model_name_gets_the_default_model_or_is_refused_among_several(
         .generate(request("The dress", greedy(4)))
         .await
         .expect_err("no default among several");
-    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.get_details_bad_request().expect("field violation").field_violations[0].field,
+        "model"
+    );
     for name in ["gpt_reviews", "textgenrnn"] {
         assert!(e.message().contains(name), "{}", e.message());
     }
