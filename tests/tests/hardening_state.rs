@@ -84,6 +84,8 @@ async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
     const SHORT: usize = 12;
     let mut s = language_settings();
     s.language.oip_max_tokens_per_step = CONTEXT;
+    // gpt_reviews alone: the budget is sized to its context (textgenrnn's is 2048).
+    s.repository.models = vec!["gpt_reviews".into()];
     let server = start_language(s).await;
     let oip = server.oip().await.max_decoding_message_size(16 << 20);
 
@@ -276,6 +278,8 @@ async fn oip_burst_shares_the_step_budget_and_skips_callers_that_left() {
 async fn oip_queue_is_bounded_and_oversize_calls_are_refused() {
     let mut bad = language_settings();
     bad.language.oip_max_tokens_per_step = CONTEXT - 1;
+    // gpt_reviews alone: the budget is sized to its context (textgenrnn's is 2048).
+    bad.repository.models = vec!["gpt_reviews".into()];
     let err = marquee_language::start(bad, Default::default())
         .await
         .err()
@@ -284,6 +288,8 @@ async fn oip_queue_is_bounded_and_oversize_calls_are_refused() {
 
     let mut s = language_settings();
     s.language.oip_max_tokens_per_step = CONTEXT;
+    // gpt_reviews alone: the budget is sized to its context (textgenrnn's is 2048).
+    s.repository.models = vec!["gpt_reviews".into()];
     s.language.oip_queue_capacity = 4;
     let server = start_language(s).await;
     let oip = server.oip().await.max_decoding_message_size(16 << 20);
