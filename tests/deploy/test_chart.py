@@ -349,7 +349,7 @@ def test_values_reach_the_config_as_typed_toml(default_objects):
     language = config_of(default_objects, "language")
     assert set(language) == {"server", "repository", "telemetry", "language"}
     assert language["repository"] == {"path": "/models", "models": ["gpt_reviews"], "poll_interval_ms": 10000}
-    assert language["language"] == {}, "no model, repository or threads in [language] any more"
+    assert language["language"] == {"default_model": "gpt_reviews"}, "no model, repository or threads in [language] any more"
     rec = config_of(default_objects, "recommendation")
     assert set(rec) == {"server", "repository", "telemetry", "recommendation"}
     assert rec["repository"] == {"path": "/models", "poll_interval_ms": 10000}
