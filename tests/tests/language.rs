@@ -1010,7 +1010,10 @@ async fn an_empty_model_name_gets_the_default_model_or_is_refused_among_several(
         .expect_err("no default among several");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(
-        e.get_details_bad_request().expect("field violation").field_violations[0].field,
+        e.get_details_bad_request()
+            .expect("field violation")
+            .field_violations[0]
+            .field,
         "model"
     );
     for name in ["gpt_reviews", "textgenrnn"] {
