@@ -481,23 +481,6 @@ pub fn run(a: LanguageArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sections_are_replaced_in_place_or_appended() {
-        let r = "# R\n\n## A\n\nold\n\n## Language generation\n\nold lm\n\n## B\n\nb\n";
-        let out = replace_section(r, SECTION, "## Language generation\n\nnew\n\n");
-        assert_eq!(
-            out,
-            "# R\n\n## A\n\nold\n\n## Language generation\n\nnew\n\n## B\n\nb\n"
-        );
-        let out = replace_section("# R\n", SECTION, "## Language generation\n\nx\n");
-        assert_eq!(out, "# R\n## Language generation\n\nx\n");
-    }
-}
-
 /// The sections of `bench/lm_vs_transformers.py`: Marquee against `transformers` on a
 /// GPT-2-small-shaped model (same weights, same run), and the `textgenrnn` character model's
 /// characters/s at 1 and 16 streams. Each is its markdown, as the script prints it.
@@ -534,4 +517,21 @@ pub fn versus_transformers(
         md.push('\n');
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place_or_appended() {
+        let r = "# R\n\n## A\n\nold\n\n## Language generation\n\nold lm\n\n## B\n\nb\n";
+        let out = replace_section(r, SECTION, "## Language generation\n\nnew\n\n");
+        assert_eq!(
+            out,
+            "# R\n\n## A\n\nold\n\n## Language generation\n\nnew\n\n## B\n\nb\n"
+        );
+        let out = replace_section("# R\n", SECTION, "## Language generation\n\nx\n");
+        assert_eq!(out, "# R\n## Language generation\n\nx\n");
+    }
 }
