@@ -57,6 +57,9 @@ pub const SECTION: &str = "## Language generation";
 fn start_server(bin_dir: &Path, repo: &Path) -> anyhow::Result<Server> {
     let mut cmd = Command::new(bin_dir.join("marquee-language"));
     cmd.env("MARQUEE__REPOSITORY__PATH", repo);
+    // The repository also holds `textgenrnn`: serve the measured model alone, so the engine
+    // metrics are its own.
+    cmd.env("MARQUEE__REPOSITORY__MODELS", MODEL);
     Server::spawn(cmd)
 }
 
@@ -128,7 +131,7 @@ async fn drive(addr: &str, c: usize, seconds: f64) -> anyhow::Result<StreamLoad>
             while Instant::now() < end {
                 n += 1;
                 let req = GenerateRequest {
-                    model: String::new(),
+                    model: MODEL.into(),
                     prompt: PROMPTS[(w + n as usize) % PROMPTS.len()].into(),
                     parameters: Some(GenerationParameters {
                         max_new_tokens: Some(NEW_TOKENS),
