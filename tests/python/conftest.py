@@ -129,3 +129,23 @@ def preprocess_imagenet(path: Path) -> np.ndarray:
     x = (x - 127.0 / 255.0) / (128.0 / 255.0)
     x = x.transpose(2, 0, 1)[None]  # NCHW
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def pb():
+    """Python stubs for marquee.language.v1 (`language_pb2`, `language_pb2_grpc`), compiled
+    from proto/ by grpcio-tools, once per session."""
+    import importlib.resources
+    import sys
+
+    from grpc_tools import protoc
+
+    out = Path(tempfile.mkdtemp(prefix="marquee-language-pb-"))
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    rc = protoc.main(["protoc", f"-I{REPO_ROOT / 'proto'}", f"-I{well_known}", f"--python_out={out}",
+                      f"--grpc_python_out={out}", "marquee/language/v1/language.proto"])
+    assert rc == 0, "protoc failed"
+    sys.path.insert(0, str(out))
+    from marquee.language.v1 import language_pb2, language_pb2_grpc
+
+    return language_pb2, language_pb2_grpc

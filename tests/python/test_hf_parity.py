@@ -11,12 +11,10 @@ must be what the tokenizer decodes. The exporter must refuse what it cannot expo
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.resources
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -55,22 +53,6 @@ def export(src: Path, repo: Path, name: str, *extra: str) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-@pytest.fixture(scope="module")
-def pb():
-    """Python stubs for marquee.language.v1, compiled from proto/ by grpcio-tools."""
-    from grpc_tools import protoc
-
-    out = Path(tempfile.mkdtemp(prefix="marquee-hf-pb-"))
-    well_known = importlib.resources.files("grpc_tools") / "_proto"
-    rc = protoc.main(["protoc", f"-I{REPO_ROOT / 'proto'}", f"-I{well_known}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", "marquee/language/v1/language.proto"])
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, str(out))
-    from marquee.language.v1 import language_pb2, language_pb2_grpc
-
-    return language_pb2, language_pb2_grpc
 
 
 @pytest.fixture(scope="module")

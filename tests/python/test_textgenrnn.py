@@ -7,11 +7,8 @@ and sampled streams equal their unary counterparts, alone and eight at a time.""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.resources
 import json
 import math
-import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -127,22 +124,6 @@ def test_prefill_and_decode_through_a_view_equal_forward(module, manifest, vocab
 
 
 # --- served over gRPC ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pb():
-    """Python stubs for marquee.language.v1, compiled from proto/ by grpcio-tools."""
-    from grpc_tools import protoc
-
-    out = Path(tempfile.mkdtemp(prefix="marquee-tgr-pb-"))
-    well_known = importlib.resources.files("grpc_tools") / "_proto"
-    rc = protoc.main(["protoc", f"-I{REPO_ROOT / 'proto'}", f"-I{well_known}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", "marquee/language/v1/language.proto"])
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, str(out))
-    from marquee.language.v1 import language_pb2, language_pb2_grpc
-
-    return language_pb2, language_pb2_grpc
 
 
 @pytest.fixture(scope="module")
