@@ -663,23 +663,31 @@ impl Worker {
     }
 
     /// Removes sequences whose caller cancelled or whose deadline passed.
+    /// A request's sequences leave together; it is counted, and told, once.
     fn reap(&mut self) {
         let now = Instant::now();
+        let mut told: Vec<mpsc::Sender<Event>> = Vec::new();
         for i in (0..self.running.len()).rev() {
             let seq = &self.running[i];
-            if seq.events.is_closed() {
-                self.metrics.rejected("cancelled");
-                self.remove(i);
-            } else if now >= seq.deadline {
-                self.metrics.rejected("deadline");
-                let _ = seq
-                    .events
-                    .try_send(Event::Failed(ServeError::DeadlineExceeded(format!(
-                        "the deadline passed after {} generated tokens",
-                        seq.generated
-                    ))));
-                self.remove(i);
+            let gone = seq.events.is_closed();
+            if !gone && now < seq.deadline {
+                continue;
             }
+            if !told.iter().any(|t| t.same_channel(&seq.events)) {
+                told.push(seq.events.clone());
+                if gone {
+                    self.metrics.rejected("cancelled");
+                } else {
+                    self.metrics.rejected("deadline");
+                    let _ = seq
+                        .events
+                        .try_send(Event::Failed(ServeError::DeadlineExceeded(format!(
+                            "the deadline passed after {} generated tokens",
+                            seq.generated
+                        ))));
+                }
+            }
+            self.remove(i);
         }
     }
 

@@ -164,8 +164,13 @@ pub struct Vocab {
 
 impl Vocab {
     pub fn load(path: &Path, vocab_size: usize) -> anyhow::Result<Self> {
-        let mut tokenizer = Tokenizer::from_file(path)
+        let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer `{}`: {e}", path.display()))?;
+        Self::new(tokenizer, vocab_size, path)
+    }
+
+    /// Checks `tokenizer` (read from `path`) against the model's vocabulary size.
+    pub fn new(mut tokenizer: Tokenizer, vocab_size: usize, path: &Path) -> anyhow::Result<Self> {
         let size = tokenizer.get_vocab_size(true);
         if size > vocab_size {
             anyhow::bail!(
@@ -354,6 +359,54 @@ mod tests {
             tokenizer,
             byte_piece: vec![false; 5],
         }
+    }
+
+    /// A SentencePiece-style tokenizer: byte-fallback pieces and Llama's decoder chain.
+    fn byte_fallback_vocab() -> Vocab {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,
+            "decoder":{"type":"Sequence","decoders":[
+                {"type":"Replace","pattern":{"String":"▁"},"content":" "},
+                {"type":"ByteFallback"},{"type":"Fuse"},
+                {"type":"Strip","content":" ","start":1,"stop":0}]},
+            "model":{"type":"BPE","dropout":null,"unk_token":null,
+                "continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,
+                "byte_fallback":true,"ignore_merges":false,
+                "vocab":{"<0x7A>":0,"<0xC3>":1,"<0xA9>":2,"<0xEE>":3,"▁a":4,"b":5},
+                "merges":[]}}"#;
+        let tokenizer: Tokenizer = json.parse().expect("tokenizer json");
+        Vocab::new(tokenizer, 6, Path::new("test")).expect("vocab")
+    }
+
+    /// What the output must read: the decoder's text of prompt + output, after the prompt's.
+    fn continuation(v: &Vocab, prompt: &[u32], out: &[u32]) -> String {
+        let all: Vec<u32> = prompt.iter().chain(out).copied().collect();
+        v.decode(&all)[v.decode(prompt).len()..].to_string()
+    }
+
+    #[test]
+    fn a_byte_fallback_run_is_held_until_it_ends_and_never_contradicted() {
+        let v = byte_fallback_vocab();
+        // "é" from two byte pieces; then a run that is not UTF-8 ("z" + 0xEE), which the
+        // decoder renders as U+FFFD for each byte, the "z" included: "z" alone would have been
+        // wrong to send.
+        for out in [[4u32, 1, 2, 5], [4, 0, 3, 5]] {
+            let prompt = [4u32];
+            let mut d = Detokenizer::new(&prompt);
+            let mut text = String::new();
+            for &id in &out {
+                let piece = d.push(&v, id);
+                assert!(
+                    continuation(&v, &prompt, &out).starts_with(&(text.clone() + &piece)),
+                    "{out:?}: sent {text:?} + {piece:?}"
+                );
+                text.push_str(&piece);
+            }
+            text.push_str(&d.finish(&v));
+            assert_eq!(text, continuation(&v, &prompt, &out), "{out:?}");
+        }
+        assert_eq!(continuation(&v, &[4], &[4, 1, 2, 5]), " aéb");
+        assert_eq!(continuation(&v, &[4], &[4, 0, 3, 5]), " a\u{FFFD}\u{FFFD}b");
     }
 
     #[test]
