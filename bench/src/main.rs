@@ -2,6 +2,7 @@
 //! `bench/RESULTS.md`. Bounded in count and time, loopback only. The load client runs on one
 //! thread and reports its own CPU time, since it shares the 2 cores with the server.
 
+mod h2load;
 mod language;
 mod load;
 mod markdown;
@@ -33,6 +34,9 @@ enum Cmd {
     Recommend(recommend::RecommendArgs),
     /// The language service, decode steps and the naive loop; replaces that section of `--out`.
     Language(language::LanguageArgs),
+    /// The vision service from `h2load` (one connection × N streams, N connections), against
+    /// the raw ceiling; replaces that section of `--out`.
+    H2load(h2load::H2loadArgs),
     /// The recommender's feedback stores (file, PostgreSQL) side by side; prints Markdown or
     /// replaces that section of `--out`.
     Stores(stores::StoresArgs),
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Recommend(a) => recommend::run(a),
         Cmd::Language(a) => language::run(a),
         Cmd::Stores(a) => stores::run(a),
+        Cmd::H2load(a) => h2load::run(a),
     }
 }
 

@@ -111,6 +111,29 @@ fn raw(
     })
 }
 
+/// The raw tch ceiling of `model` at `batch` with 2 lanes × 1 thread: items/s, median of `runs`.
+pub(crate) fn raw_ceiling(
+    repo: &Path,
+    model: &str,
+    batch: usize,
+    runs: usize,
+) -> anyhow::Result<f64> {
+    let mut all = Vec::new();
+    for _ in 0..runs {
+        let mut c = Command::new(me());
+        c.args(["raw", "--model-dir"]).arg(repo.join(model)).args([
+            "--batch",
+            &batch.to_string(),
+            "--lanes",
+            "2",
+            "--threads",
+            "1",
+        ]);
+        all.push(json::<RawResult>(c)?.items_per_s);
+    }
+    Ok(median(all))
+}
+
 /// A service binary started for a benchmark on ephemeral ports; SIGTERM on drop.
 pub(crate) struct Server {
     pub(crate) child: Child,
@@ -119,7 +142,12 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    fn start(bin_dir: &Path, repo: &Path, model: &str, batching: bool) -> anyhow::Result<Self> {
+    pub(crate) fn start(
+        bin_dir: &Path,
+        repo: &Path,
+        model: &str,
+        batching: bool,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin_dir.join("marquee-vision"));
         cmd.env("MARQUEE__REPOSITORY__PATH", repo)
             .env("MARQUEE__REPOSITORY__MODELS", model)
@@ -128,7 +156,7 @@ impl Server {
         Self::spawn(cmd)
     }
 
-    fn gateway(bin_dir: &Path, config: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start_gateway(bin_dir: &Path, config: &Path) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin_dir.join("marquee-gateway"));
         cmd.arg("--config").arg(config);
         Self::spawn(cmd)
@@ -316,6 +344,16 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     let versus = crate::language::versus_transformers(&a.python, &bin_dir, &a.repo, a.runs)?;
     let rec = crate::recommend::RecommendArgs::with_defaults(a.repo.clone(), a.runs);
     let recommendation = crate::recommend::section(&rec)?;
+    let h2 = crate::h2load::section(
+        &crate::h2load::H2loadArgs {
+            repo: a.repo.clone(),
+            out: a.out.clone(),
+            bin_dir: Some(bin_dir.clone()),
+            runs: a.runs,
+            calls: 20_000,
+        },
+        &bin_dir,
+    )?;
     let stores = crate::stores::section(&crate::stores::StoresArgs::with_defaults(
         a.repo.clone(),
         a.runs,
@@ -326,6 +364,7 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
         md.push_str(&crate::markdown::vision_section(v));
     }
     md.push_str(&crate::markdown::gateway_section(&gateway));
+    md.push_str(&h2);
     md.push_str(&language);
     md.push_str(&versus);
     md.push_str(&recommendation);
@@ -455,7 +494,12 @@ fn write_fashion_png(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-const BENCH_KEY: &str = "bench-key-7d1e0c";
+pub(crate) const BENCH_KEY: &str = "bench-key-7d1e0c";
+
+/// The gateway config of the benchmarks, batching on, in front of `backend`.
+pub(crate) fn bench_gateway_config(dir: &Path, backend: &str) -> anyhow::Result<PathBuf> {
+    gateway_config(dir, backend, true)
+}
 
 fn gateway_config(dir: &Path, backend: &str, batching: bool) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("gateway-{batching}.toml"));
@@ -487,7 +531,7 @@ fn measure_gateway(a: &AllArgs, bin_dir: &Path, scratch: &Path) -> anyhow::Resul
     }
     for batching in [true, false] {
         let cfg = gateway_config(scratch, &backend.addr, batching)?;
-        let gw = Server::gateway(bin_dir, &cfg)?;
+        let gw = Server::start_gateway(bin_dir, &cfg)?;
         let label = if batching {
             "gateway, batching on"
         } else {

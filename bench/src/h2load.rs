@@ -1,0 +1,365 @@
+//! `marquee-bench h2load`: the vision service from an external HTTP/2 client, `h2load` (Debian's
+//! `nghttp2-client`), the way a gRPC client with one channel (`tritonclient`) calls: one
+//! connection with N streams in flight, and N connections of one stream. OIP `ModelInfer` with
+//! raw FP32 input; the raw tch ceiling is measured in the same run, so every figure is also a
+//! share of it. Replaces its section of `--out`.
+//!
+//! h2load counts HTTP statuses, and a gRPC error is an HTTP 200 with a `grpc-status` trailer:
+//! every call is checked against the server's own `marquee_grpc_requests_total{code="OK"}`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use clap::Args;
+use marquee_proto::inference::ModelInferRequest;
+use marquee_proto::inference::model_infer_request::InferInputTensor;
+
+use crate::report::Server;
+use crate::{median, proc_cpu_seconds};
+
+pub const SECTION: &str = "## Vision from an external HTTP/2 client (`marquee-bench h2load`)";
+
+#[derive(Args)]
+pub struct H2loadArgs {
+    /// The model repository.
+    #[arg(long, default_value = "model-repository")]
+    pub repo: PathBuf,
+    /// The report whose section this replaces.
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    pub out: PathBuf,
+    /// Directory holding `marquee-vision` and `marquee-gateway` (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Repetitions per figure; the report shows the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Calls per measurement (per concurrency 1: a quarter).
+    #[arg(long, default_value_t = 20_000)]
+    pub calls: usize,
+}
+
+/// One h2load run's figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct H2Figures {
+    pub calls_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Cores the server used during the run.
+    pub server_cores: f64,
+}
+
+/// A gRPC message framed for HTTP/2: flag byte, big-endian length, the protobuf.
+pub fn grpc_frame(msg: &impl prost::Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// One OIP call of `model` with a raw FP32 input of `dims` (batch 1), deterministic values.
+fn infer_body(model: &str, input: &str, dims: &[i64]) -> Vec<u8> {
+    let n: i64 = dims.iter().product();
+    let data: Vec<u8> = (0..n)
+        .flat_map(|i| ((i % 251) as f32 / 251.0).to_le_bytes())
+        .collect();
+    let shape: Vec<i64> = std::iter::once(1).chain(dims.iter().copied()).collect();
+    grpc_frame(&ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: input.into(),
+            datatype: "FP32".into(),
+            shape,
+            ..Default::default()
+        }],
+        raw_input_contents: vec![data.into()],
+        ..Default::default()
+    })
+}
+
+/// Parses h2load's `--log-file` (tab-separated: start µs, status, µs to the end of the
+/// response) into sorted latencies in ms.
+pub fn latencies_ms(log: &str) -> Vec<f64> {
+    let mut v: Vec<f64> = log
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok())
+        .map(|us| us / 1e3)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The value at quantile `q` of sorted `v`.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Parses the `finished in …, X req/s` line of h2load's summary.
+pub fn calls_per_s(summary: &str) -> Option<f64> {
+    let line = summary.lines().find(|l| l.starts_with("finished in"))?;
+    line.split(", ")
+        .find(|p| p.ends_with(" req/s"))?
+        .trim_end_matches(" req/s")
+        .parse()
+        .ok()
+}
+
+fn ok_calls(server: &Server) -> anyhow::Result<f64> {
+    let text = http_get(&server.admin, "/metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("marquee_grpc_requests_total{") && l.contains("code=\"OK\""))
+        .filter(|l| l.contains("ModelInfer"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// One h2load run: `connections` × `streams` in flight, `calls` calls, `headers` extra.
+fn run_once(
+    server: &Server,
+    measured_pid: u32,
+    body: &Path,
+    calls: usize,
+    connections: usize,
+    streams: usize,
+    headers: &[String],
+) -> anyhow::Result<H2Figures> {
+    let log = tempfile::NamedTempFile::new()?;
+    let url = format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        server.addr
+    );
+    let before = proc_cpu_seconds(measured_pid);
+    let started = std::time::Instant::now();
+    let mut cmd = Command::new("h2load");
+    cmd.args(["-n", &calls.to_string()])
+        .args(["-c", &connections.to_string()])
+        .args(["-m", &streams.to_string()])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(body)
+        .arg("--log-file")
+        .arg(log.path());
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(&url)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!("cannot run h2load ({e}); it is Debian's `nghttp2-client` (make setup)")
+        })?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = proc_cpu_seconds(measured_pid) - before;
+    let summary = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "h2load failed: {summary}");
+    anyhow::ensure!(
+        summary.contains(&format!("{calls} succeeded, 0 failed")),
+        "h2load: not every call succeeded: {summary}"
+    );
+    let lat = latencies_ms(&std::fs::read_to_string(log.path())?);
+    Ok(H2Figures {
+        calls_per_s: calls_per_s(&summary)
+            .ok_or_else(|| anyhow::anyhow!("no rate in h2load's output: {summary}"))?,
+        p50_ms: quantile(&lat, 0.5),
+        p99_ms: quantile(&lat, 0.99),
+        server_cores: cpu / wall,
+    })
+}
+
+/// The median over `runs` of each figure, every call checked `OK` by the server h2load calls
+/// (the gateway counts its callers' calls; behind it, batching merges them).
+fn measure(
+    a: &H2loadArgs,
+    server: &Server,
+    body: &Path,
+    calls: usize,
+    connections: usize,
+    streams: usize,
+    headers: &[String],
+) -> anyhow::Result<H2Figures> {
+    let mut runs = Vec::new();
+    for _ in 0..a.runs {
+        let before = ok_calls(server)?;
+        runs.push(run_once(
+            server,
+            server.child.id(),
+            body,
+            calls,
+            connections,
+            streams,
+            headers,
+        )?);
+        let ok = ok_calls(server)? - before;
+        anyhow::ensure!(
+            ok >= calls as f64,
+            "only {ok} of {calls} calls were answered with gRPC status OK"
+        );
+    }
+    let m = |f: fn(&H2Figures) -> f64| median(runs.iter().map(f).collect());
+    Ok(H2Figures {
+        calls_per_s: m(|r| r.calls_per_s),
+        p50_ms: m(|r| r.p50_ms),
+        p99_ms: m(|r| r.p99_ms),
+        server_cores: m(|r| r.server_cores),
+    })
+}
+
+/// The rows of the report: label, figures, and the ceiling they are a share of.
+pub struct Row {
+    pub label: String,
+    pub f: H2Figures,
+    pub ceiling: f64,
+}
+
+pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
+    let scratch = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    let mut ceilings = Vec::new();
+    for (model, input, dims, streams, raw_batch) in [
+        (
+            "fashion_cnn",
+            "image",
+            vec![1i64, 28, 28],
+            vec![1usize, 32],
+            32usize,
+        ),
+        ("efficientnet_lite0", "image", vec![3, 224, 224], vec![8], 1),
+    ] {
+        let ceiling = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs)?;
+        ceilings.push((model, raw_batch, ceiling));
+        let body = scratch.path().join(format!("{model}.bin"));
+        std::fs::write(&body, infer_body(model, input, &dims))?;
+        let server = Server::start(bin_dir, &a.repo, model, true)?;
+        let calls = if model == "fashion_cnn" {
+            a.calls
+        } else {
+            a.calls / 50
+        };
+        for &s in &streams {
+            eprintln!("== h2load {model}: 1 connection x {s} streams");
+            let n = if s == 1 { calls / 4 } else { calls };
+            let f = measure(a, &server, &body, n, 1, s, &[])?;
+            rows.push(Row {
+                label: format!(
+                    "`{model}`, direct, 1 connection × {s} stream{}",
+                    if s == 1 { "" } else { "s" }
+                ),
+                f,
+                ceiling,
+            });
+            if s > 1 {
+                eprintln!("== h2load {model}: {s} connections x 1 stream");
+                let f = measure(a, &server, &body, n, s, 1, &[])?;
+                rows.push(Row {
+                    label: format!("`{model}`, direct, {s} connections × 1 stream"),
+                    f,
+                    ceiling,
+                });
+            }
+        }
+        if model == "fashion_cnn" {
+            let cfg = crate::report::bench_gateway_config(scratch.path(), &server.addr)?;
+            let gw = Server::start_gateway(bin_dir, &cfg)?;
+            let key = vec![format!("x-api-key: {}", crate::report::BENCH_KEY)];
+            eprintln!("== h2load {model}: gateway, 1 connection x 32 streams");
+            let f = measure(a, &gw, &body, calls, 1, 32, &key)?;
+            rows.push(Row {
+                label: format!("`{model}`, through the gateway, 1 connection × 32 streams"),
+                f,
+                ceiling,
+            });
+        }
+    }
+    Ok(markdown(&rows, &ceilings, a.runs))
+}
+
+pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64)], runs: usize) -> String {
+    let mut md = format!(
+        "{SECTION}\n\n`h2load` (nghttp2) against `marquee-vision` (and the gateway in front of it), \
+         OIP `ModelInfer` with raw FP32 input, batching on (the models' own settings); the raw \
+         ceiling is `marquee-bench raw` with 2 lanes × 1 thread in the same run. h2load shares the \
+         2 cores with the server. Median of {runs} runs; every call checked `OK` against the \
+         server's own count.\n\n\
+         | client | calls/s | share of the raw ceiling | p50 / p99 (ms) | cores of the process called |\n\
+         | --- | ---: | ---: | ---: | ---: |\n"
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0}% | {:.2} / {:.2} | {:.2} |\n",
+            r.label,
+            r.f.calls_per_s,
+            100.0 * r.f.calls_per_s / r.ceiling,
+            r.f.p50_ms,
+            r.f.p99_ms,
+            r.f.server_cores
+        ));
+    }
+    md.push_str("\nRaw ceilings (same run): ");
+    let parts: Vec<String> = ceilings
+        .iter()
+        .map(|(m, b, c)| format!("`{m}` {c:.0} items/s at batch {b}"))
+        .collect();
+    md.push_str(&parts.join(", "));
+    md.push_str(".\n");
+    md
+}
+
+pub fn run(a: H2loadArgs) -> anyhow::Result<()> {
+    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default()
+    });
+    let md = section(&a, &bin_dir)?;
+    crate::language::write_section(Some(&a.out), SECTION, &md)?;
+    print!("{md}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_h2load_summary_and_log() {
+        let summary = "finished in 2.56s, 7799.73 req/s, 4.86MB/s\nrequests: 20000 total";
+        assert_eq!(calls_per_s(summary), Some(7799.73));
+        let log = "1700000000000000\t200\t500\n1700000000000100\t200\t1500\n1700000000000200\t200\t1000\n";
+        let lat = latencies_ms(log);
+        assert_eq!(lat, vec![0.5, 1.0, 1.5]);
+        assert_eq!(quantile(&lat, 0.5), 1.0);
+        assert_eq!(quantile(&lat, 0.99), 1.5);
+    }
+
+    #[test]
+    fn frames_a_grpc_message() {
+        let f = grpc_frame(&ModelInferRequest {
+            model_name: "m".into(),
+            ..Default::default()
+        });
+        assert_eq!(f[0], 0, "not compressed");
+        assert_eq!(
+            u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize,
+            f.len() - 5
+        );
+    }
+}
