@@ -119,15 +119,29 @@ fn ok_calls(server: &Server) -> anyhow::Result<f64> {
 }
 
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    http(addr, "GET", path)
+}
+
+fn http(addr: &str, method: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr)?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// Sets `model`'s batch cap in the running server (`repository.batching_control`).
+fn set_cap(server: &Server, model: &str, cap: &str) -> anyhow::Result<()> {
+    let reply = http(&server.admin, "POST", &format!("/batching/{model}/{cap}"))?;
+    anyhow::ensure!(
+        reply.starts_with("HTTP/1.1 200"),
+        "cannot set the batch cap: {reply}"
+    );
+    Ok(())
 }
 
 /// One h2load run: `connections` × `streams` in flight, `calls` calls, `headers` extra.
@@ -247,7 +261,13 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
         ceilings.push((model, raw_batch, ceiling));
         let body = scratch.path().join(format!("{model}.bin"));
         std::fs::write(&body, infer_body(model, input, &dims))?;
-        let server = Server::start(bin_dir, &a.repo, model, true)?;
+        let mut cmd = Command::new(bin_dir.join("marquee-vision"));
+        cmd.env("MARQUEE__REPOSITORY__PATH", &a.repo)
+            .env("MARQUEE__REPOSITORY__MODELS", model)
+            .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
+            // Batching off and on again in this same process (`POST /batching/...`).
+            .env("MARQUEE__REPOSITORY__BATCHING_CONTROL", "true");
+        let server = Server::spawn(cmd)?;
         let calls = if model == "fashion_cnn" {
             a.calls
         } else {
@@ -257,12 +277,20 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             eprintln!("== h2load {model}: 1 connection x {s} streams");
             let n = if s == 1 { calls / 4 } else { calls };
             let f = measure(a, &server, &body, n, 1, s, &[])?;
+            let plural = if s == 1 { "" } else { "s" };
+            rows.push(Row {
+                label: format!("`{model}`, direct, 1 connection × {s} stream{plural}"),
+                f,
+                ceiling,
+            });
+            set_cap(&server, model, "1")?;
+            let off = measure(a, &server, &body, n, 1, s, &[]);
+            set_cap(&server, model, "auto")?;
             rows.push(Row {
                 label: format!(
-                    "`{model}`, direct, 1 connection × {s} stream{}",
-                    if s == 1 { "" } else { "s" }
+                    "`{model}`, direct, 1 connection × {s} stream{plural}, batching off (same process)"
                 ),
-                f,
+                f: off?,
                 ceiling,
             });
             if s > 1 {
@@ -295,7 +323,9 @@ pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64)], runs: usize) -> S
     let mut md = format!(
         "{SECTION}\n\n`h2load` (nghttp2) against `marquee-vision` (and the gateway in front of it), \
          OIP `ModelInfer` with raw FP32 input, batching on (the models' own settings); the raw \
-         ceiling is `marquee-bench raw` with 2 lanes × 1 thread in the same run. h2load shares the \
+         ceiling is `marquee-bench raw` with 2 lanes × 1 thread in the same run. \"Batching off\" rows \
+         are the same server process with its batch cap set to 1 at run time \
+         (`repository.batching_control`), then back to warm-up's choice. h2load shares the \
          2 cores with the server. Median of {runs} runs; every call checked `OK` against the \
          server's own count.\n\n\
          | client | calls/s | share of the raw ceiling | p50 / p99 (ms) | cores of the process called |\n\

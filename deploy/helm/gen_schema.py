@@ -102,6 +102,10 @@ def repository(service: str) -> dict:
     if service == "vision":
         props["profile_batching"] = BOOL
         props["batching"] = BOOL
+        props["batching_control"] = {
+            **BOOL,
+            "description": "POST /batching/{model}/{cap} on the admin port (not authenticated): for benchmarks, not production.",
+        }
     if service == "language":
         props["lanes"] = {**integer(1, 1), "description": "The language engine is one lane per model: 1 or absent."}
     else:

@@ -607,3 +607,72 @@ async fn a_deadline_that_expires_in_the_queue_is_never_computed() {
     );
     server.shutdown.cancel();
 }
+
+/// `repository.batching_control`: the admin port sets a model's batch cap at run time, in the
+/// same process (1: every call alone; `auto`: warm-up's choice again), and refuses it unless
+/// the operator turned it on (the port is not authenticated).
+#[tokio::test]
+async fn the_batch_cap_is_set_at_run_time_only_when_the_operator_allows_it() {
+    let mut s = settings(&model_repo());
+    s.repository.batching_control = Some(true);
+    let server = start(s).await;
+    let cap = |srv: &TestServer| {
+        srv.metric(
+            "marquee_batcher_effective_max_batch",
+            &[("model", "fashion_cnn")],
+        )
+    };
+    let chosen = cap(&server);
+    assert!(chosen > 1.0, "warm-up chose a batch cap above 1: {chosen}");
+    let (images, _) = fashion_test_set(48);
+    let channel = server.channel().await;
+    let burst = || {
+        let calls = images.iter().map(|px| {
+            let mut c = ImageServiceClient::new(channel.clone());
+            let req = classify("fashion_cnn", encoded(png_gray(px, 28, 28)), 1);
+            async move { c.classify(req).await.map(|r| r.into_inner().labels) }
+        });
+        join_all(calls)
+    };
+    let counts = |srv: &TestServer| {
+        (
+            srv.metric("marquee_batcher_batches_total", &[("model", "fashion_cnn")]),
+            srv.metric("marquee_batcher_items_total", &[("model", "fashion_cnn")]),
+        )
+    };
+
+    let (status, body) = http_post(server.admin_addr, "/batching/fashion_cnn/1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("max_batch 1 (was"), "{body}");
+    assert_eq!(cap(&server), 1.0);
+    let (b0, i0) = counts(&server);
+    assert!(burst().await.iter().all(Result::is_ok));
+    let (b1, i1) = counts(&server);
+    assert_eq!(i1 - i0, 48.0);
+    assert_eq!(b1 - b0, 48.0, "batching off: one execution per call");
+
+    let (status, body) = http_post(server.admin_addr, "/batching/fashion_cnn/auto").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cap(&server), chosen, "auto restores warm-up's choice");
+    assert!(burst().await.iter().all(Result::is_ok));
+    let (b2, i2) = counts(&server);
+    assert_eq!(i2 - i1, 48.0);
+    assert!(b2 - b1 < 48.0, "batching on again: {} executions", b2 - b1);
+
+    for (path, want) in [
+        ("/batching/no_such_model/1", 404),
+        ("/batching/fashion_cnn/0", 400),
+        ("/batching/fashion_cnn/many", 400),
+    ] {
+        let (status, body) = http_post(server.admin_addr, path).await;
+        assert_eq!(status, want, "{path}: {body}");
+    }
+
+    // Off unless the operator turns it on.
+    let plain = start(settings(&model_repo())).await;
+    let before = cap(&plain);
+    let (status, body) = http_post(plain.admin_addr, "/batching/fashion_cnn/1").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("repository.batching_control"), "{body}");
+    assert_eq!(cap(&plain), before, "unchanged");
+}

@@ -1,13 +1,16 @@
 //! The admin HTTP listener: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
 //! Both probes fail with the reason once a worker thread died (see [`crate::liveness`]).
+//! With `repository.batching_control` (off by default: this port is not authenticated),
+//! `POST /batching/{model}/{cap}` sets a model's batch cap at run time.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -20,11 +23,15 @@ use crate::metrics::Metrics;
 /// Readiness check: `Some(detail)` when ready, `None` when not.
 pub type Readiness = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
+/// Sets a model's batch cap at run time: `(model, Some(cap) or None for the model's own)`.
+pub type BatchControl = Arc<dyn Fn(&str, Option<usize>) -> Result<String, String> + Send + Sync>;
+
 #[derive(Clone)]
 struct AdminState {
     metrics: Metrics,
     ready: Readiness,
     liveness: Liveness,
+    batching: Option<BatchControl>,
 }
 
 /// Admin connections open at once. Probes and scrapes use one or two each; past this a new
@@ -43,6 +50,7 @@ pub fn spawn(
     metrics: Metrics,
     ready: Readiness,
     liveness: Liveness,
+    batching: Option<BatchControl>,
     header_read_timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -50,10 +58,12 @@ pub fn spawn(
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/batching/{model}/{cap}", post(set_batching))
         .with_state(AdminState {
             metrics,
             ready,
             liveness,
+            batching,
         });
     let connections = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     tokio::spawn(async move {
@@ -115,5 +125,35 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     match (s.ready)() {
         Some(detail) => (StatusCode::OK, format!("ready: {detail}\n")),
         None => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+    }
+}
+
+/// `POST /batching/{model}/{cap}`: `cap` is a number (1 turns batching off) or `auto` (the
+/// model's own choice). 404 unless `repository.batching_control` is on.
+async fn set_batching(
+    State(s): State<AdminState>,
+    Path((model, cap)): Path<(String, String)>,
+) -> (StatusCode, String) {
+    let Some(control) = s.batching else {
+        return (
+            StatusCode::NOT_FOUND,
+            "run-time batch caps are off (`repository.batching_control`)\n".into(),
+        );
+    };
+    let cap = match cap.as_str() {
+        "auto" => None,
+        n => match n.parse::<usize>() {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("cap must be a number >= 1 or `auto`, got `{cap}`\n"),
+                );
+            }
+        },
+    };
+    match control(&model, cap) {
+        Ok(now) => (StatusCode::OK, now + "\n"),
+        Err(e) => (StatusCode::NOT_FOUND, e + "\n"),
     }
 }

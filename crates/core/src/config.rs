@@ -243,6 +243,11 @@ pub struct RepositorySettings {
     /// `false` runs every item alone (batch cap 1): for comparisons, not production. Default
     /// `true`; vision only, like `profile_batching`.
     pub batching: Option<bool>,
+    /// `true` lets `POST /batching/{model}/{cap}` on the admin port change a served model's
+    /// batch cap at run time (`1`: batching off; `auto`: warm-up's choice), so batching on and
+    /// off are compared in one process. Default `false`: the admin port is not authenticated.
+    /// Vision only, like `batching`.
+    pub batching_control: Option<bool>,
     /// Overrides every model's `instance.lanes` (model copies, each on its own OS thread).
     pub lanes: Option<usize>,
     /// Overrides every model's `instance.threads` (libtorch intra-op threads per lane).
@@ -259,6 +264,7 @@ impl Default for RepositorySettings {
             poll_interval_ms: 2_000,
             profile_batching: None,
             batching: None,
+            batching_control: None,
             lanes: None,
             threads: None,
             device: None,
@@ -297,6 +303,11 @@ impl RepositorySettings {
     }
 
     /// Whether warm-up profiles batch sizes (`repository.profile_batching`, default `true`).
+    /// Whether the admin port may change batch caps (`repository.batching_control`).
+    pub fn batching_control(&self) -> bool {
+        self.batching_control.unwrap_or(false)
+    }
+
     pub fn profile_batching(&self) -> bool {
         self.profile_batching.unwrap_or(true)
     }
@@ -314,6 +325,7 @@ impl RepositorySettings {
             for (key, set) in [
                 ("batching", self.batching.is_some()),
                 ("profile_batching", self.profile_batching.is_some()),
+                ("batching_control", self.batching_control.is_some()),
             ] {
                 if set {
                     errors.push(format!(

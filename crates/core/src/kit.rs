@@ -138,6 +138,12 @@ impl<F: ModelFamily> ModelServer<F> {
             health: self.health,
             ready: Arc::new(move || ready_repo.is_ready().then(|| ready_repo.names().join(", "))),
             liveness: self.repo.liveness().clone(),
+            batching: self.repo.settings().batching_control().then(|| {
+                let repo = self.repo.clone();
+                let control: crate::admin::BatchControl =
+                    Arc::new(move |model, cap| repo.set_batch_cap(model, cap));
+                control
+            }),
             on_drain: Box::new(move || Box::pin(async move { drain_repo.start_draining().await })),
         };
         let serving = serve(parts, self.health_service, services, shutdown).await?;

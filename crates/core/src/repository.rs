@@ -59,6 +59,13 @@ pub trait ModelFamily: Send + Sync + 'static {
     fn load(&self, at: &LoadContext<'_>) -> Result<Self::Model, String>;
 
     /// What the "model ready" log line says about a version (lanes, batch cap, sizes).
+    /// Changes a served model's batch cap at run time (`repository.batching_control`, the
+    /// admin port's `POST /batching/{model}/{cap}`): `Some(n)` or `None` for the family's own
+    /// choice; returns what is now in force. Families without a batcher refuse.
+    fn set_batch_cap(&self, _model: &Self::Model, _cap: Option<usize>) -> Result<String, String> {
+        Err("this service does not batch models".into())
+    }
+
     fn describe(&self, _model: &Self::Model) -> String {
         String::new()
     }
@@ -270,6 +277,12 @@ impl<F: ModelFamily> Repository<F> {
                 .await;
         }
         Ok(())
+    }
+
+    /// Sets `name`'s batch cap at run time (see [`ModelFamily::set_batch_cap`]).
+    pub fn set_batch_cap(&self, name: &str, cap: Option<usize>) -> Result<String, String> {
+        let served = self.get(name).map_err(|e| e.to_string())?;
+        self.family.set_batch_cap(&served, cap)
     }
 
     /// The family this repository loads.

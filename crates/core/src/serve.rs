@@ -41,6 +41,8 @@ pub struct ServeParts {
     /// The workers' liveness: once one dies, `/healthz` and `/readyz` fail and gRPC health
     /// reports NOT_SERVING for `""` and the worker's model.
     pub liveness: Liveness,
+    /// Run-time batch caps on the admin port (`repository.batching_control`); `None`: off.
+    pub batching: Option<crate::admin::BatchControl>,
     pub on_drain: OnDrain,
 }
 
@@ -138,6 +140,7 @@ pub async fn serve(
         health,
         ready,
         liveness,
+        batching,
         on_drain,
     } = parts;
     let grpc = TcpListener::bind(settings.grpc_addr).await.map_err(|e| {
@@ -157,6 +160,7 @@ pub async fn serve(
         metrics.clone(),
         ready,
         liveness.clone(),
+        batching,
         Duration::from_millis(settings.body_read_timeout_ms),
         admin_shutdown.clone(),
     );

@@ -32,6 +32,10 @@ impl ModelFamily for TensorFamily {
         LoadedModel::load(at)
     }
 
+    fn set_batch_cap(&self, m: &LoadedModel, cap: Option<usize>) -> Result<String, String> {
+        Ok(m.set_batch_cap(cap))
+    }
+
     fn describe(&self, m: &LoadedModel) -> String {
         format!(
             "lanes={} max_batch={} warmup_ms={}",
@@ -49,6 +53,9 @@ pub struct LoadedModel {
     pub warmup: WarmupReport,
     pub lanes: usize,
     queue: Arc<BatchQueue>,
+    /// The batch cap warm-up chose (profiled, or `max_batch_size`): what `auto` restores.
+    chosen_batch: usize,
+    metrics: crate::metrics::Metrics,
 }
 
 impl LoadedModel {
@@ -107,8 +114,30 @@ impl LoadedModel {
             labels,
             warmup,
             lanes: run.lanes,
+            chosen_batch: queue.max_batch(),
             queue,
+            metrics: at.metrics.clone(),
         })
+    }
+
+    /// Sets the batch cap at run time (`repository.batching_control`): `Some(n)` caps batches
+    /// at `n` (1: batching off; at most `max_batch_size`), `None` restores warm-up's choice.
+    /// Takes effect from the next batch a lane forms; nothing queued or running is disturbed.
+    pub fn set_batch_cap(&self, cap: Option<usize>) -> String {
+        let before = self.queue.max_batch();
+        self.queue.set_max_batch(cap.unwrap_or(self.chosen_batch));
+        let now = self.queue.max_batch();
+        self.metrics
+            .effective_batch
+            .with_label_values(&[&self.spec.name])
+            .set(now as i64);
+        tracing::info!(model = %self.spec.name, before, now, "batch cap set at run time");
+        format!(
+            "{}: max_batch {now} (was {before}; warm-up chose {}, max_batch_size {})",
+            self.spec.name,
+            self.chosen_batch,
+            self.queue.config().max_batch_size
+        )
     }
 
     /// Runs `rows` items (already validated to the input shape) through the batcher. Answers

@@ -131,6 +131,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         }),
         // No worker threads of its own: the gateway's liveness never fails.
         liveness: marquee_core::liveness::Liveness::new(),
+        batching: None,
         on_drain: Box::new(|| Box::pin(async {})),
     };
     let served = [
