@@ -138,8 +138,11 @@ def median(values: list[float]) -> float:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("MARQUEE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "marquee"
+    """The Marquee cache, as scripts/bootstrap.sh computes it (one definition, the tokenizer's)."""
+    sys.path.insert(0, str(REPO_ROOT / "models"))
+    from gpt2_tokenizer import cache_dir
+
+    return cache_dir()
 
 
 def file_sha(path: Path) -> str:

@@ -109,7 +109,7 @@ pub fn calls_per_s(summary: &str) -> Option<f64> {
 }
 
 fn ok_calls(server: &Server) -> anyhow::Result<f64> {
-    let text = http_get(&server.admin, "/metrics")?;
+    let text = crate::admin_http(&server.admin, "GET", "/metrics")?;
     Ok(text
         .lines()
         .filter(|l| l.starts_with("marquee_grpc_requests_total{") && l.contains("code=\"OK\""))
@@ -118,27 +118,11 @@ fn ok_calls(server: &Server) -> anyhow::Result<f64> {
         .sum())
 }
 
-fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    http(addr, "GET", path)
-}
-
-fn http(addr: &str, method: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
 /// Sets `model`'s batch cap in the running server (`repository.batching_control`).
 fn set_cap(server: &Server, model: &str, cap: &str) -> anyhow::Result<()> {
-    let reply = http(&server.admin, "POST", &format!("/batching/{model}/{cap}"))?;
+    let reply = crate::admin_http(&server.admin, "POST", &format!("/batching/{model}/{cap}"))?;
     anyhow::ensure!(
-        reply.starts_with("HTTP/1.1 200"),
+        reply.split_whitespace().nth(1) == Some("200"),
         "cannot set the batch cap: {reply}"
     );
     Ok(())

@@ -89,12 +89,7 @@ struct EngineCounters {
 }
 
 fn engine_counters(admin: &str) -> EngineCounters {
-    use std::io::{Read, Write};
-    let mut body = String::new();
-    if let Ok(mut s) = std::net::TcpStream::connect(admin) {
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-        let _ = s.read_to_string(&mut body);
-    }
+    let body = crate::admin_http(admin, "GET", "/metrics").unwrap_or_default();
     let value = |prefix: &str| -> f64 {
         body.lines()
             .filter(|l| l.starts_with(prefix))

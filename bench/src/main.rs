@@ -54,6 +54,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// One plain HTTP/1.0 request without a body to a server's admin port (1.0: the answer is never
+/// chunked, so its lines can be read as they are): the whole response, status line and headers
+/// included.
+pub fn admin_http(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// This process's user+system CPU seconds.
 pub fn self_cpu_seconds() -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();

@@ -149,3 +149,13 @@ def pb():
     from marquee.language.v1 import language_pb2, language_pb2_grpc
 
     return language_pb2, language_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def stub(language, pb):
+    """A `TextGenerationStub` on the module's `language` server fixture."""
+    import grpc
+
+    _, language_pb2_grpc = pb
+    with grpc.insecure_channel(language.grpc_addr) as channel:
+        yield language_pb2_grpc.TextGenerationStub(channel)

@@ -152,3 +152,13 @@ def run_binary(name: str, env_overrides: dict[str, str], args: list[str] | None 
         assert code == 0, f"{name} exit code {code} after SIGTERM\n{srv.log_tail()}"
 
 
+def serve_language(repo: Path):
+    """`marquee-language` over `repo` (one intra-op thread, no polling), as a context manager."""
+    return run_binary(
+        "marquee-language",
+        {
+            "MARQUEE__REPOSITORY__PATH": str(repo),
+            "MARQUEE__REPOSITORY__THREADS": "1",
+            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
+        },
+    )

@@ -17,12 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 import hf_checkpoints
-from marquee_servers import REPO_ROOT, Server, run_binary
+from marquee_servers import REPO_ROOT, Server, serve_language
 
 torch.set_num_threads(1)
 
@@ -81,22 +80,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def language(checkpoints) -> Server:
-    with run_binary(
-        "marquee-language",
-        {
-            "MARQUEE__REPOSITORY__PATH": str(checkpoints["repo"]),
-            "MARQUEE__REPOSITORY__THREADS": "1",
-            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
-        },
-    ) as srv:
+    with serve_language(checkpoints["repo"]) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(language, pb):
-    _, language_pb2_grpc = pb
-    with grpc.insecure_channel(language.grpc_addr) as channel:
-        yield language_pb2_grpc.TextGenerationStub(channel)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import math
 import tomllib
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
-from marquee_servers import REPO_ROOT, Server, model_repo, run_binary
+from marquee_servers import Server, model_repo, serve_language
 
 torch.set_num_threads(1)
 
@@ -131,22 +130,8 @@ def language(tmp_path_factory) -> Server:
     """marquee-language over a repository holding only the built textgenrnn (a link to it)."""
     repo = tmp_path_factory.mktemp("tgr-repo")
     (repo / NAME).symlink_to(model_dir().resolve(), target_is_directory=True)
-    with run_binary(
-        "marquee-language",
-        {
-            "MARQUEE__REPOSITORY__PATH": str(repo),
-            "MARQUEE__REPOSITORY__THREADS": "1",
-            "MARQUEE__REPOSITORY__POLL_INTERVAL_MS": "0",
-        },
-    ) as srv:
+    with serve_language(repo) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(language, pb):
-    _, language_pb2_grpc = pb
-    with grpc.insecure_channel(language.grpc_addr) as channel:
-        yield language_pb2_grpc.TextGenerationStub(channel)
 
 
 def sampled(pb, seed: int, **extra):
