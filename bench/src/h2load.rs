@@ -15,7 +15,7 @@ use marquee_proto::inference::ModelInferRequest;
 use marquee_proto::inference::model_infer_request::InferInputTensor;
 
 use crate::report::Server;
-use crate::{median, proc_cpu_seconds};
+use crate::{children_cpu_seconds, median, proc_cpu_seconds};
 
 pub const SECTION: &str = "## Vision from an external HTTP/2 client (`marquee-bench h2load`)";
 
@@ -46,6 +46,36 @@ pub struct H2Figures {
     pub p99_ms: f64,
     /// Cores the server used during the run.
     pub server_cores: f64,
+    /// Server CPU per call, in µs, by thread: the model lanes (`lane-*`), the async runtime
+    /// (`tokio-*`: HTTP/2, protobuf, hand-off, encode) and the rest.
+    pub lanes_us: f64,
+    pub runtime_us: f64,
+    pub other_us: f64,
+    /// h2load's own CPU per call, in µs (it shares the cores).
+    pub client_us: f64,
+    /// Cores used by the server and h2load together: 2.0 means the machine was saturated.
+    pub busy_cores: f64,
+}
+
+/// CPU seconds so far of `pid`'s threads, by kind: lanes, async runtime, other.
+pub fn thread_cpu_seconds(pid: u32) -> [f64; 3] {
+    let mut by_kind = [0.0; 3];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_kind;
+    };
+    for t in tasks.flatten() {
+        let path = t.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let kind = if comm.starts_with("lane-") {
+            0
+        } else if comm.starts_with("tokio-") {
+            1
+        } else {
+            2
+        };
+        by_kind[kind] += crate::stat_cpu_seconds(&path.join("stat"));
+    }
+    by_kind
 }
 
 /// A gRPC message framed for HTTP/2: flag byte, big-endian length, the protobuf.
@@ -58,11 +88,17 @@ pub fn grpc_frame(msg: &impl prost::Message) -> Vec<u8> {
     out
 }
 
+/// The deterministic input values every call sends: `i % 251 / 251`, in [0, 1) like pixels.
+pub fn ramp(n: usize) -> Vec<f32> {
+    (0..n).map(|i| (i % 251) as f32 / 251.0).collect()
+}
+
 /// One OIP call of `model` with a raw FP32 input of `dims` (batch 1), deterministic values.
 fn infer_body(model: &str, input: &str, dims: &[i64]) -> Vec<u8> {
     let n: i64 = dims.iter().product();
-    let data: Vec<u8> = (0..n)
-        .flat_map(|i| ((i % 251) as f32 / 251.0).to_le_bytes())
+    let data: Vec<u8> = ramp(n as usize)
+        .into_iter()
+        .flat_map(f32::to_le_bytes)
         .collect();
     let shape: Vec<i64> = std::iter::once(1).chain(dims.iter().copied()).collect();
     grpc_frame(&ModelInferRequest {
@@ -144,6 +180,8 @@ fn run_once(
         server.addr
     );
     let before = proc_cpu_seconds(measured_pid);
+    let threads_before = thread_cpu_seconds(measured_pid);
+    let client_before = children_cpu_seconds();
     let started = std::time::Instant::now();
     let mut cmd = Command::new("h2load");
     cmd.args(["-n", &calls.to_string()])
@@ -166,6 +204,9 @@ fn run_once(
         })?;
     let wall = started.elapsed().as_secs_f64();
     let cpu = proc_cpu_seconds(measured_pid) - before;
+    let threads = thread_cpu_seconds(measured_pid);
+    let client = children_cpu_seconds() - client_before;
+    let per_call = |i: usize| (threads[i] - threads_before[i]) * 1e6 / calls as f64;
     let summary = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "h2load failed: {summary}");
     anyhow::ensure!(
@@ -179,6 +220,11 @@ fn run_once(
         p50_ms: quantile(&lat, 0.5),
         p99_ms: quantile(&lat, 0.99),
         server_cores: cpu / wall,
+        lanes_us: per_call(0),
+        runtime_us: per_call(1),
+        other_us: per_call(2),
+        client_us: client * 1e6 / calls as f64,
+        busy_cores: (cpu + client) / wall,
     })
 }
 
@@ -217,6 +263,11 @@ fn measure(
         p50_ms: m(|r| r.p50_ms),
         p99_ms: m(|r| r.p99_ms),
         server_cores: m(|r| r.server_cores),
+        lanes_us: m(|r| r.lanes_us),
+        runtime_us: m(|r| r.runtime_us),
+        other_us: m(|r| r.other_us),
+        client_us: m(|r| r.client_us),
+        busy_cores: m(|r| r.busy_cores),
     })
 }
 
@@ -241,17 +292,24 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
         ),
         ("efficientnet_lite0", "image", vec![3, 224, 224], vec![8], 1),
     ] {
-        let ceiling = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs)?;
-        ceilings.push((model, raw_batch, ceiling));
+        let ceiling = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs, "randn")?;
+        // The model's speed depends on its input's values: the ceiling on the very input
+        // h2load sends, for the same rows read against it.
+        let served = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs, "ramp")?;
+        ceilings.push((model, raw_batch, ceiling, served));
         let body = scratch.path().join(format!("{model}.bin"));
         std::fs::write(&body, infer_body(model, input, &dims))?;
-        let mut cmd = Command::new(bin_dir.join("marquee-vision"));
-        cmd.env("MARQUEE__REPOSITORY__PATH", &a.repo)
-            .env("MARQUEE__REPOSITORY__MODELS", model)
-            .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
-            // Batching off and on again in this same process (`POST /batching/...`).
-            .env("MARQUEE__REPOSITORY__BATCHING_CONTROL", "true");
-        let server = Server::spawn(cmd)?;
+        let spawn = |env: &[(&str, &str)]| {
+            let mut cmd = Command::new(bin_dir.join("marquee-vision"));
+            cmd.env("MARQUEE__REPOSITORY__PATH", &a.repo)
+                .env("MARQUEE__REPOSITORY__MODELS", model)
+                .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
+                // Batching off and on again in this same process (`POST /batching/...`).
+                .env("MARQUEE__REPOSITORY__BATCHING_CONTROL", "true")
+                .envs(env.iter().copied());
+            Server::spawn(cmd)
+        };
+        let server = spawn(&[])?;
         let calls = if model == "fashion_cnn" {
             a.calls
         } else {
@@ -298,12 +356,26 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
                 f,
                 ceiling,
             });
+            drop(gw);
+            drop(server);
+            // Before: lanes at the network's priority (`repository.lane_nice = 0`), where a
+            // reply waits for a core held by a forward.
+            let before = spawn(&[("MARQUEE__REPOSITORY__LANE_NICE", "0")])?;
+            eprintln!("== h2load {model}: lanes at nice 0, 1 connection x 32 streams");
+            let f = measure(a, &before, &body, calls, 1, 32, &[])?;
+            rows.push(Row {
+                label: format!(
+                    "`{model}`, direct, 1 connection × 32 streams, lanes at nice 0 (before `lane_nice`)"
+                ),
+                f,
+                ceiling,
+            });
         }
     }
     Ok(markdown(&rows, &ceilings, a.runs))
 }
 
-pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64)], runs: usize) -> String {
+pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64, f64)], runs: usize) -> String {
     let mut md = format!(
         "{SECTION}\n\n`h2load` (nghttp2) against `marquee-vision` (and the gateway in front of it), \
          OIP `ModelInfer` with raw FP32 input, batching on (the models' own settings); the raw \
@@ -312,26 +384,45 @@ pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64)], runs: usize) -> S
          (`repository.batching_control`), then back to warm-up's choice. h2load shares the \
          2 cores with the server. Median of {runs} runs; every call checked `OK` against the \
          server's own count.\n\n\
-         | client | calls/s | share of the raw ceiling | p50 / p99 (ms) | cores of the process called |\n\
-         | --- | ---: | ---: | ---: | ---: |\n"
+         | client | calls/s | share of the raw ceiling | p50 / p99 (ms) | cores of the process called | its CPU µs per call: lanes + runtime + other | h2load µs per call | cores busy (server + h2load, of 2) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for r in rows {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0}% | {:.2} / {:.2} | {:.2} |\n",
+            "| {} | {:.0} | {:.0}% | {:.2} / {:.2} | {:.2} | {:.0} + {:.0} + {:.0} | {:.0} | {:.2} |\n",
             r.label,
             r.f.calls_per_s,
             100.0 * r.f.calls_per_s / r.ceiling,
             r.f.p50_ms,
             r.f.p99_ms,
-            r.f.server_cores
+            r.f.server_cores,
+            r.f.lanes_us,
+            r.f.runtime_us,
+            r.f.other_us,
+            r.f.client_us,
+            r.f.busy_cores,
         ));
     }
     md.push_str("\nRaw ceilings (same run): ");
     let parts: Vec<String> = ceilings
         .iter()
-        .map(|(m, b, c)| format!("`{m}` {c:.0} items/s at batch {b}"))
+        .map(|(m, b, c, _)| format!("`{m}` {c:.0} items/s at batch {b}"))
         .collect();
     md.push_str(&parts.join(", "));
+    md.push_str(
+        ". Their input is random normal (`--input randn`), as in the issue's figures. The same \
+         ceilings on the input h2load sends (`--input ramp`, values in [0, 1)): ",
+    );
+    let served: Vec<String> = ceilings
+        .iter()
+        .map(|(m, b, c, s)| {
+            format!(
+                "`{m}` {s:.0} items/s at batch {b} ({:.2}× the random-input ceiling)",
+                s / c
+            )
+        })
+        .collect();
+    md.push_str(&served.join(", "));
     md.push_str(".\n");
     md
 }

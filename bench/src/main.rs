@@ -71,10 +71,20 @@ pub fn admin_http(addr: &str, method: &str, path: &str) -> std::io::Result<Strin
 
 /// This process's user+system CPU seconds.
 pub fn self_cpu_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_SELF)
+}
+
+/// User+system CPU seconds of this process's reaped children (an h2load run, once it exited).
+pub fn children_cpu_seconds() -> f64 {
+    rusage_seconds(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage_seconds(who: libc::c_int) -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes into the provided struct; RUSAGE_SELF is always valid.
+    // SAFETY: getrusage writes into the provided struct; `who` is RUSAGE_SELF or
+    // RUSAGE_CHILDREN, both always valid.
     let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        libc::getrusage(who, usage.as_mut_ptr());
         usage.assume_init()
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -96,7 +106,12 @@ pub fn rss_mib(pid: u32) -> f64 {
 
 /// CPU seconds (user+system) consumed so far by `pid`.
 pub fn proc_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// CPU seconds (user+system) in a `/proc/…/stat` file (a process's or one thread's).
+pub fn stat_cpu_seconds(path: &std::path::Path) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();

@@ -22,6 +22,10 @@ pub struct RawArgs {
     pub threads: usize,
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
+    /// Input values: `randn` (standard normal), or `ramp`, the deterministic values in [0, 1)
+    /// that `marquee-bench h2load` sends, so a ceiling can be measured on the served input.
+    #[arg(long, default_value = "randn")]
+    pub input: String,
     /// Leave glibc's allocator at its defaults (to measure what tuning buys).
     #[arg(long)]
     pub no_tune_alloc: bool,
@@ -36,6 +40,10 @@ pub struct RawResult {
 }
 
 pub fn run(a: RawArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.input == "randn" || a.input == "ramp",
+        "--input must be `randn` or `ramp`"
+    );
     if !a.no_tune_alloc {
         marquee_core::alloc::tune_allocator();
     }
@@ -53,8 +61,17 @@ pub fn run(a: RawArgs) -> anyhow::Result<()> {
                 let mut m = CModule::load(&path)?;
                 m.set_eval();
                 // A fresh input each call, as a server would build one per batch.
-                let input =
-                    || Tensor::randn(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu));
+                let n: i64 = shape.iter().product();
+                let ramp = a.input == "ramp";
+                let input = || {
+                    if ramp {
+                        Tensor::from_slice(&crate::h2load::ramp(n as usize / shape[0] as usize))
+                            .repeat([shape[0]])
+                            .view(shape.as_slice())
+                    } else {
+                        Tensor::randn(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu))
+                    }
+                };
                 for _ in 0..3 {
                     tch::no_grad(|| m.forward_is(&[IValue::Tensor(input())]))?;
                 }

@@ -117,6 +117,7 @@ pub(crate) fn raw_ceiling(
     model: &str,
     batch: usize,
     runs: usize,
+    input: &str,
 ) -> anyhow::Result<f64> {
     let mut all = Vec::new();
     for _ in 0..runs {
@@ -128,6 +129,8 @@ pub(crate) fn raw_ceiling(
             "2",
             "--threads",
             "1",
+            "--input",
+            input,
         ]);
         all.push(json::<RawResult>(c)?.items_per_s);
     }

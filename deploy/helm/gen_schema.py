@@ -106,6 +106,10 @@ def repository(service: str) -> dict:
             **BOOL,
             "description": "POST /batching/{model}/{cap} on the admin port (not authenticated): for benchmarks, not production.",
         }
+        props["lane_nice"] = {
+            **integer(0, 19),
+            "description": "Niceness of the model lanes (default 10), so network work never waits behind a forward.",
+        }
     if service == "language":
         props["lanes"] = {**integer(1, 1), "description": "The language engine is one lane per model: 1 or absent."}
     else:

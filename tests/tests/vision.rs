@@ -676,3 +676,51 @@ async fn the_batch_cap_is_set_at_run_time_only_when_the_operator_allows_it() {
     assert!(body.contains("repository.batching_control"), "{body}");
     assert_eq!(cap(&plain), before, "unchanged");
 }
+
+/// `(thread name, niceness)` of every thread of this process.
+fn thread_niceness() -> Vec<(String, i64)> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // Field 19 of stat; the 17th after the parenthesised name.
+            let nice = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(16)?
+                .parse()
+                .ok()?;
+            Some((comm.trim().to_string(), nice))
+        })
+        .collect()
+}
+
+#[test]
+fn model_lanes_run_below_the_network_threads_priority() {
+    // The shared server is ready, so its lanes are up (ready means warm).
+    let _ = shared();
+    let threads = thread_niceness();
+    let lanes: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("lane-fashion"))
+        .collect();
+    assert!(!lanes.is_empty(), "{threads:?}");
+    // `repository.lane_nice` defaults to 10: a reply never waits behind a forward for a core.
+    assert!(
+        lanes
+            .iter()
+            .all(|(_, n)| *n == marquee_core::config::DEFAULT_LANE_NICE as i64),
+        "{lanes:?}"
+    );
+    let runtime: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("tokio-"))
+        .collect();
+    assert!(
+        !runtime.is_empty() && runtime.iter().all(|(_, n)| *n == 0),
+        "{runtime:?}"
+    );
+}

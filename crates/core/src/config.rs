@@ -248,6 +248,13 @@ pub struct RepositorySettings {
     /// off are compared in one process. Default `false`: the admin port is not authenticated.
     /// Vision only, like `batching`.
     pub batching_control: Option<bool>,
+    /// Scheduling niceness (0–19) of the model lanes, so the async runtime's network work is
+    /// never queued behind a forward on a busy core: a reply that waits for a core delays the
+    /// client's next call and leaves the lanes idle later. Measured on 2 cores (fashion_cnn,
+    /// one connection × 32 streams, 4 runs): 0 → 10.3k calls/s, 10 → 12.8k, 19 → 13.3k.
+    /// Default 10: most of the gain, while a lane still gets a tenth of a core against a busy
+    /// ordinary process. Vision only, like `batching`.
+    pub lane_nice: Option<i32>,
     /// Overrides every model's `instance.lanes` (model copies, each on its own OS thread).
     pub lanes: Option<usize>,
     /// Overrides every model's `instance.threads` (libtorch intra-op threads per lane).
@@ -265,6 +272,7 @@ impl Default for RepositorySettings {
             profile_batching: None,
             batching: None,
             batching_control: None,
+            lane_nice: None,
             lanes: None,
             threads: None,
             device: None,
@@ -285,6 +293,13 @@ impl Validate for RepositorySettings {
         }
         if self.threads == Some(0) {
             errors.push("`repository.threads` must be at least 1, got 0".into());
+        }
+        if let Some(n) = self.lane_nice
+            && !(0..=19).contains(&n)
+        {
+            errors.push(format!(
+                "`repository.lane_nice` must be 0 to 19 (a lane may only lower its own priority), got {n}"
+            ));
         }
         if let Some(d) = &self.device
             && !is_device_name(d)
@@ -312,6 +327,11 @@ impl RepositorySettings {
         self.profile_batching.unwrap_or(true)
     }
 
+    /// The lanes' niceness (`repository.lane_nice`, default [`DEFAULT_LANE_NICE`]).
+    pub fn lane_nice(&self) -> i32 {
+        self.lane_nice.unwrap_or(DEFAULT_LANE_NICE)
+    }
+
     /// Refuses the keys a service would ignore: an operator who sets `repository.lanes` on a
     /// service that runs one engine per model, or batching keys where nothing is batched,
     /// learns it at start instead of tuning a knob that does nothing.
@@ -326,6 +346,7 @@ impl RepositorySettings {
                 ("batching", self.batching.is_some()),
                 ("profile_batching", self.profile_batching.is_some()),
                 ("batching_control", self.batching_control.is_some()),
+                ("lane_nice", self.lane_nice.is_some()),
             ] {
                 if set {
                     errors.push(format!(
@@ -350,6 +371,9 @@ pub fn validate_model_service(
     repository.refuse_unused(service, uses, errors);
     telemetry.validate(errors);
 }
+
+/// Default of `repository.lane_nice` (see there for the measurement).
+pub const DEFAULT_LANE_NICE: i32 = 10;
 
 /// Which of the repository's per-model keys a service honours (see
 /// [`RepositorySettings::refuse_unused`]).
@@ -490,6 +514,41 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("got 400000"), "{err}");
+    }
+
+    #[test]
+    fn lane_niceness_is_bounded_and_only_where_lanes_are() {
+        let repo = tempfile::tempdir().unwrap();
+        let mut r = RepositorySettings {
+            path: repo.path().to_path_buf(),
+            ..Default::default()
+        };
+        assert_eq!(r.lane_nice(), DEFAULT_LANE_NICE);
+        for bad in [-1, 20] {
+            r.lane_nice = Some(bad);
+            let mut errors = Vec::new();
+            r.validate(&mut errors);
+            assert!(
+                errors.iter().any(|e| e.contains("`repository.lane_nice`")),
+                "{bad}: {errors:?}"
+            );
+        }
+        r.lane_nice = Some(19);
+        let mut errors = Vec::new();
+        r.validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        r.refuse_unused(
+            "language",
+            KeysUsed {
+                lanes: false,
+                batching: false,
+            },
+            &mut errors,
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("`repository.lane_nice`")),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct LaneConfig {
     pub device: Device,
     pub lanes: usize,
     pub threads: usize,
+    /// Niceness each lane thread gives itself (`repository.lane_nice`); its intra-op threads,
+    /// created from it, inherit it.
+    pub nice: i32,
     pub input_dims: Vec<i64>,
     /// Declared outputs (`model.toml`), checked by warm-up before the version may serve.
     pub outputs: Vec<TensorSpec>,
@@ -163,6 +166,7 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
             .spawn(move || {
                 // Per-thread: each lane gets its own intra-op pool size.
                 tch::set_num_threads(cfg.threads as i32);
+                lower_priority(cfg.nice);
                 let mut exec =
                     match TchExecutor::load(&cfg.model_path, cfg.device, cfg.input_dims.clone()) {
                         Ok(e) => e,
@@ -227,6 +231,24 @@ pub fn start_lanes(cfg: &LaneConfig, queue: &Arc<BatchQueue>) -> Result<WarmupRe
     report.took = started.elapsed();
     queue.set_max_batch(report.best_batch);
     Ok(report)
+}
+
+/// Raises this thread's niceness to `nice` (Linux: niceness is per thread). A failure only
+/// costs throughput, so it is logged, not fatal.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; setpriority on this thread's own id only changes
+    // its scheduling weight (raising niceness needs no privilege).
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if rc != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "cannot lower a lane's priority");
+    }
 }
 
 /// What the lanes measure together while profiling: items and time at each batch size.

@@ -98,6 +98,7 @@ impl LoadedModel {
                 device: run.device,
                 lanes: run.lanes,
                 threads: run.threads,
+                nice: settings.lane_nice(),
                 input_dims: spec.inputs[0].dims.clone(),
                 outputs: spec.outputs.clone(),
                 profile: settings.profile_batching() && max_batch_size > 1,
