@@ -450,3 +450,137 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
     );
     server.shutdown.cancel();
 }
+
+/// Doubles its input; an input holding 17 asks libtorch's allocator for 256 TiB, more than any
+/// machine's address space: the same error path as a CUDA batch that does not fit.
+const GREEDY_TENSOR_MODEL: &str = r#"
+import sys, torch
+class Greedy(torch.nn.Module):
+    def forward(self, x):
+        if bool((x == 17.0).any()):
+            big = torch.empty([70368744177664], dtype=torch.float32)
+            return big[:x.numel()].view(x.shape)
+        return x * 2.0
+torch.jit.script(Greedy()).save(sys.argv[1])
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_runs_out_of_memory_is_resource_exhausted_and_the_replica_keeps_serving() {
+    let repo = tempfile::tempdir().unwrap();
+    let dir = repo.path().join("greedy");
+    std::fs::create_dir_all(dir.join("1")).unwrap();
+    std::fs::write(dir.join("model.toml"), tensor_manifest("greedy")).unwrap();
+    run_python(GREEDY_TENSOR_MODEL, &[&dir.join("1/model.pt")]);
+    let server = start(settings(repo.path())).await;
+    let ch = channel(server.grpc_addr).await;
+
+    let err = oip(&ch)
+        .model_infer(infer_request("greedy", [17.0, 0.0, 0.0, 0.0]))
+        .await
+        .expect_err("a batch that cannot be allocated fails");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("out of memory"), "{err:?}");
+    let retry = tonic_types::StatusExt::get_details_retry_info(&err);
+    assert!(
+        retry.and_then(|r| r.retry_delay).is_some(),
+        "a retry hint: {err:?}"
+    );
+    assert_eq!(
+        server.metric(
+            "marquee_batcher_rejected_total",
+            &[("model", "greedy"), ("reason", "out_of_memory")]
+        ),
+        1.0
+    );
+    // Nothing died: the same lane answers the next call, and every probe stays healthy.
+    let ok = oip(&ch)
+        .model_infer(infer_request("greedy", [1.0, 2.0, 3.0, 4.0]))
+        .await
+        .expect("the replica keeps serving")
+        .into_inner();
+    assert_eq!(infer_output(&ok).1, vec![2.0, 4.0, 6.0, 8.0]);
+    assert_eq!(health(&ch, "").await, ServingStatus::Serving);
+    assert_eq!(http_get(server.admin_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(server.admin_addr, "/readyz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_on_a_gpu_this_process_cannot_see_is_refused_with_the_reason_once() {
+    let repo = tempfile::tempdir().unwrap();
+    let build = tempfile::tempdir().unwrap();
+    let double = build.path().join("double.pt");
+    scale_model(2.0, false, &double);
+    for (name, device) in [("on_cpu", "cpu"), ("on_gpu", "cuda:99")] {
+        let dir = repo.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = tensor_manifest(name).replace(
+            "[instance]\n",
+            &format!("[instance]\ndevice = \"{device}\"\n"),
+        );
+        std::fs::write(dir.join("model.toml"), manifest).unwrap();
+        install_version(&dir, 1, &double);
+    }
+    // At start, the process refuses to come up, with the reason (the orchestrator shows it).
+    let mut s = settings(repo.path());
+    s.repository.poll_interval_ms = 50;
+    let err = match marquee_vision::start(s.clone(), Default::default()).await {
+        Ok(_) => panic!("a server whose model needs a missing GPU started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("cuda:99") && err.contains("CUDA device(s)"),
+        "{err}"
+    );
+    // Added later to a running server, it is refused once, with the reason in the index.
+    let gpu_dir = repo.path().join("on_gpu");
+    let parked = build.path().join("on_gpu");
+    std::fs::rename(&gpu_dir, &parked).unwrap();
+    let server = start(s).await;
+    let ch = channel(server.grpc_addr).await;
+    copy_dir(&parked, &gpu_dir);
+    let index = wait_until("RepositoryIndex to list on_gpu", WAIT, || async {
+        let models = oip(&ch)
+            .repository_index(RepositoryIndexRequest {
+                repository_name: String::new(),
+                ready: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        models.iter().any(|m| m.name == "on_gpu").then_some(models)
+    })
+    .await;
+    let gpu = index
+        .iter()
+        .find(|m| m.name == "on_gpu")
+        .unwrap_or_else(|| panic!("{index:?}"));
+    assert_eq!(gpu.state, "UNAVAILABLE", "{gpu:?}");
+    // The reason names the device and what this process sees (0 here, 1 on a one-GPU node),
+    // not a libtorch dispatch error from inside a forward.
+    assert!(
+        gpu.reason.contains("cuda:99") && gpu.reason.contains("CUDA device(s)"),
+        "{gpu:?}"
+    );
+    let polls = server.metric("marquee_model_repository_polls_total", &[]);
+    wait_until("five more repository polls", WAIT, || async {
+        (server.metric("marquee_model_repository_polls_total", &[]) >= polls + 5.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        server.metric("marquee_model_load_failures_total", &[("model", "on_gpu")]),
+        1.0,
+        "refused once, not once per poll"
+    );
+    let err = oip(&ch)
+        .model_infer(infer_request("on_gpu", [1.0, 2.0, 3.0, 4.0]))
+        .await
+        .expect_err("a refused model does not serve");
+    assert_ne!(err.code(), Code::Ok);
+    let ok = oip(&ch)
+        .model_infer(infer_request("on_cpu", [1.0, 2.0, 3.0, 4.0]))
+        .await
+        .expect("the model on the CPU serves beside it")
+        .into_inner();
+    assert_eq!(infer_output(&ok).1, vec![2.0, 4.0, 6.0, 8.0]);
+}

@@ -341,6 +341,20 @@ pub fn run_lane<E: Executor>(queue: &BatchQueue, exec: &mut E) {
                     let _ = item.reply.send(Ok(per_item));
                 }
             }
+            Err(e) if crate::error::is_out_of_memory(&e) => {
+                // The batch did not fit in the memory left (a GPU shared with other work, a
+                // fragmented cache): the callers may retry, the lane carries on.
+                m.rejected
+                    .with_label_values(&[&cfg.model, "out_of_memory"])
+                    .inc_by(live.len() as u64);
+                tracing::warn!(model = %cfg.model, rows, error = %e, "a batch ran out of memory");
+                for item in live {
+                    let _ = item.reply.send(Err(ServeError::model_failure(format!(
+                        "model `{}`, a batch of {rows}: {e}",
+                        cfg.model
+                    ))));
+                }
+            }
             Err(e) => {
                 for item in live {
                     let _ = item.reply.send(Err(ServeError::Internal(format!(
@@ -553,6 +567,47 @@ mod tests {
             sizes.recv().unwrap(),
             4,
             "the lane waited and took all four"
+        );
+        q.close();
+        lane.join().unwrap();
+    }
+
+    /// Fails every batch of more than one row the way libtorch's allocator does.
+    struct Starved;
+
+    impl Executor for Starved {
+        fn execute(&mut self, input: &[f32], rows: usize) -> Result<Vec<Vec<f32>>, String> {
+            if rows > 1 {
+                return Err(format!(
+                    "CUDA out of memory. Tried to allocate {} GiB.",
+                    rows * 8
+                ));
+            }
+            Ok(vec![input.to_vec()])
+        }
+    }
+
+    #[tokio::test]
+    async fn out_of_memory_is_resource_exhausted_and_the_lane_carries_on() {
+        let metrics = Metrics::new();
+        let q = BatchQueue::new(cfg(8, 0, 64, 1), metrics.clone());
+        let rx = q.submit(vec![1.0; 4], 2, far()).unwrap();
+        let lane = {
+            let q = q.clone();
+            std::thread::spawn(move || run_lane(&q, &mut Starved))
+        };
+        let err = rx.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(err.to_string().contains("out of memory"), "{err}");
+        // The same lane still answers what fits.
+        let ok = q.submit(vec![3.0, 4.0], 1, far()).unwrap().await.unwrap();
+        assert_eq!(ok.unwrap(), vec![vec![vec![3.0, 4.0]]]);
+        assert_eq!(
+            metrics
+                .rejected
+                .with_label_values(&["fake", "out_of_memory"])
+                .get(),
+            1
         );
         q.close();
         lane.join().unwrap();

@@ -128,6 +128,20 @@ impl ServeError {
         }
     }
 
+    /// A model call that failed with `message`: an allocation failure (see
+    /// [`is_out_of_memory`]) is `RESOURCE_EXHAUSTED` with a retry hint, because the same call may
+    /// fit once the work in flight has freed its memory; anything else is `INTERNAL`.
+    pub fn model_failure(message: String) -> Self {
+        if is_out_of_memory(&message) {
+            Self::Overloaded {
+                message: format!("the model ran out of memory; retry: {message}"),
+                retry_after: OUT_OF_MEMORY_RETRY,
+            }
+        } else {
+            Self::Internal(message)
+        }
+    }
+
     /// The gRPC code this error maps to.
     pub fn code(&self) -> Code {
         match self {
@@ -273,9 +287,49 @@ pub fn item_status(code: Code, field: String, message: String) -> Status {
     }
 }
 
+/// Retry hint after a model call ran out of memory: long enough for the calls in flight to
+/// end and free theirs.
+pub const OUT_OF_MEMORY_RETRY: Duration = Duration::from_millis(200);
+
+/// Whether a libtorch error is an allocation failure (CUDA's caching allocator, cuBLAS's
+/// workspace, or the CPU allocator): the request was too large for the memory left now, not
+/// wrong, so it is answered `RESOURCE_EXHAUSTED` and the worker carries on.
+pub fn is_out_of_memory(error: &str) -> bool {
+    [
+        "CUDA out of memory",
+        "CUDA error: out of memory",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "DefaultCPUAllocator: can't allocate memory",
+    ]
+    .iter()
+    .any(|m| error.contains(m))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_failures_are_told_apart_from_other_errors() {
+        // The messages libtorch 2.x raises, verbatim in their distinctive parts.
+        assert!(is_out_of_memory(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 GiB"
+        ));
+        assert!(is_out_of_memory(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8796093022208 bytes."
+        ));
+        assert!(is_out_of_memory(
+            "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+        ));
+        assert!(!is_out_of_memory(
+            "Expected all tensors to be on the same device"
+        ));
+        // What the language engine and the batcher send their callers.
+        let oom = ServeError::model_failure("CUDA out of memory. Tried to allocate 2 GiB".into());
+        assert_eq!(oom.code(), Code::ResourceExhausted);
+        let other = ServeError::model_failure("shape mismatch".into());
+        assert_eq!(other.code(), Code::Internal);
+    }
 
     #[test]
     fn overload_carries_retry_info() {

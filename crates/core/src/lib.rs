@@ -9,6 +9,8 @@ pub mod alloc;
 pub mod batcher;
 pub mod config;
 pub mod deadline;
+#[cfg(feature = "torch")]
+pub mod device;
 pub mod error;
 #[cfg(feature = "torch")]
 pub mod kit;

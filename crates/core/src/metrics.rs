@@ -165,7 +165,7 @@ impl Metrics {
             queue_depth: gauge("marquee_batcher_queue_depth", "Items waiting.", &["model"]),
             rejected: counter(
                 "marquee_batcher_rejected_total",
-                "Items refused or dropped before compute.",
+                "Items refused, dropped before compute, or failed for lack of memory (`out_of_memory`).",
                 &["model", "reason"],
             ),
             model_ready: gauge(

@@ -141,7 +141,11 @@ impl Instance {
         if lanes == 0 || threads == 0 {
             errors.push("`instance.lanes` and `instance.threads` must be at least 1".to_string());
         }
-        let device = parse_device(&device).map_err(|e| format!("`instance.device`: {e}"));
+        // A device this process cannot use refuses the version here, with the reason, instead
+        // of failing inside the first forward.
+        let device = parse_device(&device)
+            .map_err(|e| format!("`instance.device`: {e}"))
+            .and_then(|d| crate::device::check_available(d).map(|()| d));
         match device {
             Ok(device) if errors.is_empty() => Ok(RunOn {
                 lanes,

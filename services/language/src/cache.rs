@@ -34,9 +34,24 @@ pub enum Prefilled {
 
 impl Cache {
     /// Zeroed buffers for `slots` sequences (zeros: stale slots must hold finite values, which
-    /// the contract lets models rely on when they mask).
-    pub fn new(shape: &Shape, slots: usize, device: Device) -> Self {
-        match shape.architecture {
+    /// the contract lets models rely on when they mask). An allocation the device cannot make
+    /// (a GPU too small for `max_batch_size` × context) is an error naming the size, so the
+    /// version is refused instead of the process aborting.
+    pub fn new(shape: &Shape, slots: usize, device: Device) -> Result<Self, String> {
+        let zeros = |dims: &[i64]| {
+            Tensor::f_zeros(dims, (Kind::Float, device)).map_err(|e| {
+                let mib = (dims.iter().product::<i64>() * 4) >> 20;
+                format!(
+                    "cannot allocate the {} cache ({mib} MiB, {dims:?}) on {device:?}; lower \
+                     `language.max_batch_size` or the context: {e}",
+                    match shape.architecture {
+                        Architecture::Transformer => "KV",
+                        Architecture::Recurrent => "state",
+                    }
+                )
+            })
+        };
+        Ok(match shape.architecture {
             Architecture::Transformer => {
                 let dims = [
                     shape.layers as i64,
@@ -46,15 +61,14 @@ impl Cache {
                     shape.head_dim as i64,
                 ];
                 Self::Kv {
-                    k: Tensor::zeros(dims, (Kind::Float, device)),
-                    v: Tensor::zeros(dims, (Kind::Float, device)),
+                    k: zeros(&dims)?,
+                    v: zeros(&dims)?,
                 }
             }
-            Architecture::Recurrent => Self::State(Tensor::zeros(
-                [slots as i64, shape.state_size as i64],
-                (Kind::Float, device),
-            )),
-        }
+            Architecture::Recurrent => {
+                Self::State(zeros(&[slots as i64, shape.state_size as i64])?)
+            }
+        })
     }
 
     /// Bytes the buffers hold.

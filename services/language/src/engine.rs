@@ -463,7 +463,8 @@ impl Worker {
         let mut module = CModule::load_on_device(weights, cfg.device)
             .map_err(|e| anyhow::anyhow!("cannot load `{}`: {e}", weights.display()))?;
         module.set_eval();
-        let cache = Cache::new(&shape, cfg.scheduler.max_batch_size, cfg.device);
+        let cache = Cache::new(&shape, cfg.scheduler.max_batch_size, cfg.device)
+            .map_err(anyhow::Error::msg)?;
         tracing::info!(
             cache_mib = cache.bytes() >> 20,
             architecture = ?shape.architecture,
@@ -748,7 +749,7 @@ impl Worker {
                 for job in jobs {
                     let _ = job
                         .events
-                        .try_send(Event::Failed(ServeError::Internal(e.clone())));
+                        .try_send(Event::Failed(ServeError::model_failure(e.clone())));
                 }
                 return;
             }
@@ -828,7 +829,7 @@ impl Worker {
                 for seq in &self.running {
                     let _ = seq
                         .events
-                        .try_send(Event::Failed(ServeError::Internal(e.clone())));
+                        .try_send(Event::Failed(ServeError::model_failure(e.clone())));
                 }
                 while !self.running.is_empty() {
                     self.remove(self.running.len() - 1);
