@@ -94,7 +94,7 @@ pub fn ramp(n: usize) -> Vec<f32> {
 }
 
 /// One OIP call of `model` with a raw FP32 input of `dims` (batch 1), deterministic values.
-fn infer_body(model: &str, input: &str, dims: &[i64]) -> Vec<u8> {
+pub(crate) fn infer_body(model: &str, input: &str, dims: &[i64]) -> Vec<u8> {
     let n: i64 = dims.iter().product();
     let data: Vec<u8> = ramp(n as usize)
         .into_iter()
@@ -230,7 +230,7 @@ fn run_once(
 
 /// The median over `runs` of each figure, every call checked `OK` by the server h2load calls
 /// (the gateway counts its callers' calls; behind it, batching merges them).
-fn measure(
+pub(crate) fn measure(
     a: &H2loadArgs,
     server: &Server,
     body: &Path,

@@ -65,11 +65,11 @@ fn start_server(bin_dir: &Path, repo: &Path) -> anyhow::Result<Server> {
 
 /// One closed-loop streaming load: `c` clients, each generating `NEW_TOKENS` tokens per request.
 #[derive(Debug, Clone, Default)]
-struct StreamLoad {
-    tokens_per_s: f64,
-    requests: usize,
-    ttft_ms: Vec<f64>,
-    itl_ms: Vec<f64>,
+pub(crate) struct StreamLoad {
+    pub(crate) tokens_per_s: f64,
+    pub(crate) requests: usize,
+    pub(crate) ttft_ms: Vec<f64>,
+    pub(crate) itl_ms: Vec<f64>,
     server_cpu_share: f64,
     /// From the server's own metrics over the run: mean sequences per model step, mean decode
     /// step, and the share of wall time the engine spent inside model calls.
@@ -111,7 +111,7 @@ fn engine_counters(admin: &str) -> EngineCounters {
     }
 }
 
-async fn drive(addr: &str, c: usize, seconds: f64) -> anyhow::Result<StreamLoad> {
+pub(crate) async fn drive(addr: &str, c: usize, seconds: f64) -> anyhow::Result<StreamLoad> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;

@@ -2,6 +2,7 @@
 //! `bench/RESULTS.md`. Bounded in count and time, loopback only. The load client runs on one
 //! thread and reports its own CPU time, since it shares the 2 cores with the server.
 
+mod gpu;
 mod h2load;
 mod language;
 mod load;
@@ -37,6 +38,9 @@ enum Cmd {
     /// The vision service from `h2load` (one connection × N streams, N connections), against
     /// the raw ceiling; replaces that section of `--out`.
     H2load(h2load::H2loadArgs),
+    /// The CUDA path (`bench/gpu-check.sh`): vision and language served on `--device` against
+    /// the raw ceiling there; prints Markdown (or replaces that section of `--out`).
+    GpuCheck(gpu::GpuArgs),
     /// The recommender's feedback stores (file, PostgreSQL) side by side; prints Markdown or
     /// replaces that section of `--out`.
     Stores(stores::StoresArgs),
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Language(a) => language::run(a),
         Cmd::Stores(a) => stores::run(a),
         Cmd::H2load(a) => h2load::run(a),
+        Cmd::GpuCheck(a) => gpu::run(a),
     }
 }
 

@@ -26,6 +26,10 @@ pub struct RawArgs {
     /// that `marquee-bench h2load` sends, so a ceiling can be measured on the served input.
     #[arg(long, default_value = "randn")]
     pub input: String,
+    /// `cpu`, `cuda` or `cuda:N`: where the module and its inputs live. On CUDA each forward
+    /// is timed to the device's completion.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Leave glibc's allocator at its defaults (to measure what tuning buys).
     #[arg(long)]
     pub no_tune_alloc: bool,
@@ -47,6 +51,8 @@ pub fn run(a: RawArgs) -> anyhow::Result<()> {
     if !a.no_tune_alloc {
         marquee_core::alloc::tune_allocator();
     }
+    let device = marquee_core::model::parse_device(&a.device).map_err(anyhow::Error::msg)?;
+    marquee_core::device::check_available(device).map_err(anyhow::Error::msg)?;
     let spec = ModelSpec::load(&a.model_dir).map_err(anyhow::Error::msg)?;
     let mut shape = vec![a.batch as i64];
     shape.extend_from_slice(&spec.inputs[0].dims);
@@ -58,7 +64,7 @@ pub fn run(a: RawArgs) -> anyhow::Result<()> {
                 (path.clone(), shape.clone(), barrier.clone(), a.clone());
             std::thread::spawn(move || -> anyhow::Result<(usize, Vec<f64>, f64)> {
                 tch::set_num_threads(a.threads as i32);
-                let mut m = CModule::load(&path)?;
+                let mut m = CModule::load_on_device(&path, device)?;
                 m.set_eval();
                 // A fresh input each call, as a server would build one per batch.
                 let n: i64 = shape.iter().product();
@@ -71,10 +77,18 @@ pub fn run(a: RawArgs) -> anyhow::Result<()> {
                     } else {
                         Tensor::randn(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu))
                     }
+                    .to_device(device)
+                };
+                // A CUDA forward returns once queued; wait for the device so the time is real.
+                let sync = || {
+                    if let tch::Device::Cuda(i) = device {
+                        tch::Cuda::synchronize(i as i64);
+                    }
                 };
                 for _ in 0..3 {
                     tch::no_grad(|| m.forward_is(&[IValue::Tensor(input())]))?;
                 }
+                sync();
                 barrier.wait();
                 let start = Instant::now();
                 let until = start + Duration::from_secs_f64(a.seconds);
@@ -83,6 +97,7 @@ pub fn run(a: RawArgs) -> anyhow::Result<()> {
                     let x = input();
                     let t = Instant::now();
                     let out = tch::no_grad(|| m.forward_is(&[IValue::Tensor(x)]))?;
+                    sync();
                     drop(out);
                     times.push(t.elapsed().as_secs_f64() * 1e3);
                 }

@@ -64,11 +64,11 @@ pub(crate) const LANE_CONFIGS: &[(usize, usize)] = &[(2, 1), (1, 2)];
 /// Client concurrencies of the service loads.
 pub(crate) const CONCURRENCY: &[usize] = &[1, 8, 32];
 
-fn me() -> PathBuf {
+pub(crate) fn me() -> PathBuf {
     std::env::current_exe().expect("own path")
 }
 
-fn json<T: serde::de::DeserializeOwned>(mut cmd: Command) -> anyhow::Result<T> {
+pub(crate) fn json<T: serde::de::DeserializeOwned>(mut cmd: Command) -> anyhow::Result<T> {
     let out = cmd.stderr(Stdio::inherit()).output()?;
     anyhow::ensure!(out.status.success(), "{cmd:?} failed: {}", out.status);
     let line = String::from_utf8(out.stdout)?;
