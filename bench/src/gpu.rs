@@ -120,8 +120,8 @@ pub fn section(a: &GpuArgs, bin_dir: &Path) -> anyhow::Result<String> {
             (a.calls / 10).max(8)
         };
         eprintln!("== gpu-check {} on {}: h2load c=1, c=32", m.name, a.device);
-        let one = measure(&h2, &server, &body, calls / 4, 1, 1, &[])?;
-        let many = measure(&h2, &server, &body, calls, 1, 32, &[])?;
+        let one = measure(&h2, &server, None, &body, calls / 4, 1, 1, &[])?;
+        let many = measure(&h2, &server, None, &body, calls, 1, 32, &[])?;
         let cell =
             |f: &H2Figures| format!("{:.0}, {:.2} / {:.2}", f.calls_per_s, f.p50_ms, f.p99_ms);
         md.push_str(&format!(

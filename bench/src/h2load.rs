@@ -168,6 +168,7 @@ fn set_cap(server: &Server, model: &str, cap: &str) -> anyhow::Result<()> {
 fn run_once(
     server: &Server,
     measured_pid: u32,
+    also: Option<u32>,
     body: &Path,
     calls: usize,
     connections: usize,
@@ -181,6 +182,8 @@ fn run_once(
     );
     let before = proc_cpu_seconds(measured_pid);
     let threads_before = thread_cpu_seconds(measured_pid);
+    let also_cpu = || also.map(proc_cpu_seconds).unwrap_or(0.0);
+    let also_before = also_cpu();
     let client_before = children_cpu_seconds();
     let started = std::time::Instant::now();
     let mut cmd = Command::new("h2load");
@@ -206,6 +209,7 @@ fn run_once(
     let cpu = proc_cpu_seconds(measured_pid) - before;
     let threads = thread_cpu_seconds(measured_pid);
     let client = children_cpu_seconds() - client_before;
+    let also = also_cpu() - also_before;
     let per_call = |i: usize| (threads[i] - threads_before[i]) * 1e6 / calls as f64;
     let summary = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "h2load failed: {summary}");
@@ -224,15 +228,18 @@ fn run_once(
         runtime_us: per_call(1),
         other_us: per_call(2),
         client_us: client * 1e6 / calls as f64,
-        busy_cores: (cpu + client) / wall,
+        busy_cores: (cpu + client + also) / wall,
     })
 }
 
 /// The median over `runs` of each figure, every call checked `OK` by the server h2load calls
-/// (the gateway counts its callers' calls; behind it, batching merges them).
+/// (the gateway counts its callers' calls; behind it, batching merges them). `behind` is the
+/// process behind a gateway, whose CPU counts in the cores busy.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn measure(
     a: &H2loadArgs,
     server: &Server,
+    behind: Option<&Server>,
     body: &Path,
     calls: usize,
     connections: usize,
@@ -245,6 +252,7 @@ pub(crate) fn measure(
         runs.push(run_once(
             server,
             server.child.id(),
+            behind.map(|b| b.child.id()),
             body,
             calls,
             connections,
@@ -282,6 +290,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
     let scratch = tempfile::tempdir()?;
     let mut rows = Vec::new();
     let mut ceilings = Vec::new();
+    let mut forwards = Vec::new();
     for (model, input, dims, streams, raw_batch) in [
         (
             "fashion_cnn",
@@ -290,13 +299,23 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             vec![1usize, 32],
             32usize,
         ),
-        ("efficientnet_lite0", "image", vec![3, 224, 224], vec![8], 1),
+        (
+            "efficientnet_lite0",
+            "image",
+            vec![3, 224, 224],
+            vec![1, 8],
+            1,
+        ),
     ] {
         let ceiling = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs, "randn")?;
         // The model's speed depends on its input's values: the ceiling on the very input
         // h2load sends, for the same rows read against it.
         let served = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs, "ramp")?;
+        // What one call alone cannot beat: one forward at batch 1 on the served input, one
+        // lane (nothing else runs at c=1).
+        let (_, forward1) = crate::report::raw_figures(&a.repo, model, 1, 1, a.runs, "ramp")?;
         ceilings.push((model, raw_batch, ceiling, served));
+        forwards.push((model, forward1));
         let body = scratch.path().join(format!("{model}.bin"));
         std::fs::write(&body, infer_body(model, input, &dims))?;
         let spawn = |env: &[(&str, &str)]| {
@@ -318,7 +337,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
         for &s in &streams {
             eprintln!("== h2load {model}: 1 connection x {s} streams");
             let n = if s == 1 { calls / 4 } else { calls };
-            let f = measure(a, &server, &body, n, 1, s, &[])?;
+            let f = measure(a, &server, None, &body, n, 1, s, &[])?;
             let plural = if s == 1 { "" } else { "s" };
             rows.push(Row {
                 label: format!("`{model}`, direct, 1 connection × {s} stream{plural}"),
@@ -326,7 +345,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
                 ceiling,
             });
             set_cap(&server, model, "1")?;
-            let off = measure(a, &server, &body, n, 1, s, &[]);
+            let off = measure(a, &server, None, &body, n, 1, s, &[]);
             set_cap(&server, model, "auto")?;
             rows.push(Row {
                 label: format!(
@@ -337,7 +356,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             });
             if s > 1 {
                 eprintln!("== h2load {model}: {s} connections x 1 stream");
-                let f = measure(a, &server, &body, n, s, 1, &[])?;
+                let f = measure(a, &server, None, &body, n, s, 1, &[])?;
                 rows.push(Row {
                     label: format!("`{model}`, direct, {s} connections × 1 stream"),
                     f,
@@ -350,7 +369,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             let gw = Server::start_gateway(bin_dir, &cfg)?;
             let key = vec![format!("x-api-key: {}", crate::report::BENCH_KEY)];
             eprintln!("== h2load {model}: gateway, 1 connection x 32 streams");
-            let f = measure(a, &gw, &body, calls, 1, 32, &key)?;
+            let f = measure(a, &gw, Some(&server), &body, calls, 1, 32, &key)?;
             rows.push(Row {
                 label: format!("`{model}`, through the gateway, 1 connection × 32 streams"),
                 f,
@@ -362,7 +381,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             // reply waits for a core held by a forward.
             let before = spawn(&[("MARQUEE__REPOSITORY__LANE_NICE", "0")])?;
             eprintln!("== h2load {model}: lanes at nice 0, 1 connection x 32 streams");
-            let f = measure(a, &before, &body, calls, 1, 32, &[])?;
+            let f = measure(a, &before, None, &body, calls, 1, 32, &[])?;
             rows.push(Row {
                 label: format!(
                     "`{model}`, direct, 1 connection × 32 streams, lanes at nice 0 (before `lane_nice`)"
@@ -372,10 +391,15 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             });
         }
     }
-    Ok(markdown(&rows, &ceilings, a.runs))
+    Ok(markdown(&rows, &ceilings, &forwards, a.runs))
 }
 
-pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64, f64)], runs: usize) -> String {
+pub fn markdown(
+    rows: &[Row],
+    ceilings: &[(&str, usize, f64, f64)],
+    forwards: &[(&str, f64)],
+    runs: usize,
+) -> String {
     let mut md = format!(
         "{SECTION}\n\n`h2load` (nghttp2) against `marquee-vision` (and the gateway in front of it), \
          OIP `ModelInfer` with raw FP32 input, batching on (the models' own settings); the raw \
@@ -384,7 +408,7 @@ pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64, f64)], runs: usize)
          (`repository.batching_control`), then back to warm-up's choice. h2load shares the \
          2 cores with the server. Median of {runs} runs; every call checked `OK` against the \
          server's own count.\n\n\
-         | client | calls/s | share of the raw ceiling | p50 / p99 (ms) | cores of the process called | its CPU µs per call: lanes + runtime + other | h2load µs per call | cores busy (server + h2load, of 2) |\n\
+         | client | calls/s | share of the raw ceiling | p50 / p99 (ms) | cores of the process called | its CPU µs per call: lanes + runtime + other | h2load µs per call | cores busy (every process: the server, the gateway and the vision service behind it, h2load; of 2) |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for r in rows {
@@ -423,6 +447,22 @@ pub fn markdown(rows: &[Row], ceilings: &[(&str, usize, f64, f64)], runs: usize)
         })
         .collect();
     md.push_str(&served.join(", "));
+    md.push_str(".\n\nOne call alone (1 connection × 1 stream, batching on) against one raw forward at batch 1 on the served input (1 lane, same run): ");
+    let alone: Vec<String> = forwards
+        .iter()
+        .filter_map(|(m, f)| {
+            let row = rows.iter().find(|r| {
+                r.label
+                    .starts_with(&format!("`{m}`, direct, 1 connection × 1 stream"))
+            })?;
+            Some(format!(
+                "`{m}` p50 {:.3} ms against {f:.3} ms (+{:.3} ms)",
+                row.f.p50_ms,
+                row.f.p50_ms - f
+            ))
+        })
+        .collect();
+    md.push_str(&alone.join(", "));
     md.push_str(".\n");
     md
 }

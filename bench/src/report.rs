@@ -119,22 +119,37 @@ pub(crate) fn raw_ceiling(
     runs: usize,
     input: &str,
 ) -> anyhow::Result<f64> {
-    let mut all = Vec::new();
+    Ok(raw_figures(repo, model, batch, 2, runs, input)?.0)
+}
+
+/// `marquee-bench raw` of `model` at `batch` with `lanes` × 1 thread on `input`: the medians
+/// over `runs` of items/s and of one forward's time (ms).
+pub(crate) fn raw_figures(
+    repo: &Path,
+    model: &str,
+    batch: usize,
+    lanes: usize,
+    runs: usize,
+    input: &str,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut items, mut forward) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut c = Command::new(me());
         c.args(["raw", "--model-dir"]).arg(repo.join(model)).args([
             "--batch",
             &batch.to_string(),
             "--lanes",
-            "2",
+            &lanes.to_string(),
             "--threads",
             "1",
             "--input",
             input,
         ]);
-        all.push(json::<RawResult>(c)?.items_per_s);
+        let r = json::<RawResult>(c)?;
+        items.push(r.items_per_s);
+        forward.push(r.p50_forward_ms);
     }
-    Ok(median(all))
+    Ok((median(items), median(forward)))
 }
 
 /// A service binary started for a benchmark on ephemeral ports; SIGTERM on drop.
