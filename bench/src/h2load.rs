@@ -165,6 +165,7 @@ fn set_cap(server: &Server, model: &str, cap: &str) -> anyhow::Result<()> {
 }
 
 /// One h2load run: `connections` × `streams` in flight, `calls` calls, `headers` extra.
+#[allow(clippy::too_many_arguments)]
 fn run_once(
     server: &Server,
     measured_pid: u32,
