@@ -173,12 +173,7 @@ pub fn section(a: &GpuArgs, bin_dir: &Path) -> anyhow::Result<String> {
 }
 
 pub fn run(a: GpuArgs) -> anyhow::Result<()> {
-    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_default()
-    });
+    let bin_dir = crate::bin_dir_or_here(&a.bin_dir);
     let md = section(&a, &bin_dir)?;
     if let Some(out) = &a.out {
         crate::language::write_section(Some(out), SECTION, &md)?;

@@ -469,12 +469,7 @@ pub fn markdown(
 }
 
 pub fn run(a: H2loadArgs) -> anyhow::Result<()> {
-    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_default()
-    });
+    let bin_dir = crate::bin_dir_or_here(&a.bin_dir);
     let md = section(&a, &bin_dir)?;
     crate::language::write_section(Some(&a.out), SECTION, &md)?;
     print!("{md}");

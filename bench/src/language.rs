@@ -465,12 +465,7 @@ pub fn replace_section(report: &str, heading: &str, new: &str) -> String {
 }
 
 pub fn run(a: LanguageArgs) -> anyhow::Result<()> {
-    let bin_dir = a.bin_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_default()
-    });
+    let bin_dir = crate::bin_dir_or_here(&a.bin_dir);
     let md = section(&a, &bin_dir)?;
     let report = std::fs::read_to_string(&a.out).unwrap_or_default();
     std::fs::write(&a.out, replace_section(&report, SECTION, &md))?;

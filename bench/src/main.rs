@@ -59,6 +59,17 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `--bin-dir` if given, else the directory of this binary (where `cargo build` puts the
+/// services beside it).
+pub fn bin_dir_or_here(given: &Option<PathBuf>) -> PathBuf {
+    given.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+            .unwrap_or_default()
+    })
+}
+
 /// One plain HTTP/1.0 request without a body to a server's admin port (1.0: the answer is never
 /// chunked, so its lines can be read as they are): the whole response, status line and headers
 /// included.

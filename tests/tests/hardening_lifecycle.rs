@@ -322,6 +322,21 @@ torch.jit.script(Faulty(torch.jit.load(sys.argv[1]))).save(sys.argv[1])
 
 /// Writes a tensor model `y = x * factor` (or, with `bad`, `y` of 3 values per item instead of
 /// the 4 that `model.toml` declares) to `out`.
+/// Waits for five more scans of the repository, then asserts `model`'s refusal was counted
+/// once, not once per scan (the files did not change, so it is not retried).
+async fn assert_refused_once(server: &TestServer, model: &str) {
+    let polls = server.metric("marquee_model_repository_polls_total", &[]);
+    wait_until("five more repository polls", WAIT, || async {
+        (server.metric("marquee_model_repository_polls_total", &[]) >= polls + 5.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        server.metric("marquee_model_load_failures_total", &[("model", model)]),
+        1.0,
+        "a refused version is counted once, not once per poll"
+    );
+}
+
 fn scale_model(factor: f32, bad: bool, out: &std::path::Path) {
     let body = if bad {
         format!("return x[:, :3] * {factor:.1}")
@@ -397,16 +412,7 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
         refused.reason
     );
     // Several more scans of the unchanged files: no retry, no second count.
-    let polls = server.metric("marquee_model_repository_polls_total", &[]);
-    wait_until("five more repository polls", WAIT, || async {
-        (server.metric("marquee_model_repository_polls_total", &[]) >= polls + 5.0).then_some(())
-    })
-    .await;
-    assert_eq!(
-        server.metric("marquee_model_load_failures_total", &[("model", "scale")]),
-        1.0,
-        "a refused version is counted once, not once per poll"
-    );
+    assert_refused_once(&server, "scale").await;
     assert_eq!(
         infer().await.expect("the old version keeps serving"),
         ("1".to_string(), vec![2.0, 4.0, 6.0, 8.0])
@@ -562,16 +568,7 @@ async fn a_model_on_a_gpu_this_process_cannot_see_is_refused_with_the_reason_onc
         gpu.reason.contains("cuda:99") && gpu.reason.contains("CUDA device(s)"),
         "{gpu:?}"
     );
-    let polls = server.metric("marquee_model_repository_polls_total", &[]);
-    wait_until("five more repository polls", WAIT, || async {
-        (server.metric("marquee_model_repository_polls_total", &[]) >= polls + 5.0).then_some(())
-    })
-    .await;
-    assert_eq!(
-        server.metric("marquee_model_load_failures_total", &[("model", "on_gpu")]),
-        1.0,
-        "refused once, not once per poll"
-    );
+    assert_refused_once(&server, "on_gpu").await;
     let err = oip(&ch)
         .model_infer(infer_request("on_gpu", [1.0, 2.0, 3.0, 4.0]))
         .await
