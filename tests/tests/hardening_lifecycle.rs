@@ -36,6 +36,16 @@ class Faulty(torch.nn.Module):
 torch.jit.script(Faulty()).save(sys.argv[1])
 "#;
 
+/// A temporary repository holding one test tensor model, `name`, version 1 built by `script`.
+fn repository_of(name: &str, script: &str) -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    let dir = repo.path().join(name);
+    std::fs::create_dir_all(dir.join("1")).unwrap();
+    std::fs::write(dir.join("model.toml"), tensor_manifest(name)).unwrap();
+    run_python(script, &[&dir.join("1/model.pt")]);
+    repo
+}
+
 /// Asserts the admin probes fail with the death's reason, and that OIP readiness agrees.
 async fn assert_dead(admin: std::net::SocketAddr, ch: &tonic::transport::Channel, model: &str) {
     let (code, body) = http_get(admin, "/healthz").await;
@@ -77,11 +87,7 @@ async fn assert_dead(admin: std::net::SocketAddr, ch: &tonic::transport::Channel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_vision_lane_fails_health_and_the_gateway_keeps_the_replica_ejected() {
-    let repo = tempfile::tempdir().unwrap();
-    let dir = repo.path().join("faulty");
-    std::fs::create_dir_all(dir.join("1")).unwrap();
-    std::fs::write(dir.join("model.toml"), tensor_manifest("faulty")).unwrap();
-    run_python(FAULTY_TENSOR_MODEL, &[&dir.join("1/model.pt")]);
+    let repo = repository_of("faulty", FAULTY_TENSOR_MODEL);
     let backend = start(settings(repo.path())).await;
     let gateway = start_gateway(gateway_settings(&[backend.grpc_addr])).await;
     let gw = channel(gateway.grpc_addr).await;
@@ -472,11 +478,7 @@ torch.jit.script(Greedy()).save(sys.argv[1])
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_that_runs_out_of_memory_is_resource_exhausted_and_the_replica_keeps_serving() {
-    let repo = tempfile::tempdir().unwrap();
-    let dir = repo.path().join("greedy");
-    std::fs::create_dir_all(dir.join("1")).unwrap();
-    std::fs::write(dir.join("model.toml"), tensor_manifest("greedy")).unwrap();
-    run_python(GREEDY_TENSOR_MODEL, &[&dir.join("1/model.pt")]);
+    let repo = repository_of("greedy", GREEDY_TENSOR_MODEL);
     let server = start(settings(repo.path())).await;
     let ch = channel(server.grpc_addr).await;
 
