@@ -15,9 +15,10 @@ key() { cat "$@" | sha256sum | cut -c1-16; }
 #    cases), prometheus (promtool, for the alert-rule and exposition checks), wamerican (an
 #    English word list, independent of our corpus, to measure that generated text is made of
 #    real words), Node.js (the Node client example and its test) and PostgreSQL (the
-#    recommender's shared store: its tests start throwaway clusters from these binaries) and
-#    nghttp2-client (h2load, the external HTTP/2 client of `marquee-bench h2load`).
-apt_packages=(dataset-fashion-mnist nghttp2-client openssl postgresql prometheus wamerican)
+#    recommender's shared store: its tests start throwaway clusters from these binaries),
+#    nghttp2-client (h2load, the external HTTP/2 client of `marquee-bench h2load`) and
+#    libjemalloc2 (the bench's raw ceiling runs on jemalloc, as `marquee-vision` does).
+apt_packages=(dataset-fashion-mnist libjemalloc2 nghttp2-client openssl postgresql prometheus wamerican)
 command -v npm >/dev/null || apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -74,6 +74,7 @@ fn raw(a: &GpuArgs, model: &str, batch: usize) -> anyhow::Result<(f64, f64)> {
             .args(["--lanes", "2", "--threads", "1", "--input", "ramp"])
             .args(["--device", &a.device])
             .args(["--seconds", &a.seconds.to_string()]);
+        crate::with_server_allocator(&mut c)?;
         let r = json::<RawResult>(c)?;
         items.push(r.items_per_s);
         p50.push(r.p50_forward_ms);

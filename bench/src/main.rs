@@ -70,6 +70,23 @@ pub fn bin_dir_or_here(given: &Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// Debian's jemalloc (`libjemalloc2`, installed by `make setup`): the allocator
+/// `marquee-vision` links for every allocation, libtorch's included.
+pub const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+/// Makes `cmd` (a `marquee-bench raw`) run libtorch on jemalloc, as `marquee-vision` does, so a
+/// ceiling it is compared with is measured like for like (jemalloc alone is worth about 4% to
+/// the raw forward loop). This binary keeps glibc so `marquee-bench all` can still compare
+/// glibc's settings.
+pub fn with_server_allocator(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        std::path::Path::new(JEMALLOC).exists(),
+        "`{JEMALLOC}` is missing: Debian's libjemalloc2 (make setup installs it)"
+    );
+    cmd.env("LD_PRELOAD", JEMALLOC);
+    Ok(())
+}
+
 /// One plain HTTP/1.0 request without a body to a server's admin port (1.0: the answer is never
 /// chunked, so its lines can be read as they are): the whole response, status line and headers
 /// included.

@@ -122,8 +122,8 @@ pub(crate) fn raw_ceiling(
     Ok(raw_figures(repo, model, batch, 2, runs, input)?.0)
 }
 
-/// `marquee-bench raw` of `model` at `batch` with `lanes` × 1 thread on `input`: the medians
-/// over `runs` of items/s and of one forward's time (ms).
+/// `marquee-bench raw` of `model` at `batch` with `lanes` × 1 thread on `input`, on the
+/// server's allocator: the medians over `runs` of items/s and of one forward's time (ms).
 pub(crate) fn raw_figures(
     repo: &Path,
     model: &str,
@@ -145,6 +145,7 @@ pub(crate) fn raw_figures(
             "--input",
             input,
         ]);
+        crate::with_server_allocator(&mut c)?;
         let r = json::<RawResult>(c)?;
         items.push(r.items_per_s);
         forward.push(r.p50_forward_ms);
