@@ -46,6 +46,22 @@ fn repository_of(name: &str, script: &str) -> tempfile::TempDir {
     repo
 }
 
+/// `RepositoryIndex` of the server behind `ch`: every model, or the ready ones only.
+async fn repository_index(
+    ch: &tonic::transport::Channel,
+    ready: bool,
+) -> Vec<marquee_proto::inference::repository_index_response::ModelIndex> {
+    oip(ch)
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+}
+
 /// Asserts the admin probes fail with the death's reason, and that OIP readiness agrees.
 async fn assert_dead(admin: std::net::SocketAddr, ch: &tonic::transport::Channel, model: &str) {
     let (code, body) = http_get(admin, "/healthz").await;
@@ -124,16 +140,9 @@ async fn a_dead_vision_lane_fails_health_and_the_gateway_keeps_the_replica_eject
         .await
         .expect_err("a dead model refuses");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let index = oip(&direct)
-        .repository_index(RepositoryIndexRequest {
-            repository_name: String::new(),
-            ready: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(index.models[0].state, "UNAVAILABLE");
-    assert!(index.models[0].reason.contains("panicked"), "{index:?}");
+    let index = repository_index(&direct, false).await;
+    assert_eq!(index[0].state, "UNAVAILABLE");
+    assert!(index[0].reason.contains("panicked"), "{index:?}");
 
     // The gateway ejects the replica and, over several of its health checks, never restores it.
     wait_until("the gateway to eject the replica", WAIT, || async {
@@ -389,17 +398,7 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
     );
 
     install_version(&dir, 2, &bad);
-    let index = || async {
-        oip(&ch)
-            .repository_index(RepositoryIndexRequest {
-                repository_name: String::new(),
-                ready: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .models
-    };
+    let index = || repository_index(&ch, false);
     let refused = wait_until(
         "RepositoryIndex to show version 2 refused",
         WAIT,
@@ -431,15 +430,7 @@ async fn a_version_whose_outputs_do_not_match_model_toml_is_refused_once_until_i
         "{listed:?}"
     );
     assert_eq!(health(&ch, "scale").await, ServingStatus::Serving);
-    let ready_only = oip(&ch)
-        .repository_index(RepositoryIndexRequest {
-            repository_name: String::new(),
-            ready: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let ready_only = repository_index(&ch, true).await;
     assert!(
         ready_only.iter().all(|m| m.state == "READY"),
         "`ready: true` lists ready models only: {ready_only:?}"
@@ -547,15 +538,7 @@ async fn a_model_on_a_gpu_this_process_cannot_see_is_refused_with_the_reason_onc
     let ch = channel(server.grpc_addr).await;
     copy_dir(&parked, &gpu_dir);
     let index = wait_until("RepositoryIndex to list on_gpu", WAIT, || async {
-        let models = oip(&ch)
-            .repository_index(RepositoryIndexRequest {
-                repository_name: String::new(),
-                ready: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .models;
+        let models = repository_index(&ch, false).await;
         models.iter().any(|m| m.name == "on_gpu").then_some(models)
     })
     .await;
