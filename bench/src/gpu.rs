@@ -10,7 +10,7 @@ use std::process::Command;
 
 use clap::Args;
 
-use crate::h2load::{H2Figures, H2loadArgs, infer_body, measure};
+use crate::h2load::{H2Figures, Load, infer_body, measure};
 use crate::raw::RawResult;
 use crate::report::{Server, json, me};
 
@@ -84,13 +84,6 @@ fn raw(a: &GpuArgs, model: &str, batch: usize) -> anyhow::Result<(f64, f64)> {
 
 pub fn section(a: &GpuArgs, bin_dir: &Path) -> anyhow::Result<String> {
     let scratch = tempfile::tempdir()?;
-    let h2 = H2loadArgs {
-        repo: a.repo.clone(),
-        out: PathBuf::new(),
-        bin_dir: None,
-        runs: a.runs,
-        calls: a.calls,
-    };
     let mut md = format!(
         "{SECTION}\n\nDevice `{}`, median of {} runs. Raw ceiling: `marquee-bench raw` on the \
          device, two lanes (as the server runs), the input h2load sends, timed to the device's completion (the input's \
@@ -121,8 +114,8 @@ pub fn section(a: &GpuArgs, bin_dir: &Path) -> anyhow::Result<String> {
             (a.calls / 10).max(8)
         };
         eprintln!("== gpu-check {} on {}: h2load c=1, c=32", m.name, a.device);
-        let one = measure(&h2, &server, None, &body, calls / 4, 1, 1, &[])?;
-        let many = measure(&h2, &server, None, &body, calls, 1, 32, &[])?;
+        let one = measure(a.runs, &server, None, &Load::new(&body, calls / 4, 1, 1))?;
+        let many = measure(a.runs, &server, None, &Load::new(&body, calls, 1, 32))?;
         let cell =
             |f: &H2Figures| format!("{:.0}, {:.2} / {:.2}", f.calls_per_s, f.p50_ms, f.p99_ms);
         md.push_str(&format!(

@@ -7,7 +7,7 @@
 //! h2load counts HTTP statuses, and a gRPC error is an HTTP 200 with a `grpc-status` trailer:
 //! every call is checked against the server's own `marquee_grpc_requests_total{code="OK"}`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use clap::Args;
@@ -21,18 +21,8 @@ pub const SECTION: &str = "## Vision from an external HTTP/2 client (`marquee-be
 
 #[derive(Args)]
 pub struct H2loadArgs {
-    /// The model repository.
-    #[arg(long, default_value = "model-repository")]
-    pub repo: PathBuf,
-    /// The report whose section this replaces.
-    #[arg(long, default_value = "bench/RESULTS.md")]
-    pub out: PathBuf,
-    /// Directory holding `marquee-vision` and `marquee-gateway` (default: next to this binary).
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
-    /// Repetitions per figure; the report shows the median.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    #[command(flatten)]
+    pub report: crate::Report,
     /// Calls per measurement (per concurrency 1: a quarter).
     #[arg(long, default_value_t = 20_000)]
     pub calls: usize,
@@ -164,39 +154,54 @@ fn set_cap(server: &Server, model: &str, cap: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One h2load run: `connections` × `streams` in flight, `calls` calls, `headers` extra.
-#[allow(clippy::too_many_arguments)]
-fn run_once(
-    server: &Server,
-    measured_pid: u32,
-    also: Option<u32>,
-    body: &Path,
-    calls: usize,
-    connections: usize,
-    streams: usize,
-    headers: &[String],
-) -> anyhow::Result<H2Figures> {
+/// One h2load measurement: `calls` calls of `body`, `connections` × `streams` in flight,
+/// `headers` extra.
+pub(crate) struct Load<'a> {
+    pub body: &'a Path,
+    pub calls: usize,
+    pub connections: usize,
+    pub streams: usize,
+    pub headers: &'a [String],
+}
+
+impl<'a> Load<'a> {
+    pub fn new(body: &'a Path, calls: usize, connections: usize, streams: usize) -> Self {
+        Self {
+            body,
+            calls,
+            connections,
+            streams,
+            headers: &[],
+        }
+    }
+}
+
+/// One h2load run against `server`; `behind` is the process behind a gateway, whose CPU counts
+/// in the cores busy.
+fn run_once(server: &Server, behind: Option<u32>, load: &Load) -> anyhow::Result<H2Figures> {
     let log = tempfile::NamedTempFile::new()?;
     let url = format!(
         "http://{}/inference.GRPCInferenceService/ModelInfer",
         server.addr
     );
-    let before = proc_cpu_seconds(measured_pid);
-    let threads_before = thread_cpu_seconds(measured_pid);
-    let also_cpu = || also.map(proc_cpu_seconds).unwrap_or(0.0);
-    let also_before = also_cpu();
+    let pid = server.child.id();
+    let calls = load.calls;
+    let before = proc_cpu_seconds(pid);
+    let threads_before = thread_cpu_seconds(pid);
+    let behind_cpu = || behind.map(proc_cpu_seconds).unwrap_or(0.0);
+    let behind_before = behind_cpu();
     let client_before = children_cpu_seconds();
     let started = std::time::Instant::now();
     let mut cmd = Command::new("h2load");
     cmd.args(["-n", &calls.to_string()])
-        .args(["-c", &connections.to_string()])
-        .args(["-m", &streams.to_string()])
+        .args(["-c", &load.connections.to_string()])
+        .args(["-m", &load.streams.to_string()])
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg("-d")
-        .arg(body)
+        .arg(load.body)
         .arg("--log-file")
         .arg(log.path());
-    for h in headers {
+    for h in load.headers {
         cmd.args(["-H", h]);
     }
     let out = cmd
@@ -207,10 +212,10 @@ fn run_once(
             anyhow::anyhow!("cannot run h2load ({e}); it is Debian's `nghttp2-client` (make setup)")
         })?;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = proc_cpu_seconds(measured_pid) - before;
-    let threads = thread_cpu_seconds(measured_pid);
+    let cpu = proc_cpu_seconds(pid) - before;
+    let threads = thread_cpu_seconds(pid);
     let client = children_cpu_seconds() - client_before;
-    let also = also_cpu() - also_before;
+    let behind = behind_cpu() - behind_before;
     let per_call = |i: usize| (threads[i] - threads_before[i]) * 1e6 / calls as f64;
     let summary = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "h2load failed: {summary}");
@@ -229,44 +234,30 @@ fn run_once(
         runtime_us: per_call(1),
         other_us: per_call(2),
         client_us: client * 1e6 / calls as f64,
-        busy_cores: (cpu + client + also) / wall,
+        busy_cores: (cpu + client + behind) / wall,
     })
 }
 
 /// The median over `runs` of each figure, every call checked `OK` by the server h2load calls
-/// (the gateway counts its callers' calls; behind it, batching merges them). `behind` is the
-/// process behind a gateway, whose CPU counts in the cores busy.
-#[allow(clippy::too_many_arguments)]
+/// (the gateway counts its callers' calls; behind it, batching merges them).
 pub(crate) fn measure(
-    a: &H2loadArgs,
+    runs: usize,
     server: &Server,
     behind: Option<&Server>,
-    body: &Path,
-    calls: usize,
-    connections: usize,
-    streams: usize,
-    headers: &[String],
+    load: &Load,
 ) -> anyhow::Result<H2Figures> {
-    let mut runs = Vec::new();
-    for _ in 0..a.runs {
+    let mut all = Vec::new();
+    for _ in 0..runs {
         let before = ok_calls(server)?;
-        runs.push(run_once(
-            server,
-            server.child.id(),
-            behind.map(|b| b.child.id()),
-            body,
-            calls,
-            connections,
-            streams,
-            headers,
-        )?);
+        all.push(run_once(server, behind.map(|b| b.child.id()), load)?);
         let ok = ok_calls(server)? - before;
         anyhow::ensure!(
-            ok >= calls as f64,
-            "only {ok} of {calls} calls were answered with gRPC status OK"
+            ok >= load.calls as f64,
+            "only {ok} of {} calls were answered with gRPC status OK",
+            load.calls
         );
     }
-    let m = |f: fn(&H2Figures) -> f64| median(runs.iter().map(f).collect());
+    let m = |f: fn(&H2Figures) -> f64| median(all.iter().map(f).collect());
     Ok(H2Figures {
         calls_per_s: m(|r| r.calls_per_s),
         p50_ms: m(|r| r.p50_ms),
@@ -308,20 +299,23 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             1,
         ),
     ] {
-        let ceiling = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs, "randn")?;
+        let ceiling =
+            crate::report::raw_ceiling(&a.report.repo, model, raw_batch, a.report.runs, "randn")?;
         // The model's speed depends on its input's values: the ceiling on the very input
         // h2load sends, for the same rows read against it.
-        let served = crate::report::raw_ceiling(&a.repo, model, raw_batch, a.runs, "ramp")?;
+        let served =
+            crate::report::raw_ceiling(&a.report.repo, model, raw_batch, a.report.runs, "ramp")?;
         // What one call alone cannot beat: one forward at batch 1 on the served input, one
         // lane (nothing else runs at c=1).
-        let (_, forward1) = crate::report::raw_figures(&a.repo, model, 1, 1, a.runs, "ramp")?;
+        let (_, forward1) =
+            crate::report::raw_figures(&a.report.repo, model, 1, 1, a.report.runs, "ramp")?;
         ceilings.push((model, raw_batch, ceiling, served));
         forwards.push((model, forward1));
         let body = scratch.path().join(format!("{model}.bin"));
         std::fs::write(&body, infer_body(model, input, &dims))?;
         let spawn = |env: &[(&str, &str)]| {
             let mut cmd = Command::new(bin_dir.join("marquee-vision"));
-            cmd.env("MARQUEE__REPOSITORY__PATH", &a.repo)
+            cmd.env("MARQUEE__REPOSITORY__PATH", &a.report.repo)
                 .env("MARQUEE__REPOSITORY__MODELS", model)
                 .env("MARQUEE__REPOSITORY__POLL_INTERVAL_MS", "0")
                 // Batching off and on again in this same process (`POST /batching/...`).
@@ -338,7 +332,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
         for &s in &streams {
             eprintln!("== h2load {model}: 1 connection x {s} streams");
             let n = if s == 1 { calls / 4 } else { calls };
-            let f = measure(a, &server, None, &body, n, 1, s, &[])?;
+            let f = measure(a.report.runs, &server, None, &Load::new(&body, n, 1, s))?;
             let plural = if s == 1 { "" } else { "s" };
             rows.push(Row {
                 label: format!("`{model}`, direct, 1 connection × {s} stream{plural}"),
@@ -346,7 +340,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
                 ceiling,
             });
             set_cap(&server, model, "1")?;
-            let off = measure(a, &server, None, &body, n, 1, s, &[]);
+            let off = measure(a.report.runs, &server, None, &Load::new(&body, n, 1, s));
             set_cap(&server, model, "auto")?;
             rows.push(Row {
                 label: format!(
@@ -357,7 +351,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             });
             if s > 1 {
                 eprintln!("== h2load {model}: {s} connections x 1 stream");
-                let f = measure(a, &server, None, &body, n, s, 1, &[])?;
+                let f = measure(a.report.runs, &server, None, &Load::new(&body, n, s, 1))?;
                 rows.push(Row {
                     label: format!("`{model}`, direct, {s} connections × 1 stream"),
                     f,
@@ -370,7 +364,15 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             let gw = Server::start_gateway(bin_dir, &cfg)?;
             let key = vec![format!("x-api-key: {}", crate::report::BENCH_KEY)];
             eprintln!("== h2load {model}: gateway, 1 connection x 32 streams");
-            let f = measure(a, &gw, Some(&server), &body, calls, 1, 32, &key)?;
+            let f = measure(
+                a.report.runs,
+                &gw,
+                Some(&server),
+                &Load {
+                    headers: &key,
+                    ..Load::new(&body, calls, 1, 32)
+                },
+            )?;
             rows.push(Row {
                 label: format!("`{model}`, through the gateway, 1 connection × 32 streams"),
                 f,
@@ -382,7 +384,12 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             // reply waits for a core held by a forward.
             let before = spawn(&[("MARQUEE__REPOSITORY__LANE_NICE", "0")])?;
             eprintln!("== h2load {model}: lanes at nice 0, 1 connection x 32 streams");
-            let f = measure(a, &before, None, &body, calls, 1, 32, &[])?;
+            let f = measure(
+                a.report.runs,
+                &before,
+                None,
+                &Load::new(&body, calls, 1, 32),
+            )?;
             rows.push(Row {
                 label: format!(
                     "`{model}`, direct, 1 connection × 32 streams, lanes at nice 0 (before `lane_nice`)"
@@ -392,7 +399,7 @@ pub fn section(a: &H2loadArgs, bin_dir: &Path) -> anyhow::Result<String> {
             });
         }
     }
-    Ok(markdown(&rows, &ceilings, &forwards, a.runs))
+    Ok(markdown(&rows, &ceilings, &forwards, a.report.runs))
 }
 
 pub fn markdown(
@@ -469,9 +476,9 @@ pub fn markdown(
 }
 
 pub fn run(a: H2loadArgs) -> anyhow::Result<()> {
-    let bin_dir = crate::bin_dir_or_here(&a.bin_dir);
+    let bin_dir = a.report.bin_dir();
     let md = section(&a, &bin_dir)?;
-    crate::language::write_section(Some(&a.out), SECTION, &md)?;
+    crate::language::write_section(Some(&a.report.out), SECTION, &md)?;
     print!("{md}");
     Ok(())
 }

@@ -18,21 +18,11 @@ use crate::{median, percentile, proc_cpu_seconds, rss_mib};
 
 #[derive(Args, Clone)]
 pub struct LanguageArgs {
-    /// The model repository.
-    #[arg(long, default_value = "model-repository")]
-    pub repo: PathBuf,
-    /// The Markdown report whose "Language generation" section is replaced (or appended).
-    #[arg(long, default_value = "bench/RESULTS.md")]
-    pub out: PathBuf,
-    /// Directory holding `marquee-language` (default: next to this binary).
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: crate::Report,
     /// Seconds per load measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Repetitions per figure; the report shows the median.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
     /// Python with torch and tokenizers, for the naive baseline.
     #[arg(long, env = "MARQUEE_BENCH_PYTHON", default_value = "python3")]
     pub python: PathBuf,
@@ -256,7 +246,7 @@ fn naive(a: &LanguageArgs, requests: usize) -> anyhow::Result<Naive> {
     let out = Command::new(&a.python)
         .arg(script)
         .arg("--model-dir")
-        .arg(a.repo.join(MODEL))
+        .arg(a.report.repo.join(MODEL))
         .args(["--requests", &requests.to_string()])
         .args(["--max-new-tokens", &NEW_TOKENS.to_string()])
         .args(["--threads", "1"])
@@ -318,7 +308,7 @@ pub(crate) struct LanguageFigures {
 
 /// Runs the language benchmarks into plain figures.
 pub(crate) fn measure(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<LanguageFigures> {
-    let model_dir = a.repo.join(MODEL);
+    let model_dir = a.report.repo.join(MODEL);
     let spec: toml::Table = std::fs::read_to_string(model_dir.join("model.toml"))?.parse()?;
     let version = std::fs::read_dir(&model_dir)?
         .flatten()
@@ -332,7 +322,7 @@ pub(crate) fn measure(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<Langua
     for &batch in &[1i64, 16] {
         let mut at = Vec::new();
         for &pos in &[10i64, 200] {
-            let runs: Vec<f64> = (0..a.runs)
+            let runs: Vec<f64> = (0..a.report.runs)
                 .map(|_| decode_step_ms(&weights, &spec, batch, pos))
                 .collect::<anyhow::Result<_>>()?;
             at.push(median(runs));
@@ -345,7 +335,7 @@ pub(crate) fn measure(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<Langua
     }
 
     eprintln!("== language: service under streaming load");
-    let server = start_server(bin_dir, &a.repo)?;
+    let server = start_server(bin_dir, &a.report.repo)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -355,7 +345,7 @@ pub(crate) fn measure(a: &LanguageArgs, bin_dir: &Path) -> anyhow::Result<Langua
     let mut loads: Vec<(usize, Vec<StreamLoad>)> =
         CONCURRENCY.iter().map(|&c| (c, Vec::new())).collect();
     let mut naive_runs = Vec::new();
-    for run in 0..a.runs {
+    for run in 0..a.report.runs {
         for (c, results) in loads.iter_mut() {
             eprintln!("   run {run} c={c}");
             let cpu0 = proc_cpu_seconds(server.child.id());
@@ -419,7 +409,7 @@ fn figures(
     LanguageFigures {
         commit,
         version,
-        runs: a.runs,
+        runs: a.report.runs,
         seconds: a.seconds,
         streams,
         server_rss_mib: rss,
@@ -465,11 +455,11 @@ pub fn replace_section(report: &str, heading: &str, new: &str) -> String {
 }
 
 pub fn run(a: LanguageArgs) -> anyhow::Result<()> {
-    let bin_dir = crate::bin_dir_or_here(&a.bin_dir);
+    let bin_dir = a.report.bin_dir();
     let md = section(&a, &bin_dir)?;
-    let report = std::fs::read_to_string(&a.out).unwrap_or_default();
-    std::fs::write(&a.out, replace_section(&report, SECTION, &md))?;
-    eprintln!("wrote {}", a.out.display());
+    let report = std::fs::read_to_string(&a.report.out).unwrap_or_default();
+    std::fs::write(&a.report.out, replace_section(&report, SECTION, &md))?;
+    eprintln!("wrote {}", a.report.out.display());
     print!("{md}");
     Ok(())
 }

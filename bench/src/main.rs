@@ -59,6 +59,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The options every report-writing subcommand shares (`all`, `language`, `h2load`).
+#[derive(clap::Args, Clone)]
+pub struct Report {
+    /// The model repository.
+    #[arg(long, default_value = "model-repository")]
+    pub repo: PathBuf,
+    /// The Markdown report: written whole by `all`, one section replaced (or appended) by the
+    /// others.
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    pub out: PathBuf,
+    /// Directory holding the service binaries (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Repetitions per figure; the report shows the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+impl Report {
+    /// `--bin-dir`, or the directory of this binary.
+    pub fn bin_dir(&self) -> PathBuf {
+        bin_dir_or_here(&self.bin_dir)
+    }
+}
+
 /// `--bin-dir` if given, else the directory of this binary (where `cargo build` puts the
 /// services beside it).
 pub fn bin_dir_or_here(given: &Option<PathBuf>) -> PathBuf {

@@ -14,21 +14,11 @@ use crate::{median, proc_cpu_seconds, rss_mib};
 
 #[derive(Args)]
 pub struct AllArgs {
-    /// The model repository.
-    #[arg(long, default_value = "model-repository")]
-    pub repo: PathBuf,
-    /// Where the Markdown report goes.
-    #[arg(long, default_value = "bench/RESULTS.md")]
-    pub out: PathBuf,
-    /// Directory holding `marquee-vision` (default: next to this binary).
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: crate::Report,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Repetitions per figure; the report shows the median.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
     /// Python with torch and tokenizers, for the naive generation baseline.
     #[arg(long, env = "MARQUEE_BENCH_PYTHON", default_value = "python3")]
     pub python: PathBuf,
@@ -86,10 +76,10 @@ fn raw(
     tune: bool,
 ) -> anyhow::Result<RawResult> {
     let mut runs = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..a.report.runs {
         let mut c = Command::new(me());
         c.args(["raw", "--model-dir"])
-            .arg(a.repo.join(model))
+            .arg(a.report.repo.join(model))
             .args([
                 "--batch",
                 &batch.to_string(),
@@ -250,7 +240,7 @@ fn load_with(
     api_key: Option<&str>,
 ) -> anyhow::Result<Load> {
     let mut runs = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..a.report.runs {
         let cpu0 = proc_cpu_seconds(server.pid());
         let t0 = std::time::Instant::now();
         let mut cmd = Command::new(me());
@@ -337,10 +327,7 @@ pub(crate) struct GatewayFigures {
 
 /// Measures everything, renders it ([`crate::markdown`]) and writes `--out`.
 pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
-    let bin_dir = a
-        .bin_dir
-        .clone()
-        .unwrap_or_else(|| me().parent().expect("bin dir").to_path_buf());
+    let bin_dir = a.report.bin_dir();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let scratch = tempfile_dir()?;
     let run = run_info(&a);
@@ -352,30 +339,31 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     }
     let gateway = measure_gateway(&a, &bin_dir, &scratch)?;
     let lm = crate::language::LanguageArgs {
-        repo: a.repo.clone(),
-        out: a.out.clone(),
-        bin_dir: Some(bin_dir.clone()),
+        report: crate::Report {
+            bin_dir: Some(bin_dir.clone()),
+            ..a.report.clone()
+        },
         seconds: a.seconds,
-        runs: a.runs,
         python: a.python.clone(),
     };
     let language = crate::language::section(&lm, &bin_dir)?;
-    let versus = crate::language::versus_transformers(&a.python, &bin_dir, &a.repo, a.runs)?;
-    let rec = crate::recommend::RecommendArgs::with_defaults(a.repo.clone(), a.runs);
+    let versus =
+        crate::language::versus_transformers(&a.python, &bin_dir, &a.report.repo, a.report.runs)?;
+    let rec = crate::recommend::RecommendArgs::with_defaults(a.report.repo.clone(), a.report.runs);
     let recommendation = crate::recommend::section(&rec)?;
     let h2 = crate::h2load::section(
         &crate::h2load::H2loadArgs {
-            repo: a.repo.clone(),
-            out: a.out.clone(),
-            bin_dir: Some(bin_dir.clone()),
-            runs: a.runs,
+            report: crate::Report {
+                bin_dir: Some(bin_dir.clone()),
+                ..a.report.clone()
+            },
             calls: 20_000,
         },
         &bin_dir,
     )?;
     let stores = crate::stores::section(&crate::stores::StoresArgs::with_defaults(
-        a.repo.clone(),
-        a.runs,
+        a.report.repo.clone(),
+        a.report.runs,
     ))?;
 
     let mut md = crate::markdown::header(&run);
@@ -388,10 +376,10 @@ pub fn run_all(a: AllArgs) -> anyhow::Result<()> {
     md.push_str(&versus);
     md.push_str(&recommendation);
     md.push_str(&stores);
-    let old = std::fs::read_to_string(&a.out).unwrap_or_default();
+    let old = std::fs::read_to_string(&a.report.out).unwrap_or_default();
     md.push_str(&other_recommendation_sections(&old, rec.items));
-    std::fs::write(&a.out, &md)?;
-    eprintln!("wrote {}", a.out.display());
+    std::fs::write(&a.report.out, &md)?;
+    eprintln!("wrote {}", a.report.out.display());
     print!("{md}");
     Ok(())
 }
@@ -424,7 +412,7 @@ fn run_info(a: &AllArgs) -> RunInfo {
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
-        runs: a.runs,
+        runs: a.report.runs,
         seconds: a.seconds,
     }
 }
@@ -464,7 +452,7 @@ fn measure_vision(
     let mut results: BTreeMap<(bool, &'static str, usize), Load> = BTreeMap::new();
     let mut server_rss = 0.0;
     for batching in [true, false] {
-        let server = Server::start(bin_dir, &a.repo, model, batching)?;
+        let server = Server::start(bin_dir, &a.report.repo, model, batching)?;
         for &c in CONCURRENCY {
             for input in if batching {
                 &["raw", "encoded"][..]
@@ -539,7 +527,7 @@ fn measure_gateway(a: &AllArgs, bin_dir: &Path, scratch: &Path) -> anyhow::Resul
     eprintln!("== gateway");
     let image = scratch.join("fashion.png");
     let (model, dims) = ("fashion_cnn", "1,28,28");
-    let backend = Server::start(bin_dir, &a.repo, model, true)?;
+    let backend = Server::start(bin_dir, &a.report.repo, model, true)?;
     let mut figures: BTreeMap<(&'static str, usize), Load> = BTreeMap::new();
     for &c in &[1usize, 8, 32] {
         eprintln!("   direct concurrency={c}");

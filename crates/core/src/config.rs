@@ -317,12 +317,12 @@ impl RepositorySettings {
         self.batching.unwrap_or(true)
     }
 
-    /// Whether warm-up profiles batch sizes (`repository.profile_batching`, default `true`).
     /// Whether the admin port may change batch caps (`repository.batching_control`).
     pub fn batching_control(&self) -> bool {
         self.batching_control.unwrap_or(false)
     }
 
+    /// Whether warm-up profiles batch sizes (`repository.profile_batching`, default `true`).
     pub fn profile_batching(&self) -> bool {
         self.profile_batching.unwrap_or(true)
     }

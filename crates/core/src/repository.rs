@@ -58,7 +58,6 @@ pub trait ModelFamily: Send + Sync + 'static {
     /// refusal reason shown in `RepositoryIndex`.
     fn load(&self, at: &LoadContext<'_>) -> Result<Self::Model, String>;
 
-    /// What the "model ready" log line says about a version (lanes, batch cap, sizes).
     /// Changes a served model's batch cap at run time (`repository.batching_control`, the
     /// admin port's `POST /batching/{model}/{cap}`): `Some(n)` or `None` for the family's own
     /// choice; returns what is now in force. Families without a batcher refuse.
@@ -66,6 +65,7 @@ pub trait ModelFamily: Send + Sync + 'static {
         Err("this service does not batch models".into())
     }
 
+    /// What the "model ready" log line says about a version (lanes, batch cap, sizes).
     fn describe(&self, _model: &Self::Model) -> String {
         String::new()
     }

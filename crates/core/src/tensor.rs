@@ -53,8 +53,6 @@ pub struct LoadedModel {
     pub warmup: WarmupReport,
     pub lanes: usize,
     queue: Arc<BatchQueue>,
-    /// The batch cap warm-up chose (profiled, or `max_batch_size`): what `auto` restores.
-    chosen_batch: usize,
     metrics: crate::metrics::Metrics,
 }
 
@@ -115,7 +113,6 @@ impl LoadedModel {
             labels,
             warmup,
             lanes: run.lanes,
-            chosen_batch: queue.max_batch(),
             queue,
             metrics: at.metrics.clone(),
         })
@@ -126,7 +123,9 @@ impl LoadedModel {
     /// Takes effect from the next batch a lane forms; nothing queued or running is disturbed.
     pub fn set_batch_cap(&self, cap: Option<usize>) -> String {
         let before = self.queue.max_batch();
-        self.queue.set_max_batch(cap.unwrap_or(self.chosen_batch));
+        // Warm-up's choice (profiled, or `max_batch_size`) is what `auto` restores.
+        self.queue
+            .set_max_batch(cap.unwrap_or(self.warmup.best_batch));
         let now = self.queue.max_batch();
         self.metrics
             .effective_batch
@@ -136,7 +135,7 @@ impl LoadedModel {
         format!(
             "{}: max_batch {now} (was {before}; warm-up chose {}, max_batch_size {})",
             self.spec.name,
-            self.chosen_batch,
+            self.warmup.best_batch,
             self.queue.config().max_batch_size
         )
     }
